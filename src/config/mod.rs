@@ -1,0 +1,622 @@
+//! Configuration: load the YAML file (plus `MAILBRIDGE__SECTION__KEY` environment overrides),
+//! then validate it into a typed [`Config`]. Validation reports every error at once, each with
+//! its key path, so `mailbridge check-config` shows the whole list in one run.
+
+pub mod raw;
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use raw::{RawConfig, RawSize, RawUpstream};
+
+/// Where the configuration is read from when neither `-c` nor `MAILBRIDGE_CONFIG` says.
+pub const DEFAULT_PATH: &str = "/etc/mailbridge/relay.yaml";
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub hostname: String,
+    pub listeners: Vec<Listener>,
+    pub access: Access,
+    pub limits: Limits,
+    pub spool: SpoolConfig,
+    pub upstreams: Vec<UpstreamConfig>,
+    pub queue: QueueConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BareLf {
+    Normalize,
+    Reject,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub address: SocketAddr,
+    pub tls: TlsMode,
+    pub bare_lf: BareLf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Access {
+    pub allow_networks: Vec<IpNet>,
+}
+
+impl Access {
+    /// True when `ip` is inside `allow_networks`. An IPv4-mapped IPv6 address
+    /// (`::ffff:192.0.2.1`, what a dual-stack socket reports for IPv4 clients) is matched as
+    /// the IPv4 address it carries.
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        self.allow_networks.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// `::ffff:a.b.c.d` becomes `a.b.c.d`; other addresses are returned as they are.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_message_size: u64,
+    pub max_recipients: usize,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub command_timeout: Duration,
+    pub data_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct SpoolConfig {
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub enum UpstreamKind {
+    Outbox { path: PathBuf },
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub kind: UpstreamKind,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    pub retry: Vec<Duration>,
+    pub max_age: Duration,
+    pub workers: usize,
+}
+
+impl QueueConfig {
+    /// Delay before the next attempt after `attempts` attempts (1-based): `retry[attempts-1]`,
+    /// then the last interval for ever after.
+    pub fn retry_after(&self, attempts: u32) -> Duration {
+        let i = (attempts.max(1) as usize - 1).min(self.retry.len() - 1);
+        self.retry[i]
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+/// Every problem found in a configuration, each with its key path.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Which file to read: `-c PATH`, else `MAILBRIDGE_CONFIG`, else [`DEFAULT_PATH`].
+pub fn resolve_path(cli: Option<&Path>) -> PathBuf {
+    if let Some(p) = cli {
+        return p.to_path_buf();
+    }
+    match std::env::var_os("MAILBRIDGE_CONFIG") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(DEFAULT_PATH),
+    }
+}
+
+/// Reads the file at `path`, applies `MAILBRIDGE__SECTION__KEY` environment overrides, and
+/// validates the result.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    if !path.is_file() {
+        return Err(ConfigErrors(vec![format!(
+            "{}: cannot read the configuration file (does it exist? use -c PATH or MAILBRIDGE_CONFIG)",
+            path.display()
+        )]));
+    }
+    let built = config::Config::builder()
+        .add_source(config::File::from(path).format(config::FileFormat::Yaml))
+        .add_source(
+            config::Environment::with_prefix("MAILBRIDGE")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true),
+        )
+        .build()
+        .map_err(|e| ConfigErrors(vec![format!("{}: {e}", path.display())]))?;
+    let raw: RawConfig = built
+        .try_deserialize()
+        .map_err(|e| ConfigErrors(vec![format!("{}: {e}", path.display())]))?;
+    validate(raw)
+}
+
+/// Parses a YAML string (no environment overrides); for tests and embedded configs.
+pub fn from_yaml_str(yaml: &str) -> Result<Config, ConfigErrors> {
+    let built = config::Config::builder()
+        .add_source(config::File::from_str(yaml, config::FileFormat::Yaml))
+        .build()
+        .map_err(|e| ConfigErrors(vec![e.to_string()]))?;
+    let raw: RawConfig = built
+        .try_deserialize()
+        .map_err(|e| ConfigErrors(vec![e.to_string()]))?;
+    validate(raw)
+}
+
+/// The machine's host name, for the greeting and Received headers.
+pub fn system_hostname() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_str()
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or("localhost")
+        .to_string()
+}
+
+/// Turns the raw file into a typed configuration, collecting every error.
+pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
+    let mut errs = Vec::new();
+
+    let hostname = raw.hostname.unwrap_or_else(system_hostname);
+    if hostname.is_empty()
+        || !hostname
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+    {
+        errs.push(format!(
+            "hostname: invalid host name {hostname:?} (letters, digits, '.' and '-' only)"
+        ));
+    }
+
+    let raw_listeners = raw.listeners.unwrap_or_else(|| {
+        vec![raw::RawListener {
+            address: "0.0.0.0:2525".into(),
+            tls: None,
+            bare_lf: None,
+        }]
+    });
+    if raw_listeners.is_empty() {
+        errs.push("listeners: at least one listener is required".into());
+    }
+    let mut listeners = Vec::new();
+    for (i, l) in raw_listeners.iter().enumerate() {
+        let key = format!("listeners[{i}]");
+        let address = match l.address.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                errs.push(format!(
+                    "{key}.address: invalid socket address {:?} (expected IP:PORT, e.g. \"0.0.0.0:2525\" or \"[::]:2525\")",
+                    l.address
+                ));
+                None
+            }
+        };
+        let tls = match l.tls.as_deref().unwrap_or("none") {
+            "none" => Some(TlsMode::None),
+            "starttls" | "implicit" => {
+                errs.push(format!(
+                    "{key}.tls: {:?} is not available in this version (only \"none\")",
+                    l.tls.as_deref().unwrap_or_default()
+                ));
+                None
+            }
+            other => {
+                errs.push(format!(
+                    "{key}.tls: unknown value {other:?} (expected none, starttls or implicit)"
+                ));
+                None
+            }
+        };
+        let bare_lf = match l.bare_lf.as_deref().unwrap_or("normalize") {
+            "normalize" => Some(BareLf::Normalize),
+            "reject" => Some(BareLf::Reject),
+            other => {
+                errs.push(format!(
+                    "{key}.bare_lf: unknown value {other:?} (expected normalize or reject)"
+                ));
+                None
+            }
+        };
+        if let (Some(address), Some(tls), Some(bare_lf)) = (address, tls, bare_lf) {
+            listeners.push(Listener {
+                address,
+                tls,
+                bare_lf,
+            });
+        }
+    }
+    for (i, a) in listeners.iter().enumerate() {
+        if listeners[..i].iter().any(|b| b.address == a.address) {
+            errs.push(format!(
+                "listeners[{i}].address: {} is listed twice",
+                a.address
+            ));
+        }
+    }
+
+    let nets = raw.access.allow_networks.unwrap_or_else(|| {
+        vec!["127.0.0.0/8".into(), "::1/128".into()]
+    });
+    let mut allow_networks = Vec::new();
+    for (i, n) in nets.iter().enumerate() {
+        match parse_net(n) {
+            Some(net) => allow_networks.push(net),
+            None => errs.push(format!(
+                "access.allow_networks[{i}]: invalid network {n:?} (expected CIDR such as \"192.168.0.0/16\" or an address)"
+            )),
+        }
+    }
+
+    let l = &raw.limits;
+    let max_message_size = match &l.max_message_size {
+        None => Some(35 * 1024 * 1024),
+        Some(s) => match parse_size(s) {
+            Some(0) | None => {
+                errs.push(format!(
+                    "limits.max_message_size: invalid size {} (expected bytes or a unit: 35MiB, 25MB, 512KiB)",
+                    show_size(s)
+                ));
+                None
+            }
+            Some(n) => Some(n),
+        },
+    };
+    let mut positive = |key: &str, v: Option<u64>, default: u64| -> usize {
+        match v {
+            None => default as usize,
+            Some(0) => {
+                errs.push(format!("{key}: must be at least 1"));
+                default as usize
+            }
+            Some(n) => n as usize,
+        }
+    };
+    let max_recipients = positive("limits.max_recipients", l.max_recipients, 500);
+    let max_connections = positive("limits.max_connections", l.max_connections, 256);
+    let max_connections_per_ip =
+        positive("limits.max_connections_per_ip", l.max_connections_per_ip, 32);
+    let workers = positive("queue.workers", raw.queue.workers, 8);
+    let command_timeout = duration(
+        &mut errs,
+        "limits.command_timeout",
+        l.command_timeout.as_deref(),
+        "5m",
+    );
+    let data_timeout = duration(
+        &mut errs,
+        "limits.data_timeout",
+        l.data_timeout.as_deref(),
+        "10m",
+    );
+
+    let spool_path = PathBuf::from(
+        raw.spool
+            .path
+            .unwrap_or_else(|| "/var/spool/mailbridge".into()),
+    );
+    if spool_path.as_os_str().is_empty() {
+        errs.push("spool.path: must not be empty".into());
+    }
+
+    let mut upstreams = Vec::new();
+    if raw.upstreams.is_empty() {
+        errs.push(
+            "upstreams: at least one upstream is required (e.g. `- name: local, type: outbox, path: /var/lib/mailbridge/outbox`)"
+                .into(),
+        );
+    }
+    for (i, u) in raw.upstreams.into_iter().enumerate() {
+        match u {
+            RawUpstream::Outbox(o) => {
+                if o.name.is_empty() {
+                    errs.push(format!("upstreams[{i}].name: must not be empty"));
+                }
+                if o.path.is_empty() {
+                    errs.push(format!("upstreams[{i}].path: must not be empty"));
+                }
+                upstreams.push(UpstreamConfig {
+                    name: o.name,
+                    kind: UpstreamKind::Outbox {
+                        path: PathBuf::from(o.path),
+                    },
+                });
+            }
+        }
+    }
+    for (i, u) in upstreams.iter().enumerate() {
+        if upstreams[..i].iter().any(|o| o.name == u.name) {
+            errs.push(format!(
+                "upstreams[{i}].name: {:?} is used twice",
+                u.name
+            ));
+        }
+    }
+
+    let retry_raw = raw
+        .queue
+        .retry
+        .unwrap_or_else(|| ["1m", "5m", "15m", "30m", "1h"].map(String::from).to_vec());
+    if retry_raw.is_empty() {
+        errs.push("queue.retry: needs at least one interval".into());
+    }
+    let retry: Vec<Duration> = retry_raw
+        .iter()
+        .enumerate()
+        .map(|(i, r)| duration(&mut errs, &format!("queue.retry[{i}]"), Some(r), "1m"))
+        .collect();
+    let max_age = duration(&mut errs, "queue.max_age", raw.queue.max_age.as_deref(), "5d");
+
+    let level = raw.log.level.unwrap_or_else(|| "info".into());
+    if !["error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
+        errs.push(format!(
+            "log.level: unknown level {level:?} (expected error, warn, info, debug or trace)"
+        ));
+    }
+    let format = match raw.log.format.as_deref().unwrap_or("text") {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        other => {
+            errs.push(format!(
+                "log.format: unknown format {other:?} (expected text or json)"
+            ));
+            LogFormat::Text
+        }
+    };
+
+    if !errs.is_empty() {
+        return Err(ConfigErrors(errs));
+    }
+    Ok(Config {
+        hostname,
+        listeners,
+        access: Access { allow_networks },
+        limits: Limits {
+            max_message_size: max_message_size.unwrap_or_default(),
+            max_recipients,
+            max_connections,
+            max_connections_per_ip,
+            command_timeout,
+            data_timeout,
+        },
+        spool: SpoolConfig { path: spool_path },
+        upstreams,
+        queue: QueueConfig {
+            retry,
+            max_age,
+            workers,
+        },
+        log: LogConfig { level, format },
+    })
+}
+
+fn duration(errs: &mut Vec<String>, key: &str, v: Option<&str>, default: &str) -> Duration {
+    let text = v.unwrap_or(default);
+    match humantime::parse_duration(text) {
+        Ok(d) if !d.is_zero() => d,
+        _ => {
+            errs.push(format!(
+                "{key}: invalid duration {text:?} (expected e.g. 30s, 5m, 1h, 5d)"
+            ));
+            humantime::parse_duration(default).unwrap_or(Duration::from_secs(60))
+        }
+    }
+}
+
+fn parse_net(s: &str) -> Option<IpNet> {
+    if let Ok(n) = s.parse::<IpNet>() {
+        return Some(canonical_net(n));
+    }
+    s.parse::<IpAddr>().ok().map(|ip| canonical_net(IpNet::from(ip)))
+}
+
+/// A `::ffff:a.b.c.d/n` network (n >= 96) is stored as its IPv4 form, so it matches the
+/// canonical IPv4 client addresses.
+fn canonical_net(n: IpNet) -> IpNet {
+    if let IpNet::V6(v6) = n
+        && let Some(v4) = v6.addr().to_ipv4_mapped()
+        && v6.prefix_len() >= 96
+    {
+        return ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+            .map(IpNet::V4)
+            .unwrap_or(n);
+    }
+    n.trunc()
+}
+
+fn show_size(s: &RawSize) -> String {
+    match s {
+        RawSize::Bytes(n) => n.to_string(),
+        RawSize::Text(t) => format!("{t:?}"),
+    }
+}
+
+/// `35MiB`, `35 MiB`, `25MB`, `512k`, `1024` -> bytes. Decimal units are powers of 1000,
+/// binary (`KiB`, `MiB`, `GiB`) and single letters (`k`, `m`, `g`) powers of 1024.
+pub fn parse_size(s: &RawSize) -> Option<u64> {
+    let text = match s {
+        RawSize::Bytes(n) => return Some(*n),
+        RawSize::Text(t) => t.trim(),
+    };
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (num, unit) = text.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1000,
+        "mb" => 1000 * 1000,
+        "gb" => 1000 * 1000 * 1000,
+        "k" | "kib" => 1024,
+        "m" | "mib" => 1024 * 1024,
+        "g" | "gib" => 1024 * 1024 * 1024,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+/// The configuration `serve --demo` runs with: loopback only, spool and outbox under `dir`.
+pub fn demo(dir: &Path) -> Config {
+    let mut cfg = validate(RawConfig {
+        listeners: Some(vec![raw::RawListener {
+            address: "127.0.0.1:2525".into(),
+            tls: None,
+            bare_lf: None,
+        }]),
+        upstreams: vec![RawUpstream::Outbox(raw::RawOutbox {
+            name: "demo-outbox".into(),
+            path: dir.join("outbox").to_string_lossy().into_owned(),
+        })],
+        ..RawConfig::default()
+    })
+    .expect("the built-in demo configuration is valid");
+    cfg.spool.path = dir.join("spool");
+    cfg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+listeners:
+  - address: "127.0.0.1:2525"
+    tls: none
+access:
+  allow_networks: ["127.0.0.0/8", "::1/128", "::ffff:10.0.0.0/104"]
+limits:
+  max_message_size: 35MiB
+  max_recipients: 100
+  command_timeout: 5m
+spool:
+  path: /tmp/spool
+upstreams:
+  - name: local
+    type: outbox
+    path: /tmp/outbox
+queue:
+  retry: [1m, 5m]
+  max_age: 5d
+  workers: 4
+log:
+  level: debug
+  format: json
+"#;
+
+    #[test]
+    fn good_config_validates() {
+        let c = from_yaml_str(GOOD).unwrap();
+        assert_eq!(c.limits.max_message_size, 35 * 1024 * 1024);
+        assert_eq!(c.limits.max_recipients, 100);
+        assert_eq!(c.queue.retry_after(1), Duration::from_secs(60));
+        assert_eq!(c.queue.retry_after(9), Duration::from_secs(300));
+        assert!(c.access.allows("10.1.2.3".parse().unwrap()));
+        assert!(c.access.allows("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(c.access.allows("::1".parse().unwrap()));
+        assert!(!c.access.allows("192.168.1.1".parse().unwrap()));
+        assert_eq!(c.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn all_errors_reported_with_key_paths() {
+        let bad = r#"
+listeners:
+  - address: "0.0.0.0:99999"
+  - address: "127.0.0.1:25"
+    tls: bogus
+access:
+  allow_networks: ["10.0.0.0/33"]
+limits:
+  max_message_size: 12 parsecs
+  data_timeout: soon
+upstreams: []
+log:
+  level: loud
+"#;
+        let e = from_yaml_str(bad).unwrap_err().to_string();
+        for want in [
+            "listeners[0].address: invalid socket address \"0.0.0.0:99999\"",
+            "listeners[1].tls: unknown value \"bogus\"",
+            "access.allow_networks[0]: invalid network \"10.0.0.0/33\"",
+            "limits.max_message_size: invalid size \"12 parsecs\"",
+            "limits.data_timeout: invalid duration \"soon\"",
+            "upstreams: at least one upstream is required",
+            "log.level: unknown level \"loud\"",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in:\n{e}");
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_an_error() {
+        let e = from_yaml_str("limits:\n  max_recipents: 5\n").unwrap_err().to_string();
+        assert!(e.contains("max_recipents"), "{e}");
+    }
+
+    #[test]
+    fn sizes() {
+        let t = |s: &str| parse_size(&RawSize::Text(s.into()));
+        assert_eq!(t("35MiB"), Some(36_700_160));
+        assert_eq!(t("25MB"), Some(25_000_000));
+        assert_eq!(t("1024"), Some(1024));
+        assert_eq!(t("2 k"), Some(2048));
+        assert_eq!(t("MiB"), None);
+        assert_eq!(parse_size(&RawSize::Bytes(7)), Some(7));
+    }
+
+    #[test]
+    fn demo_config_is_loopback_only() {
+        let c = demo(Path::new("/tmp/x"));
+        assert_eq!(c.listeners[0].address, "127.0.0.1:2525".parse().unwrap());
+        assert!(!c.access.allows("192.168.0.1".parse().unwrap()));
+    }
+}

@@ -1,0 +1,94 @@
+//! The configuration as written in the YAML file: serde structs close to the file, with
+//! `deny_unknown_fields` so a typo is an error, not a silently ignored key. Values that need
+//! checking stay strings here; `super::validate` turns them into typed values and reports every
+//! problem with its key path.
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Name used in the greeting, EHLO reply and Received headers (default: the host name).
+    pub hostname: Option<String>,
+    pub listeners: Option<Vec<RawListener>>,
+    #[serde(default)]
+    pub access: RawAccess,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub spool: RawSpool,
+    #[serde(default)]
+    pub upstreams: Vec<RawUpstream>,
+    #[serde(default)]
+    pub queue: RawQueue,
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    pub address: String,
+    pub tls: Option<String>,
+    /// `normalize` (default): bare LF becomes CRLF. `reject`: 550 5.5.2 like Postfix.
+    pub bare_lf: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccess {
+    pub allow_networks: Option<Vec<String>>,
+}
+
+/// A size: plain bytes (`36700160`) or with a unit (`35MiB`, `25MB`, `512k`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawSize {
+    Bytes(u64),
+    Text(String),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_message_size: Option<RawSize>,
+    pub max_recipients: Option<u64>,
+    pub max_connections: Option<u64>,
+    pub max_connections_per_ip: Option<u64>,
+    pub command_timeout: Option<String>,
+    pub data_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSpool {
+    pub path: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum RawUpstream {
+    Outbox(RawOutbox),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOutbox {
+    pub name: String,
+    pub path: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQueue {
+    pub retry: Option<Vec<String>>,
+    pub max_age: Option<String>,
+    pub workers: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub level: Option<String>,
+    pub format: Option<String>,
+}

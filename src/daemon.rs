@@ -1,0 +1,155 @@
+//! Wiring only: open the spool, recover, start the scheduler and listeners, wait for a
+//! signal, then shut down in order: listeners and idle sessions, sessions in DATA (bounded),
+//! the scheduler, then delivery attempts in flight.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, UpstreamKind};
+use crate::delivery::Delivery;
+use crate::inbound::{SessionCtx, listener};
+use crate::scheduler::Scheduler;
+use crate::spool::Spool;
+use crate::upstream::{Upstream, outbox::Outbox};
+
+/// How long a session in DATA may go on after shutdown begins.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// A running daemon, for `serve` and for tests that start one in-process.
+pub struct Daemon {
+    pub addrs: Vec<std::net::SocketAddr>,
+    stop: CancellationToken,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl Daemon {
+    /// Opens everything and starts serving. Errors here are start-up errors (exit 1).
+    pub async fn start(config: Config) -> anyhow::Result<Daemon> {
+        let config = Arc::new(config);
+        let spool_path = config.spool.path.clone();
+        let (spool, recovered) = tokio::task::spawn_blocking(move || {
+            let spool = Spool::open(&spool_path)?;
+            let recovered = spool.recover()?;
+            Ok::<_, crate::spool::SpoolError>((spool, recovered))
+        })
+        .await?
+        .with_context(|| format!("cannot open the spool at {}", config.spool.path.display()))?;
+        tracing::info!(
+            spool = %config.spool.path.display(),
+            queued = recovered.queued.len(),
+            corrupt = recovered.corrupt,
+            partial_removed = recovered.tmp_removed,
+            "spool recovered"
+        );
+        for id in &recovered.interrupted {
+            tracing::warn!(queue_id = %id, "possible duplicate: a delivery attempt was interrupted; the message will be sent again");
+        }
+
+        let up = &config.upstreams[0];
+        let upstream: Arc<dyn Upstream> = match &up.kind {
+            UpstreamKind::Outbox { path } => Arc::new(
+                Outbox::new(&up.name, path)
+                    .with_context(|| format!("upstream {}: cannot create outbox directory {}", up.name, path.display()))?,
+            ),
+        };
+        let delivery = Arc::new(Delivery::new(spool.clone(), upstream, config.queue.clone()));
+        let max_delay = config.queue.retry.iter().max().copied().unwrap_or(Duration::from_secs(3600));
+        let (scheduler, handle) = Scheduler::new(delivery, config.queue.workers, max_delay);
+        for q in recovered.queued {
+            handle.queued(q);
+        }
+
+        let mut bound = Vec::new();
+        for l in &config.listeners {
+            let listener = TcpListener::bind(l.address).await.with_context(|| {
+                format!(
+                    "cannot listen on {} (in use by another program? ports below 1024 need CAP_NET_BIND_SERVICE)",
+                    l.address
+                )
+            })?;
+            bound.push((listener, l.clone()));
+        }
+
+        let stop = CancellationToken::new();
+        let hard_stop = CancellationToken::new();
+        let queue_stop = CancellationToken::new();
+        let sessions = TaskTracker::new();
+        let workers = TaskTracker::new();
+        let counter = Arc::new(listener::ConnCounter::default());
+        let mut addrs = Vec::new();
+        let mut accept_loops = Vec::new();
+        for (l, lcfg) in bound {
+            let addr = l.local_addr()?;
+            addrs.push(addr);
+            tracing::info!(address = %addr, "listening");
+            let ctx = Arc::new(SessionCtx {
+                config: config.clone(),
+                listener: lcfg,
+                spool: spool.clone(),
+                scheduler: handle.clone(),
+                stop: stop.clone(),
+                hard_stop: hard_stop.clone(),
+            });
+            accept_loops.push(tokio::spawn(listener::serve(l, ctx, counter.clone(), sessions.clone())));
+        }
+        let sched_task = tokio::spawn(scheduler.run(queue_stop.clone(), workers.clone()));
+
+        let stop2 = stop.clone();
+        let done = tokio::spawn(async move {
+            stop2.cancelled().await;
+            tracing::info!("shutting down: no new connections, idle sessions get 421");
+            for a in accept_loops {
+                let _ = a.await;
+            }
+            sessions.close();
+            if tokio::time::timeout(SHUTDOWN_GRACE, sessions.wait()).await.is_err() {
+                tracing::warn!("sessions still in DATA after the grace period: cutting them off (no 250 was sent)");
+                hard_stop.cancel();
+                sessions.wait().await;
+            }
+            queue_stop.cancel();
+            let _ = sched_task.await;
+            workers.close();
+            workers.wait().await;
+            drop(spool);
+            tracing::info!("stopped");
+        });
+        Ok(Daemon { addrs, stop, done })
+    }
+
+    /// Begins the ordered shutdown and waits for it to finish.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        let _ = self.done.await;
+    }
+}
+
+/// `mailbridge serve`: runs until SIGTERM or SIGINT.
+pub async fn serve(config: Config, demo_hint: bool) -> anyhow::Result<()> {
+    let daemon = Daemon::start(config).await?;
+    if demo_hint {
+        let addr = daemon.addrs[0];
+        println!(
+            "mailbridge demo is listening on {addr}. Send a test message with:\n  swaks --server {addr} --from printer@example.com --to you@example.com\nor:\n  printf 'Subject: test\\r\\n\\r\\nhello\\r\\n' | curl -s smtp://{addr} --mail-from printer@example.com --mail-rcpt you@example.com -T -\nThen look in ./mailbridge-demo/outbox/. Stop with Ctrl-C."
+        );
+    }
+    wait_for_signal().await?;
+    daemon.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    Ok(())
+}

@@ -1,0 +1,575 @@
+//! One SMTP session (RFC 5321, with PIPELINING RFC 2920, SIZE RFC 1870, 8BITMIME RFC 6152,
+//! SMTPUTF8 RFC 6531, ENHANCEDSTATUSCODES RFC 2034). Generic over its stream so tests drive it
+//! in memory. Parses untrusted bytes; the only state it hands on is a message committed to the
+//! spool, and it says 250 only after the spool says the message is durable.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use smtp_proto::{
+    Error as ProtoError, MAIL_BODY_7BIT, MAIL_BODY_8BITMIME, MAIL_BODY_BINARYMIME, MAIL_SMTPUTF8,
+    Request,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+use super::SessionCtx;
+use crate::config::BareLf;
+use crate::smtp::data::DataDecoder;
+use crate::smtp::headers::{self, TraceInfo};
+use crate::smtp::reply::{self, Reply};
+use crate::spool::{Envelope, Recipient, new_id, now_ms};
+
+/// RFC 5321 §4.5.3.1.4: a command line is at most 512 octets including CRLF.
+pub const MAX_COMMAND_LINE: usize = 512;
+/// An over-long line is discarded up to this many bytes; beyond that the client is cut off.
+const MAX_DISCARD: usize = 64 * 1024;
+/// After this many errors the session is closed (behaviour.md C31).
+pub const MAX_ERRORS: u32 = 20;
+const READ_CHUNK: usize = 64 * 1024;
+
+struct Transaction {
+    sender: String,
+    body: Option<String>,
+    smtputf8: bool,
+    recipients: Vec<String>,
+    rcpt_refused: bool,
+}
+
+enum Input {
+    Line(Vec<u8>),
+    TooLong,
+    /// Over-long line without end: reply and disconnect.
+    Flood,
+    Closed,
+    Timeout,
+    Shutdown,
+}
+
+enum Next {
+    Continue,
+    Close,
+}
+
+pub struct Session<S> {
+    stream: S,
+    rbuf: Vec<u8>,
+    rpos: usize,
+    wbuf: Vec<u8>,
+    ctx: Arc<SessionCtx>,
+    client_ip: IpAddr,
+    helo: Option<String>,
+    esmtp: bool,
+    tx: Option<Transaction>,
+    errors: u32,
+    discarding: usize,
+}
+
+/// Runs a session to its end. `peer` carries the canonical client address.
+pub async fn run<S>(stream: S, peer: SocketAddr, _local: Option<SocketAddr>, ctx: Arc<SessionCtx>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut s = Session {
+        stream,
+        rbuf: Vec::with_capacity(4096),
+        rpos: 0,
+        wbuf: Vec::with_capacity(1024),
+        ctx,
+        client_ip: peer.ip(),
+        helo: None,
+        esmtp: false,
+        tx: None,
+        errors: 0,
+        discarding: 0,
+    };
+    tracing::debug!(client = %s.client_ip, "connection");
+    s.run().await;
+    tracing::debug!(client = %s.client_ip, "disconnected");
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    fn reply(&mut self, r: &Reply) {
+        r.write_to(&mut self.wbuf);
+    }
+
+    async fn flush(&mut self) -> bool {
+        if self.wbuf.is_empty() {
+            return true;
+        }
+        let ok = self.stream.write_all(&self.wbuf).await.is_ok() && self.stream.flush().await.is_ok();
+        self.wbuf.clear();
+        ok
+    }
+
+    async fn close_with(&mut self, r: &Reply) {
+        self.reply(r);
+        self.flush().await;
+        let _ = self.stream.shutdown().await;
+    }
+
+    fn unread(&self) -> &[u8] {
+        &self.rbuf[self.rpos..]
+    }
+
+    fn compact(&mut self) {
+        if self.rpos == self.rbuf.len() {
+            self.rbuf.clear();
+            self.rpos = 0;
+        } else if self.rpos > READ_CHUNK {
+            self.rbuf.drain(..self.rpos);
+            self.rpos = 0;
+        }
+    }
+
+    async fn run(&mut self) {
+        let greeting = Reply::new(
+            220,
+            "",
+            format!("{} ESMTP mailbridge ready", self.ctx.config.hostname),
+        );
+        self.reply(&greeting);
+        loop {
+            let input = self.next_line().await;
+            let next = match input {
+                Input::Line(line) => self.command(&line).await,
+                Input::TooLong => {
+                    self.reply(&reply::LINE_TOO_LONG);
+                    self.error()
+                }
+                Input::Flood => {
+                    self.close_with(&reply::LINE_TOO_LONG).await;
+                    Next::Close
+                }
+                Input::Closed => Next::Close,
+                Input::Timeout => {
+                    self.close_with(&reply::TIMEOUT).await;
+                    Next::Close
+                }
+                Input::Shutdown => {
+                    self.close_with(&reply::SHUTTING_DOWN).await;
+                    Next::Close
+                }
+            };
+            if let Next::Close = next {
+                break;
+            }
+        }
+    }
+
+    /// Counts an error; at [`MAX_ERRORS`] the session ends.
+    fn error(&mut self) -> Next {
+        self.errors += 1;
+        if self.errors >= MAX_ERRORS {
+            self.reply(&reply::TOO_MANY_ERRORS);
+            return Next::Close;
+        }
+        Next::Continue
+    }
+
+    /// Reads more input, flushing pending replies first (so pipelined replies go out in one
+    /// write, RFC 2920 §3.1). Returns false on EOF, error, timeout or shutdown.
+    async fn fill(&mut self, deadline: Instant, watch_stop: bool) -> Result<(), Input> {
+        if !self.flush().await {
+            return Err(Input::Closed);
+        }
+        self.compact();
+        self.rbuf.reserve(READ_CHUNK);
+        let ctx = self.ctx.clone();
+        let read = tokio::select! {
+            biased;
+            _ = ctx.stop.cancelled(), if watch_stop => return Err(Input::Shutdown),
+            _ = ctx.hard_stop.cancelled() => return Err(Input::Shutdown),
+            r = tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.rbuf)) => r,
+        };
+        match read {
+            Err(_) => Err(Input::Timeout),
+            Ok(Ok(0)) | Ok(Err(_)) => Err(Input::Closed),
+            Ok(Ok(_)) => Ok(()),
+        }
+    }
+
+    async fn next_line(&mut self) -> Input {
+        loop {
+            let unread = self.unread();
+            if let Some(pos) = unread.iter().position(|&b| b == b'\n') {
+                let end = self.rpos + pos + 1;
+                let len = pos + 1;
+                if self.discarding > 0 {
+                    self.discarding = 0;
+                    self.rpos = end;
+                    return Input::TooLong;
+                }
+                self.rpos = end;
+                if len > MAX_COMMAND_LINE {
+                    return Input::TooLong;
+                }
+                return Input::Line(self.rbuf[end - len..end].to_vec());
+            }
+            // No complete line yet: bound what we keep.
+            if self.discarding > 0 || unread.len() > MAX_COMMAND_LINE {
+                self.discarding += unread.len();
+                self.rpos = self.rbuf.len();
+                if self.discarding > MAX_DISCARD {
+                    return Input::Flood;
+                }
+            }
+            let deadline = Instant::now() + self.ctx.config.limits.command_timeout;
+            if let Err(e) = self.fill(deadline, true).await {
+                return e;
+            }
+        }
+    }
+
+    async fn command(&mut self, line: &[u8]) -> Next {
+        if line.contains(&0) {
+            self.reply(&reply::NUL_IN_COMMAND);
+            return self.error();
+        }
+        let parsed = Request::parse(&mut line.iter());
+        let next = match parsed {
+            Ok(req) => {
+                let req = req.into_owned();
+                self.request(req, line).await
+            }
+            Err(e) => {
+                let r = match e {
+                    ProtoError::UnknownCommand => reply::UNRECOGNIZED,
+                    ProtoError::InvalidSenderAddress => reply::BAD_SENDER_SYNTAX,
+                    ProtoError::InvalidRecipientAddress => reply::BAD_RECIPIENT_SYNTAX,
+                    ProtoError::SyntaxError { syntax } => {
+                        Reply::new(501, "5.5.4", format!("Syntax: {syntax}"))
+                    }
+                    ProtoError::InvalidParameter { param } => {
+                        Reply::new(501, "5.5.4", format!("Invalid {param} parameter"))
+                    }
+                    ProtoError::UnsupportedParameter { param } => Reply::new(
+                        555,
+                        "5.5.4",
+                        format!("Unsupported parameter {}", headers::clean_token(&param)),
+                    ),
+                    _ => Reply::new(501, "5.5.4", "Syntax error"),
+                };
+                self.reply(&r);
+                self.error()
+            }
+        };
+        if let Next::Close = next {
+            return Next::Close;
+        }
+        // Without EHLO the client may not pipeline (RFC 2920): a second command already
+        // waiting means a misbehaving or hostile client.
+        if self.helo.is_some() && !self.esmtp && !self.unread().is_empty() {
+            self.close_with(&reply::IMPROPER_PIPELINING).await;
+            return Next::Close;
+        }
+        Next::Continue
+    }
+
+    async fn request(&mut self, req: Request<String>, line: &[u8]) -> Next {
+        match req {
+            Request::Ehlo { host } => {
+                self.helo = Some(host);
+                self.esmtp = true;
+                self.tx = None;
+                let lines = [
+                    format!("{} Hello [{}]", self.ctx.config.hostname, self.client_ip),
+                    "PIPELINING".to_string(),
+                    format!("SIZE {}", self.ctx.config.limits.max_message_size),
+                    "8BITMIME".to_string(),
+                    "SMTPUTF8".to_string(),
+                    "ENHANCEDSTATUSCODES".to_string(),
+                ];
+                Reply::multiline(250, &lines, &mut self.wbuf);
+                Next::Continue
+            }
+            Request::Helo { host } => {
+                self.helo = Some(host);
+                self.esmtp = false;
+                self.tx = None;
+                let r = Reply::new(250, "", self.ctx.config.hostname.clone());
+                // HELO replies carry no enhanced code (RFC 2034 applies to EHLO sessions).
+                let mut out = Vec::new();
+                r.write_to(&mut out);
+                self.wbuf.extend_from_slice(&out);
+                Next::Continue
+            }
+            Request::Mail { from } => self.mail(from, line),
+            Request::Rcpt { to } => self.rcpt(to, line),
+            Request::Data => self.data().await,
+            Request::Rset => {
+                self.tx = None;
+                self.reply(&reply::RESET_OK);
+                Next::Continue
+            }
+            Request::Noop { .. } => {
+                self.reply(&reply::NOOP_OK);
+                Next::Continue
+            }
+            Request::Quit => {
+                self.close_with(&reply::BYE).await;
+                Next::Close
+            }
+            Request::Vrfy { .. } => {
+                self.reply(&reply::VRFY_CANNOT);
+                Next::Continue
+            }
+            Request::Help { .. } => {
+                self.reply(&reply::HELP);
+                Next::Continue
+            }
+            Request::Expn { .. }
+            | Request::StartTls
+            | Request::Auth { .. }
+            | Request::Bdat { .. }
+            | Request::Etrn { .. }
+            | Request::Atrn { .. }
+            | Request::Burl { .. }
+            | Request::Lhlo { .. } => {
+                self.reply(&reply::NOT_IMPLEMENTED);
+                self.error()
+            }
+        }
+    }
+
+    fn mail(&mut self, from: smtp_proto::MailFrom<String>, line: &[u8]) -> Next {
+        if self.helo.is_none() {
+            self.reply(&reply::BAD_SEQUENCE_HELO);
+            return self.error();
+        }
+        if self.tx.is_some() {
+            self.reply(&reply::BAD_SEQUENCE_NESTED_MAIL);
+            return self.error();
+        }
+        let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
+        if let Some(r) = address_problem(&from.address, line, smtputf8) {
+            self.reply(&r);
+            return self.error();
+        }
+        if from.flags & MAIL_BODY_BINARYMIME != 0 {
+            self.reply(&Reply::new(555, "5.5.4", "BODY=BINARYMIME is not supported"));
+            return self.error();
+        }
+        let max = self.ctx.config.limits.max_message_size;
+        if from.size as u64 > max {
+            self.reply(&reply::SIZE_EXCEEDED);
+            return self.error();
+        }
+        if !self.ctx.spool.has_room(from.size as u64) {
+            tracing::error!(spool = %self.ctx.spool.root().display(), "spool file system is full: refusing mail with 452");
+            self.reply(&reply::STORAGE_FULL);
+            return Next::Continue;
+        }
+        let body = if from.flags & MAIL_BODY_8BITMIME != 0 {
+            Some("8BITMIME".to_string())
+        } else if from.flags & MAIL_BODY_7BIT != 0 {
+            Some("7BIT".to_string())
+        } else {
+            None
+        };
+        self.tx = Some(Transaction {
+            sender: from.address,
+            body,
+            smtputf8,
+            recipients: Vec::new(),
+            rcpt_refused: false,
+        });
+        self.reply(&reply::MAIL_OK);
+        Next::Continue
+    }
+
+    fn rcpt(&mut self, to: smtp_proto::RcptTo<String>, line: &[u8]) -> Next {
+        let max = self.ctx.config.limits.max_recipients;
+        let Some(tx) = self.tx.as_mut() else {
+            self.reply(&reply::BAD_SEQUENCE_MAIL);
+            return self.error();
+        };
+        let problem = if to.address.is_empty() {
+            Some(reply::RECIPIENT_NEEDS_DOMAIN)
+        } else if tx.recipients.len() >= max {
+            // RFC 5321 §4.5.3.1.8: 452 and the client sends the rest in another transaction.
+            Some(reply::TOO_MANY_RECIPIENTS)
+        } else {
+            address_problem(&to.address, line, tx.smtputf8)
+        };
+        match problem {
+            Some(r) => {
+                tx.rcpt_refused = true;
+                let temporary = r.code < 500;
+                self.reply(&r);
+                if temporary {
+                    Next::Continue
+                } else {
+                    self.error()
+                }
+            }
+            None => {
+                tx.recipients.push(to.address);
+                self.reply(&reply::RCPT_OK);
+                Next::Continue
+            }
+        }
+    }
+
+    async fn data(&mut self) -> Next {
+        let refusal = match &self.tx {
+            _ if self.helo.is_none() => Some(reply::BAD_SEQUENCE_HELO),
+            None => Some(reply::BAD_SEQUENCE_MAIL),
+            Some(tx) if tx.recipients.is_empty() && tx.rcpt_refused => {
+                Some(reply::NO_VALID_RECIPIENTS)
+            }
+            Some(tx) if tx.recipients.is_empty() => Some(reply::BAD_SEQUENCE_RCPT),
+            Some(_) => None,
+        };
+        if let Some(r) = refusal {
+            // A message body already sent after a refused DATA would be read as commands.
+            if !self.unread().is_empty() {
+                self.close_with(&reply::IMPROPER_PIPELINING).await;
+                return Next::Close;
+            }
+            self.reply(&r);
+            return self.error();
+        }
+        let Some(tx) = self.tx.take() else {
+            return Next::Continue;
+        };
+        self.reply(&reply::START_DATA);
+        self.receive(tx).await
+    }
+
+    /// Reads the message after 354, streams it to the spool, and replies.
+    async fn receive(&mut self, tx: Transaction) -> Next {
+        let cfg = self.ctx.config.clone();
+        let id = new_id();
+        let now = SystemTime::now();
+        let envelope = Envelope {
+            id: id.clone(),
+            sender: tx.sender,
+            recipients: tx
+                .recipients
+                .into_iter()
+                .map(|address| Recipient { address })
+                .collect(),
+            client_ip: self.client_ip,
+            helo: self.helo.clone().unwrap_or_default(),
+            auth_user: None,
+            arrival_ms: now_ms(),
+            body: tx.body,
+            smtputf8: tx.smtputf8,
+        };
+        let mut incoming = self.ctx.spool.begin(&envelope);
+        let mut decoder = DataDecoder::new(cfg.limits.max_message_size);
+        // Content is held here until the header section has been scanned for Date and
+        // Message-ID, then our headers go first and everything streams to the spool.
+        let mut head: Option<Vec<u8>> = Some(Vec::new());
+        let mut out = Vec::with_capacity(READ_CHUNK + 1024);
+        let deadline = Instant::now() + cfg.limits.data_timeout;
+        let protocol = match (self.esmtp, envelope.smtputf8) {
+            (true, true) => "UTF8SMTP",
+            (true, false) => "ESMTP",
+            _ => "SMTP",
+        };
+        let single_rcpt = (envelope.recipients.len() == 1)
+            .then(|| envelope.recipients[0].address.clone());
+        let client_ip = self.client_ip;
+        let trace = |present| {
+            headers::added_headers(
+                &TraceInfo {
+                    helo: &envelope.helo,
+                    client_ip,
+                    hostname: &cfg.hostname,
+                    protocol,
+                    queue_id: &id,
+                    auth_user: None,
+                    single_rcpt: single_rcpt.as_deref(),
+                    now,
+                },
+                present,
+            )
+        };
+        loop {
+            out.clear();
+            let found = decoder.feed(self.unread(), &mut out);
+            self.rpos = match found {
+                Some(n) => self.rpos + n,
+                None => self.rbuf.len(),
+            };
+            if let Some(h) = head.as_mut() {
+                h.extend_from_slice(&out);
+                if let Some(present) = headers::scan(h, found.is_some()) {
+                    let h = head.take().unwrap_or_default();
+                    incoming.write(&trace(present)).await;
+                    incoming.write(&h).await;
+                }
+            } else if !out.is_empty() {
+                incoming.write(&out).await;
+            }
+            if found.is_some() {
+                break;
+            }
+            if let Err(e) = self.fill(deadline, false).await {
+                // No 250 was sent: dropping `incoming` removes any partial file.
+                drop(incoming);
+                match e {
+                    Input::Timeout => self.close_with(&reply::TIMEOUT).await,
+                    Input::Shutdown => self.close_with(&reply::SHUTTING_DOWN).await,
+                    _ => {}
+                }
+                return Next::Close;
+            }
+        }
+
+        let flags = decoder.flags;
+        let refusal = if flags.oversize {
+            Some(reply::SIZE_EXCEEDED)
+        } else if flags.nul {
+            Some(reply::NUL_IN_DATA)
+        } else if flags.long_line {
+            Some(reply::LINE_OVER_998)
+        } else if flags.bare_lf && self.ctx.listener.bare_lf == BareLf::Reject {
+            Some(reply::BARE_LF)
+        } else {
+            None
+        };
+        if let Some(r) = refusal {
+            drop(incoming);
+            tracing::info!(client = %self.client_ip, from = %envelope.sender, reason = %r.text, "message refused");
+            self.reply(&r);
+            return Next::Continue;
+        }
+        let size = incoming.content_len();
+        match incoming.commit().await {
+            Ok(queued) => {
+                tracing::info!(
+                    queue_id = %id,
+                    client = %self.client_ip,
+                    from = %envelope.sender,
+                    recipients = envelope.recipients.len(),
+                    size,
+                    "message accepted"
+                );
+                self.ctx.scheduler.queued(queued);
+                self.reply(&Reply::new(250, "2.0.0", format!("Ok: queued as {id}")));
+            }
+            Err(e) => {
+                tracing::error!(client = %self.client_ip, error = %e, "cannot write the message to the spool: refusing with 452");
+                self.reply(&reply::STORAGE_FULL);
+            }
+        }
+        Next::Continue
+    }
+}
+
+/// Checks an address the parser accepted against what this relay can forward faithfully.
+fn address_problem(address: &str, line: &[u8], smtputf8: bool) -> Option<Reply> {
+    // smtp-proto unquotes `"john doe"@x`; forwarding the unquoted form would change the
+    // address, so quoted local parts are refused (behaviour.md C30's `<"u@ext">` too).
+    if line.contains(&b'"') {
+        return Some(reply::QUOTED_LOCAL_PART);
+    }
+    if !address.is_ascii() && !smtputf8 {
+        return Some(reply::UTF8_NEEDS_SMTPUTF8);
+    }
+    None
+}

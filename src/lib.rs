@@ -1,0 +1,34 @@
+//! mailbridge: an SMTP relay that accepts mail from legacy LAN senders (printers, scanners,
+//! ERP systems, scripts), keeps it durably on disk, and delivers it upstream.
+//!
+//! # Layout
+//! The modules follow the data path:
+//!
+//! ```text
+//!  LAN client ──SMTP──▶ inbound::listener ──▶ inbound::session ──▶ spool (tmp/ → queue/)
+//!                       limits, allowlist     smtp:: parse, DATA      group commit, fsync
+//!                                                    │ 250 only after commit
+//!                                                    ▼
+//!                       scheduler (owns "when") ──▶ delivery (workers) ──▶ upstream::*
+//!                       heap of due times            claim, record, classify   outbox, ...
+//! ```
+//!
+//! - [`config`]: YAML file + environment overrides, validated into [`config::Config`].
+//! - [`smtp`]: protocol vocabulary without I/O: replies, the DATA decoder, headers.
+//! - [`inbound`]: listeners and sessions (untrusted input).
+//! - [`spool`]: the only code that touches spool files.
+//! - [`scheduler`]: due times, worker slots.
+//! - [`delivery`]: one attempt: spool → upstream → per-recipient outcomes → spool.
+//! - [`upstream`]: the `Upstream` trait and its implementations.
+//! - [`daemon`]: wiring, signals, ordered shutdown. [`cli`]: commands and exit codes.
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod delivery;
+pub mod inbound;
+pub mod logging;
+pub mod scheduler;
+pub mod smtp;
+pub mod spool;
+pub mod upstream;

@@ -1,0 +1,245 @@
+//! On-disk formats of the spool, versioned and self-validating.
+//!
+//! A queue file `queue/<id>.msg` is written once and never changed:
+//! ```text
+//! MAILBRIDGE-QUEUE 1\n
+//! {"id":..., "sender":..., "recipients":[...], ...}\n      <- the envelope, one JSON line
+//! <content: CRLF-clean message, our headers first>
+//! \nMAILBRIDGE-END <content length> <crc32 of everything before this trailer>\n
+//! ```
+//! A file without a matching trailer is incomplete or damaged (Postfix's "end record").
+//!
+//! A state file `queue/<id>.state` holds what changes: per-recipient status, attempts, next
+//! attempt, last error. `MAILBRIDGE-STATE 1 <crc32 of the JSON>\n<JSON>\n`. It is replaced
+//! atomically (write to tmp/, rename). When it is missing, every recipient is pending.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+pub const QUEUE_MAGIC: &[u8] = b"MAILBRIDGE-QUEUE 1\n";
+pub const TRAILER_TAG: &[u8] = b"\nMAILBRIDGE-END ";
+pub const STATE_MAGIC: &str = "MAILBRIDGE-STATE 1 ";
+
+/// The envelope as received: never changes after the 250.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub id: String,
+    /// Reverse-path; empty for the null sender `<>`.
+    pub sender: String,
+    pub recipients: Vec<Recipient>,
+    pub client_ip: IpAddr,
+    pub helo: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_user: Option<String>,
+    /// Arrival time, milliseconds since the Unix epoch.
+    pub arrival_ms: u64,
+    /// `BODY=` parameter as given (`7BIT`, `8BITMIME`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    #[serde(default)]
+    pub smtputf8: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recipient {
+    pub address: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RcptStatus {
+    Pending,
+    Delivered,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RcptState {
+    pub status: RcptStatus,
+    /// The last reply or error for this recipient (upstream text, no secrets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply: Option<String>,
+}
+
+/// The mutable part of a queue entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    pub attempts: u32,
+    /// When the next attempt is due, milliseconds since the Unix epoch.
+    pub next_attempt_ms: u64,
+    /// Set while an attempt runs; found set at start-up it means the attempt was cut off
+    /// and the message may reach the upstream twice.
+    #[serde(default)]
+    pub in_flight: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    pub recipients: Vec<RcptState>,
+}
+
+impl State {
+    pub fn initial(envelope: &Envelope) -> State {
+        State {
+            attempts: 0,
+            next_attempt_ms: envelope.arrival_ms,
+            in_flight: false,
+            last_error: None,
+            recipients: envelope
+                .recipients
+                .iter()
+                .map(|_| RcptState {
+                    status: RcptStatus::Pending,
+                    reply: None,
+                })
+                .collect(),
+        }
+    }
+
+    pub fn pending(&self) -> impl Iterator<Item = usize> + '_ {
+        self.recipients
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.status == RcptStatus::Pending)
+            .map(|(i, _)| i)
+    }
+}
+
+/// The bytes that start a queue file.
+pub fn encode_header(envelope: &Envelope) -> Vec<u8> {
+    let mut out = QUEUE_MAGIC.to_vec();
+    // Serializing plain data to a Vec cannot fail.
+    out.extend_from_slice(&serde_json::to_vec(envelope).unwrap_or_default());
+    out.push(b'\n');
+    out
+}
+
+pub fn encode_trailer(content_len: u64, crc: u32) -> Vec<u8> {
+    let mut t = TRAILER_TAG.to_vec();
+    t.extend_from_slice(format!("{content_len} {crc:08x}\n").as_bytes());
+    t
+}
+
+/// Splits a queue file's bytes into its envelope and content, checking the trailer, the length
+/// and the checksum. `Err` says what is wrong, for the log line that moves it to `corrupt/`.
+pub fn decode_queue_file(bytes: &[u8]) -> Result<(Envelope, std::ops::Range<usize>), String> {
+    let rest = bytes
+        .strip_prefix(QUEUE_MAGIC)
+        .ok_or("missing or unknown version header")?;
+    let nl = rest
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or("envelope line not terminated")?;
+    let envelope: Envelope =
+        serde_json::from_slice(&rest[..nl]).map_err(|e| format!("bad envelope: {e}"))?;
+    let content_start = QUEUE_MAGIC.len() + nl + 1;
+    let tpos = bytes
+        .windows(TRAILER_TAG.len())
+        .rposition(|w| w == TRAILER_TAG)
+        .filter(|&p| p >= content_start)
+        .ok_or("no end record (truncated file)")?;
+    let trailer = std::str::from_utf8(&bytes[tpos + TRAILER_TAG.len()..])
+        .map_err(|_| "bad end record")?;
+    let trailer = trailer.strip_suffix('\n').ok_or("end record not terminated")?;
+    let (len, crc) = trailer.split_once(' ').ok_or("bad end record")?;
+    let len: usize = len.parse().map_err(|_| "bad length in end record")?;
+    let crc = u32::from_str_radix(crc, 16).map_err(|_| "bad checksum in end record")?;
+    if content_start + len != tpos {
+        return Err(format!(
+            "length mismatch: end record says {len} content bytes, file has {}",
+            tpos - content_start
+        ));
+    }
+    if crc32fast::hash(&bytes[..tpos]) != crc {
+        return Err("checksum mismatch".into());
+    }
+    if envelope.recipients.is_empty() {
+        return Err("envelope has no recipients".into());
+    }
+    Ok((envelope, content_start..tpos))
+}
+
+pub fn encode_state(state: &State) -> Vec<u8> {
+    let json = serde_json::to_vec(state).unwrap_or_default();
+    let mut out = format!("{STATE_MAGIC}{:08x}\n", crc32fast::hash(&json)).into_bytes();
+    out.extend_from_slice(&json);
+    out.push(b'\n');
+    out
+}
+
+pub fn decode_state(bytes: &[u8], recipients: usize) -> Result<State, String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8")?;
+    let (head, json) = text.split_once('\n').ok_or("no header line")?;
+    let crc = head
+        .strip_prefix(STATE_MAGIC)
+        .ok_or("missing or unknown version header")?;
+    let crc = u32::from_str_radix(crc, 16).map_err(|_| "bad checksum field")?;
+    let json = json.strip_suffix('\n').ok_or("truncated")?;
+    if crc32fast::hash(json.as_bytes()) != crc {
+        return Err("checksum mismatch".into());
+    }
+    let state: State = serde_json::from_str(json).map_err(|e| format!("bad state: {e}"))?;
+    if state.recipients.len() != recipients {
+        return Err("recipient count does not match the envelope".into());
+    }
+    Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env() -> Envelope {
+        Envelope {
+            id: "q1".into(),
+            sender: "a@b".into(),
+            recipients: vec![Recipient {
+                address: "c@d".into(),
+            }],
+            client_ip: "127.0.0.1".parse().unwrap(),
+            helo: "printer".into(),
+            auth_user: None,
+            arrival_ms: 1,
+            body: None,
+            smtputf8: false,
+        }
+    }
+
+    fn file(content: &[u8]) -> Vec<u8> {
+        let mut f = encode_header(&env());
+        f.extend_from_slice(content);
+        let crc = crc32fast::hash(&f);
+        f.extend_from_slice(&encode_trailer(content.len() as u64, crc));
+        f
+    }
+
+    #[test]
+    fn round_trip_including_trailer_lookalike_in_content() {
+        let content = b"x\r\nMAILBRIDGE-END 5 00000000\r\n";
+        let f = file(content);
+        let (e, range) = decode_queue_file(&f).unwrap();
+        assert_eq!(e, env());
+        assert_eq!(&f[range], content);
+    }
+
+    #[test]
+    fn truncation_and_bit_flips_are_detected() {
+        let f = file(b"hello\r\n");
+        for cut in 0..f.len() {
+            assert!(decode_queue_file(&f[..cut]).is_err(), "cut at {cut}");
+        }
+        for i in 0..f.len() {
+            let mut g = f.clone();
+            g[i] ^= 0x01;
+            assert!(decode_queue_file(&g).is_err(), "flip at {i}");
+        }
+    }
+
+    #[test]
+    fn state_round_trip_and_corruption() {
+        let s = State::initial(&env());
+        let b = encode_state(&s);
+        assert_eq!(decode_state(&b, 1).unwrap(), s);
+        assert!(decode_state(&b[..b.len() - 2], 1).is_err());
+        assert!(decode_state(&b, 2).is_err());
+    }
+}

@@ -1,0 +1,583 @@
+//! The spool: the only code that touches spool files. Trust boundary: everything written here
+//! was already parsed and cleaned by `inbound`; everything read back is validated (checksums,
+//! end records) before use.
+//!
+//! Layout under `spool.path` (the state of a message is where its file sits, as in Postfix):
+//! - `tmp/`     files being written; removed at start-up
+//! - `queue/`   committed messages (`<id>.msg`) and their state (`<id>.state`)
+//! - `failed/`  messages that reached a permanent failure or `queue.max_age`, with their state
+//! - `corrupt/` files that failed validation at start-up, kept for inspection
+//!
+//! Durability (behaviour.md A1): a message is acknowledged only after its file is fsynced,
+//! renamed into `queue/` and `queue/` itself is fsynced. Commits are grouped: one thread
+//! writes and syncs the messages of every session that finished DATA meanwhile, so the cost of
+//! a sync is shared (see `commit.rs`).
+
+mod commit;
+pub mod format;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub use format::{Envelope, RcptState, RcptStatus, Recipient, State};
+
+/// Content up to this size stays in memory until commit; beyond it is written to `tmp/` as it
+/// arrives, so a 100 MB message costs about this much memory, not 100 MB.
+pub const SPILL_THRESHOLD: usize = 256 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool I/O error on {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error(
+        "spool {0} is locked by another mailbridge process (only one daemon may use a spool)"
+    )]
+    Locked(PathBuf),
+    #[error("queue file {path} is invalid: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("the spool writer has stopped")]
+    WriterGone,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
+    move |source| SpoolError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A new queue id: a UUIDv7 in hex, so ids sort by arrival time.
+pub fn new_id() -> String {
+    uuid::Uuid::now_v7().simple().to_string()
+}
+
+/// What the scheduler needs to know about a queued message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued {
+    pub id: String,
+    pub arrival_ms: u64,
+    pub next_attempt_ms: u64,
+}
+
+/// A message loaded for delivery.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub envelope: Envelope,
+    pub state: State,
+    pub content_offset: u64,
+    pub content_len: u64,
+}
+
+/// What start-up recovery found.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    pub queued: Vec<Queued>,
+    pub corrupt: usize,
+    pub tmp_removed: usize,
+    /// Messages whose last attempt was cut off: they may reach the upstream twice.
+    pub interrupted: Vec<String>,
+}
+
+#[derive(Clone)]
+pub struct Spool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    root: PathBuf,
+    tmp: PathBuf,
+    queue: PathBuf,
+    failed: PathBuf,
+    corrupt: PathBuf,
+    committer: commit::Committer,
+    _lock: File,
+}
+
+impl std::fmt::Debug for Spool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spool").field("root", &self.inner.root).finish()
+    }
+}
+
+impl Spool {
+    /// Opens (creating if needed) the spool at `root` and takes its lock.
+    pub fn open(root: &Path) -> Result<Spool, SpoolError> {
+        let mut b = fs::DirBuilder::new();
+        b.recursive(true).mode(0o700);
+        let dirs = ["tmp", "queue", "failed", "corrupt"].map(|d| root.join(d));
+        for d in &dirs {
+            b.create(d).map_err(io_err(d))?;
+        }
+        let lock_path = root.join(".lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => return Err(SpoolError::Locked(root.into())),
+            Err(fs::TryLockError::Error(e)) => return Err(io_err(&lock_path)(e)),
+        }
+        let [tmp, queue, failed, corrupt] = dirs;
+        let committer = commit::Committer::start(tmp.clone(), queue.clone());
+        Ok(Spool {
+            inner: Arc::new(Inner {
+                root: root.to_path_buf(),
+                tmp,
+                queue,
+                failed,
+                corrupt,
+                committer,
+                _lock: lock,
+            }),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// True if the spool's file system has `need` bytes free for a new message (A6: refuse
+    /// with 452 at MAIL rather than fail in the middle of DATA when we can tell early).
+    pub fn has_room(&self, need: u64) -> bool {
+        match rustix::fs::statvfs(&self.inner.queue) {
+            Ok(s) => s.f_bavail.saturating_mul(s.f_frsize) >= need.saturating_add(64 * 1024),
+            Err(_) => true, // cannot tell: the write itself will report the error
+        }
+    }
+
+    /// Starts a new incoming message. Nothing is on disk until it grows past
+    /// [`SPILL_THRESHOLD`] or is committed.
+    pub fn begin(&self, envelope: &Envelope) -> Incoming {
+        let header = format::encode_header(envelope);
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&header);
+        Incoming {
+            spool: self.clone(),
+            id: envelope.id.clone(),
+            buf: header,
+            file: None,
+            hasher,
+            content_len: 0,
+            queued: Queued {
+                id: envelope.id.clone(),
+                arrival_ms: envelope.arrival_ms,
+                next_attempt_ms: envelope.arrival_ms,
+            },
+            error: None,
+            committed: false,
+        }
+    }
+
+    fn queue_path(&self, id: &str, ext: &str) -> PathBuf {
+        self.inner.queue.join(format!("{id}.{ext}"))
+    }
+
+    /// Start-up recovery (behaviour.md A3, A7): empties `tmp/`, validates every queue file,
+    /// moves the invalid ones to `corrupt/`, and returns what is left to deliver.
+    /// Blocking: call before serving, or from a blocking thread.
+    pub fn recover(&self) -> Result<Recovered, SpoolError> {
+        let mut out = Recovered::default();
+        let tmp = &self.inner.tmp;
+        for entry in fs::read_dir(tmp).map_err(io_err(tmp))? {
+            let entry = entry.map_err(io_err(tmp))?;
+            if fs::remove_file(entry.path()).is_ok() {
+                out.tmp_removed += 1;
+            }
+        }
+        let queue = &self.inner.queue;
+        let mut ids = Vec::new();
+        let mut states = std::collections::HashSet::new();
+        for entry in fs::read_dir(queue).map_err(io_err(queue))? {
+            let entry = entry.map_err(io_err(queue))?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if let Some(id) = name.strip_suffix(".msg") {
+                ids.push(id.to_string());
+            } else if let Some(id) = name.strip_suffix(".state") {
+                states.insert(id.to_string());
+            } else {
+                tracing::warn!(file = %entry.path().display(), "unexpected file in the queue directory, moving it to corrupt/");
+                self.quarantine(&entry.path());
+                out.corrupt += 1;
+            }
+        }
+        ids.sort();
+        for id in ids {
+            states.remove(&id);
+            match self.load(&id) {
+                Ok(stored) => {
+                    if stored.state.in_flight {
+                        out.interrupted.push(id.clone());
+                    }
+                    out.queued.push(Queued {
+                        id,
+                        arrival_ms: stored.envelope.arrival_ms,
+                        next_attempt_ms: stored.state.next_attempt_ms,
+                    });
+                }
+                Err(e) => {
+                    tracing::error!(queue_id = %id, error = %e, "queue file failed validation, moved to corrupt/ (alert: inspect it with a text editor; it was not delivered)");
+                    self.quarantine(&self.queue_path(&id, "msg"));
+                    let st = self.queue_path(&id, "state");
+                    if st.exists() {
+                        self.quarantine(&st);
+                    }
+                    out.corrupt += 1;
+                }
+            }
+        }
+        for orphan in states {
+            let _ = fs::remove_file(self.queue_path(&orphan, "state"));
+        }
+        sync_dir(queue).map_err(io_err(queue))?;
+        Ok(out)
+    }
+
+    fn quarantine(&self, path: &Path) {
+        if let Some(name) = path.file_name() {
+            let dest = self.inner.corrupt.join(name);
+            if let Err(e) = fs::rename(path, &dest) {
+                tracing::error!(file = %path.display(), error = %e, "could not move to corrupt/");
+            }
+        }
+    }
+
+    /// Reads and validates a queued message and its state. Blocking.
+    pub fn load(&self, id: &str) -> Result<Stored, SpoolError> {
+        let path = self.queue_path(id, "msg");
+        let bytes = fs::read(&path).map_err(io_err(&path))?;
+        let (envelope, range) =
+            format::decode_queue_file(&bytes).map_err(|reason| SpoolError::Invalid {
+                path: path.clone(),
+                reason,
+            })?;
+        if envelope.id != id {
+            return Err(SpoolError::Invalid {
+                path,
+                reason: format!("envelope id {} does not match the file name", envelope.id),
+            });
+        }
+        let state_path = self.queue_path(id, "state");
+        let state = match fs::read(&state_path) {
+            Ok(b) => match format::decode_state(&b, envelope.recipients.len()) {
+                Ok(s) => s,
+                Err(reason) => {
+                    // The message itself is intact: deliver it again rather than lose it.
+                    tracing::warn!(queue_id = %id, %reason, "state file invalid, moved to corrupt/; all recipients are retried (possible duplicate)");
+                    self.quarantine(&state_path);
+                    let mut s = State::initial(&envelope);
+                    s.in_flight = true;
+                    s
+                }
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => State::initial(&envelope),
+            Err(e) => return Err(io_err(&state_path)(e)),
+        };
+        Ok(Stored {
+            envelope,
+            state,
+            content_offset: range.start as u64,
+            content_len: (range.end - range.start) as u64,
+        })
+    }
+
+    /// Opens the content of a loaded message for reading. Blocking.
+    pub fn open_content(&self, stored: &Stored) -> Result<io::Take<File>, SpoolError> {
+        let path = self.queue_path(&stored.envelope.id, "msg");
+        let mut f = File::open(&path).map_err(io_err(&path))?;
+        f.seek(SeekFrom::Start(stored.content_offset))
+            .map_err(io_err(&path))?;
+        Ok(f.take(stored.content_len))
+    }
+
+    /// Replaces the state file (write to tmp/, rename). Not fsynced: a state update lost to
+    /// a power cut only repeats an attempt (a duplicate, never a loss), and a process crash
+    /// keeps it. Blocking.
+    pub fn save_state(&self, id: &str, state: &State) -> Result<(), SpoolError> {
+        let tmp = self.inner.tmp.join(format!("{id}.state"));
+        write_new(&tmp, &format::encode_state(state)).map_err(io_err(&tmp))?;
+        let dest = self.queue_path(id, "state");
+        fs::rename(&tmp, &dest).map_err(io_err(&dest))
+    }
+
+    /// Removes a message that needs no more delivery. Blocking.
+    pub fn remove(&self, id: &str) -> Result<(), SpoolError> {
+        let st = self.queue_path(id, "state");
+        match fs::remove_file(&st) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&st)(e)),
+        }
+        let msg = self.queue_path(id, "msg");
+        fs::remove_file(&msg).map_err(io_err(&msg))
+    }
+
+    /// Moves a message with its final state to `failed/`. Blocking.
+    pub fn move_to_failed(&self, id: &str, state: &State) -> Result<(), SpoolError> {
+        let failed = &self.inner.failed;
+        let st = failed.join(format!("{id}.state"));
+        write_new(&st, &format::encode_state(state)).map_err(io_err(&st))?;
+        let msg = self.queue_path(id, "msg");
+        fs::rename(&msg, failed.join(format!("{id}.msg"))).map_err(io_err(&msg))?;
+        let _ = fs::remove_file(self.queue_path(id, "state"));
+        sync_dir(failed).map_err(io_err(failed))
+    }
+}
+
+/// Writes a new file (0600), replacing any old one.
+fn write_new(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)
+}
+
+/// fsync on a directory makes the renames and unlinks inside it durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// A message being received. Dropping it without [`Incoming::commit`] removes any partial
+/// file (behaviour.md A3: no partial entry is ever left in `queue/`).
+pub struct Incoming {
+    spool: Spool,
+    id: String,
+    buf: Vec<u8>,
+    file: Option<File>,
+    hasher: crc32fast::Hasher,
+    content_len: u64,
+    queued: Queued,
+    error: Option<io::Error>,
+    committed: bool,
+}
+
+impl Incoming {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn content_len(&self) -> u64 {
+        self.content_len
+    }
+
+    /// Appends content. Errors are kept and reported by `commit`, so the session can read
+    /// the rest of DATA before replying.
+    pub async fn write(&mut self, bytes: &[u8]) {
+        if self.error.is_some() {
+            return;
+        }
+        self.hasher.update(bytes);
+        self.content_len += bytes.len() as u64;
+        self.buf.extend_from_slice(bytes);
+        if self.buf.len() >= SPILL_THRESHOLD {
+            self.spill().await;
+        }
+    }
+
+    async fn spill(&mut self) {
+        let path = self.spool.inner.tmp.join(format!("{}.msg", self.id));
+        let file = self.file.take();
+        let buf = std::mem::take(&mut self.buf);
+        let res = tokio::task::spawn_blocking(move || {
+            let mut f = match file {
+                Some(f) => f,
+                None => OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)?,
+            };
+            f.write_all(&buf)?;
+            Ok::<_, io::Error>((f, buf))
+        })
+        .await;
+        match res {
+            Ok(Ok((f, mut buf))) => {
+                buf.clear();
+                self.buf = buf;
+                self.file = Some(f);
+            }
+            Ok(Err(e)) => self.error = Some(e),
+            Err(e) => self.error = Some(io::Error::other(e)),
+        }
+    }
+
+    /// Makes the message durable: returns only once it is fsynced, renamed into `queue/` and
+    /// the directory fsynced. The caller may send 250 after `Ok` and never before.
+    pub async fn commit(mut self) -> Result<Queued, SpoolError> {
+        let tmp_path = self.spool.inner.tmp.join(format!("{}.msg", self.id));
+        if let Some(e) = self.error.take() {
+            return Err(io_err(&tmp_path)(e));
+        }
+        let crc = self.hasher.clone().finalize();
+        let mut bytes = std::mem::take(&mut self.buf);
+        bytes.extend_from_slice(&format::encode_trailer(self.content_len, crc));
+        let job = commit::Job {
+            id: self.id.clone(),
+            bytes,
+            file: self.file.take(),
+        };
+        let res = self.spool.inner.committer.commit(job).await;
+        // Whatever happened, the committer cleaned up: nothing for Drop to remove.
+        self.committed = true;
+        res.map_err(|e| io_err(&tmp_path)(e))?;
+        Ok(self.queued.clone())
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        if !self.committed && (self.file.is_some() || self.error.is_some()) {
+            self.file = None;
+            let _ = fs::remove_file(self.spool.inner.tmp.join(format!("{}.msg", self.id)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope(id: &str) -> Envelope {
+        Envelope {
+            id: id.into(),
+            sender: "s@example.com".into(),
+            recipients: vec![
+                Recipient {
+                    address: "a@example.com".into(),
+                },
+                Recipient {
+                    address: "b@example.com".into(),
+                },
+            ],
+            client_ip: "127.0.0.1".parse().unwrap(),
+            helo: "printer".into(),
+            auth_user: None,
+            arrival_ms: now_ms(),
+            body: None,
+            smtputf8: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn commit_then_load_round_trip_small_and_spilled() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        for size in [10usize, SPILL_THRESHOLD * 3 + 17] {
+            let id = new_id();
+            let mut inc = spool.begin(&envelope(&id));
+            let content: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
+            for chunk in content.chunks(7000) {
+                inc.write(chunk).await;
+            }
+            let q = inc.commit().await.unwrap();
+            assert_eq!(q.id, id);
+            assert!(dir.path().join(format!("queue/{id}.msg")).exists());
+            assert!(!dir.path().join(format!("tmp/{id}.msg")).exists());
+            let stored = spool.load(&id).unwrap();
+            let mut got = Vec::new();
+            spool
+                .open_content(&stored)
+                .unwrap()
+                .read_to_end(&mut got)
+                .unwrap();
+            assert_eq!(got, content);
+            assert_eq!(stored.state.pending().count(), 2);
+        }
+    }
+
+    #[tokio::test]
+    async fn dropped_incoming_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let id = new_id();
+        let mut inc = spool.begin(&envelope(&id));
+        inc.write(&vec![b'x'; SPILL_THRESHOLD * 2]).await;
+        assert!(dir.path().join(format!("tmp/{id}.msg")).exists());
+        drop(inc);
+        assert!(!dir.path().join(format!("tmp/{id}.msg")).exists());
+        assert_eq!(fs::read_dir(dir.path().join("queue")).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn second_open_is_refused_while_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let _a = Spool::open(dir.path()).unwrap();
+        assert!(matches!(Spool::open(dir.path()), Err(SpoolError::Locked(_))));
+    }
+
+    #[tokio::test]
+    async fn recovery_moves_corrupt_and_cleans_tmp() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = new_id();
+        {
+            let spool = Spool::open(dir.path()).unwrap();
+            let mut inc = spool.begin(&envelope(&good));
+            inc.write(b"Subject: ok\r\n\r\nhi\r\n").await;
+            inc.commit().await.unwrap();
+            let mut inc = spool.begin(&envelope("bad"));
+            inc.write(b"Subject: bad\r\n\r\nhi\r\n").await;
+            inc.commit().await.unwrap();
+        }
+        // Truncate one queue file, leave a partial tmp file behind.
+        let bad = dir.path().join("queue/bad.msg");
+        let len = fs::metadata(&bad).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&bad)
+            .unwrap()
+            .set_len(len - 5)
+            .unwrap();
+        fs::write(dir.path().join("tmp/partial.msg"), b"MAILBRIDGE-QUEUE 1\n").unwrap();
+
+        let spool = Spool::open(dir.path()).unwrap();
+        let r = spool.recover().unwrap();
+        assert_eq!(r.queued.len(), 1);
+        assert_eq!(r.queued[0].id, good);
+        assert_eq!(r.corrupt, 1);
+        assert_eq!(r.tmp_removed, 1);
+        assert!(dir.path().join("corrupt/bad.msg").exists());
+    }
+
+    #[tokio::test]
+    async fn state_updates_and_failed_move() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let id = new_id();
+        let mut inc = spool.begin(&envelope(&id));
+        inc.write(b"x\r\n").await;
+        inc.commit().await.unwrap();
+        let mut st = spool.load(&id).unwrap().state;
+        st.attempts = 3;
+        st.recipients[0].status = RcptStatus::Delivered;
+        st.in_flight = true;
+        spool.save_state(&id, &st).unwrap();
+        let loaded = spool.load(&id).unwrap().state;
+        assert_eq!(loaded, st);
+        let r = spool.recover().unwrap();
+        assert_eq!(r.interrupted, vec![id.clone()]);
+        spool.move_to_failed(&id, &st).unwrap();
+        assert!(dir.path().join(format!("failed/{id}.msg")).exists());
+        assert!(dir.path().join(format!("failed/{id}.state")).exists());
+        assert!(!dir.path().join(format!("queue/{id}.state")).exists());
+    }
+}
