@@ -13,6 +13,7 @@
 //! attempt, last error. `MAILBRIDGE-STATE 1 <crc32 of the JSON>\n<JSON>\n`. It is replaced
 //! atomically (write to tmp/, rename). When it is missing, every recipient is pending.
 
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
@@ -119,37 +120,85 @@ pub fn encode_trailer(content_len: u64, crc: u32) -> Vec<u8> {
     t
 }
 
-/// Splits a queue file's bytes into its envelope and content, checking the trailer, the length
-/// and the checksum. `Err` says what is wrong, for the log line that moves it to `corrupt/`.
+/// Longest envelope line accepted when reading a queue file back.
+const MAX_ENVELOPE_LINE: u64 = 8 * 1024 * 1024;
+
+/// Validates a queue file held in memory; see [`read_queue_file`].
 pub fn decode_queue_file(bytes: &[u8]) -> Result<(Envelope, std::ops::Range<usize>), String> {
-    let rest = bytes
-        .strip_prefix(QUEUE_MAGIC)
-        .ok_or("missing or unknown version header")?;
-    let nl = rest
-        .iter()
-        .position(|&b| b == b'\n')
-        .ok_or("envelope line not terminated")?;
-    let envelope: Envelope =
-        serde_json::from_slice(&rest[..nl]).map_err(|e| format!("bad envelope: {e}"))?;
-    let content_start = QUEUE_MAGIC.len() + nl + 1;
-    let tpos = bytes
+    let (env, range) = read_queue_file(std::io::Cursor::new(bytes))?;
+    Ok((env, range.start as usize..range.end as usize))
+}
+
+/// Reads a queue file's envelope and checks its end record, length and checksum, streaming
+/// (a 100 MB message is not loaded into memory). Returns the envelope and the content's byte
+/// range. `Err` says what is wrong, for the log line that moves the file to `corrupt/`.
+pub fn read_queue_file<R: Read + Seek>(
+    mut r: R,
+) -> Result<(Envelope, std::ops::Range<u64>), String> {
+    let io = |e: std::io::Error| format!("read error: {e}");
+    let len = r.seek(SeekFrom::End(0)).map_err(io)?;
+    r.seek(SeekFrom::Start(0)).map_err(io)?;
+    let mut hasher = crc32fast::Hasher::new();
+    let (envelope, content_start) = {
+        let mut br = BufReader::new(&mut r);
+        let mut magic = vec![0u8; QUEUE_MAGIC.len()];
+        br.read_exact(&mut magic)
+            .map_err(|_| "missing or unknown version header")?;
+        if magic != QUEUE_MAGIC {
+            return Err("missing or unknown version header".into());
+        }
+        let mut line = Vec::new();
+        (&mut br)
+            .take(MAX_ENVELOPE_LINE)
+            .read_until(b'\n', &mut line)
+            .map_err(io)?;
+        if line.last() != Some(&b'\n') {
+            return Err("envelope line not terminated".into());
+        }
+        hasher.update(&magic);
+        hasher.update(&line);
+        let envelope: Envelope = serde_json::from_slice(&line[..line.len() - 1])
+            .map_err(|e| format!("bad envelope: {e}"))?;
+        (envelope, (magic.len() + line.len()) as u64)
+    };
+    // The end record is in the last few dozen bytes.
+    let tail_len = (len - content_start).min(96);
+    r.seek(SeekFrom::Start(len - tail_len)).map_err(io)?;
+    let mut tail = Vec::new();
+    (&mut r).take(tail_len).read_to_end(&mut tail).map_err(io)?;
+    let pos = tail
         .windows(TRAILER_TAG.len())
         .rposition(|w| w == TRAILER_TAG)
-        .filter(|&p| p >= content_start)
         .ok_or("no end record (truncated file)")?;
-    let trailer = std::str::from_utf8(&bytes[tpos + TRAILER_TAG.len()..])
+    let tpos = len - tail_len + pos as u64;
+    let trailer = std::str::from_utf8(&tail[pos + TRAILER_TAG.len()..])
         .map_err(|_| "bad end record")?;
     let trailer = trailer.strip_suffix('\n').ok_or("end record not terminated")?;
-    let (len, crc) = trailer.split_once(' ').ok_or("bad end record")?;
-    let len: usize = len.parse().map_err(|_| "bad length in end record")?;
+    let (clen, crc) = trailer.split_once(' ').ok_or("bad end record")?;
+    let clen: u64 = clen.parse().map_err(|_| "bad length in end record")?;
     let crc = u32::from_str_radix(crc, 16).map_err(|_| "bad checksum in end record")?;
-    if content_start + len != tpos {
+    if content_start + clen != tpos {
         return Err(format!(
-            "length mismatch: end record says {len} content bytes, file has {}",
+            "length mismatch: end record says {clen} content bytes, file has {}",
             tpos - content_start
         ));
     }
-    if crc32fast::hash(&bytes[..tpos]) != crc {
+    r.seek(SeekFrom::Start(content_start)).map_err(io)?;
+    let mut content = (&mut r).take(clen);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut seen = 0u64;
+    loop {
+        let n = content.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        seen += n as u64;
+    }
+    if seen != clen {
+        return Err("file shorter than its end record".into());
+    }
+    if hasher.finalize() != crc {
         return Err("checksum mismatch".into());
     }
     if envelope.recipients.is_empty() {

@@ -261,9 +261,9 @@ impl Spool {
     /// Reads and validates a queued message and its state. Blocking.
     pub fn load(&self, id: &str) -> Result<Stored, SpoolError> {
         let path = self.queue_path(id, "msg");
-        let bytes = fs::read(&path).map_err(io_err(&path))?;
+        let file = File::open(&path).map_err(io_err(&path))?;
         let (envelope, range) =
-            format::decode_queue_file(&bytes).map_err(|reason| SpoolError::Invalid {
+            format::read_queue_file(file).map_err(|reason| SpoolError::Invalid {
                 path: path.clone(),
                 reason,
             })?;
@@ -292,8 +292,8 @@ impl Spool {
         Ok(Stored {
             envelope,
             state,
-            content_offset: range.start as u64,
-            content_len: (range.end - range.start) as u64,
+            content_offset: range.start,
+            content_len: range.end - range.start,
         })
     }
 
