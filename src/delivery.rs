@@ -45,6 +45,13 @@ impl Delivery {
             Err(SpoolError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 return None;
             }
+            Err(e @ SpoolError::Invalid { .. }) => {
+                tracing::error!(queue_id = %id, error = %e, "queued message failed validation, moved to corrupt/ (alert: it was not delivered; inspect it)");
+                let spool = self.spool.clone();
+                let id = id.to_string();
+                let _ = tokio::task::spawn_blocking(move || spool.quarantine_message(&id)).await;
+                return None;
+            }
             Err(e) => {
                 tracing::error!(queue_id = %id, error = %e, "cannot read queued message; retrying later");
                 return Some(now_ms() + self.queue.retry_after(1).as_millis() as u64);

@@ -77,7 +77,10 @@ fn run(rx: mpsc::Receiver<Request>, tmp: PathBuf, queue: PathBuf) {
                 Err(_) => break,
             }
         }
+        let n = batch.len();
+        let started = std::time::Instant::now();
         commit_batch(batch, &tmp, &queue);
+        tracing::trace!(batch = n, elapsed_us = started.elapsed().as_micros() as u64, "group commit");
     }
 }
 

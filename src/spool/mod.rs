@@ -249,6 +249,17 @@ impl Spool {
         Ok(out)
     }
 
+    /// Moves a queued message (and its state) that no longer validates to `corrupt/`.
+    /// Blocking.
+    pub fn quarantine_message(&self, id: &str) {
+        for ext in ["msg", "state"] {
+            let p = self.queue_path(id, ext);
+            if p.exists() {
+                self.quarantine(&p);
+            }
+        }
+    }
+
     fn quarantine(&self, path: &Path) {
         if let Some(name) = path.file_name() {
             let dest = self.inner.corrupt.join(name);
