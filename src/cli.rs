@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use crate::config;
 
 #[derive(Parser, Debug)]
-#[command(name = "mailbridge", version, about = "SMTP relay for legacy senders to Microsoft 365")]
+#[command(
+    name = "mailbridge",
+    version,
+    about = "SMTP relay for legacy senders to Microsoft 365"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -52,13 +52,24 @@ impl Daemon {
 
         let up = &config.upstreams[0];
         let upstream: Arc<dyn Upstream> = match &up.kind {
-            UpstreamKind::Outbox { path } => Arc::new(
-                Outbox::new(&up.name, path)
-                    .with_context(|| format!("upstream {}: cannot create outbox directory {}", up.name, path.display()))?,
-            ),
+            UpstreamKind::Outbox { path } => {
+                Arc::new(Outbox::new(&up.name, path).with_context(|| {
+                    format!(
+                        "upstream {}: cannot create outbox directory {}",
+                        up.name,
+                        path.display()
+                    )
+                })?)
+            }
         };
         let delivery = Arc::new(Delivery::new(spool.clone(), upstream, config.queue.clone()));
-        let max_delay = config.queue.retry.iter().max().copied().unwrap_or(Duration::from_secs(3600));
+        let max_delay = config
+            .queue
+            .retry
+            .iter()
+            .max()
+            .copied()
+            .unwrap_or(Duration::from_secs(3600));
         let (scheduler, handle) = Scheduler::new(delivery, config.queue.workers, max_delay);
         for q in recovered.queued {
             handle.queued(q);
@@ -95,7 +106,12 @@ impl Daemon {
                 stop: stop.clone(),
                 hard_stop: hard_stop.clone(),
             });
-            accept_loops.push(tokio::spawn(listener::serve(l, ctx, counter.clone(), sessions.clone())));
+            accept_loops.push(tokio::spawn(listener::serve(
+                l,
+                ctx,
+                counter.clone(),
+                sessions.clone(),
+            )));
         }
         let sched_task = tokio::spawn(scheduler.run(queue_stop.clone(), workers.clone()));
 
@@ -107,8 +123,13 @@ impl Daemon {
                 let _ = a.await;
             }
             sessions.close();
-            if tokio::time::timeout(SHUTDOWN_GRACE, sessions.wait()).await.is_err() {
-                tracing::warn!("sessions still in DATA after the grace period: cutting them off (no 250 was sent)");
+            if tokio::time::timeout(SHUTDOWN_GRACE, sessions.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "sessions still in DATA after the grace period: cutting them off (no 250 was sent)"
+                );
                 hard_stop.cancel();
                 sessions.wait().await;
             }

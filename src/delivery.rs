@@ -227,11 +227,16 @@ mod tests {
                 let n = self.running.fetch_add(1, Ordering::SeqCst) + 1;
                 self.max_running.fetch_max(n, Ordering::SeqCst);
                 // What the spool says while the attempt runs.
-                let on_disk = attempt.spool.load(&attempt.stored.envelope.id).unwrap().state;
-                self.calls
-                    .lock()
+                let on_disk = attempt
+                    .spool
+                    .load(&attempt.stored.envelope.id)
                     .unwrap()
-                    .push((Instant::now(), attempt.recipients.clone(), on_disk));
+                    .state;
+                self.calls.lock().unwrap().push((
+                    Instant::now(),
+                    attempt.recipients.clone(),
+                    on_disk,
+                ));
                 if !self.hold.is_zero() {
                     tokio::time::sleep(self.hold).await;
                 }
@@ -291,7 +296,11 @@ mod tests {
             RcptOutcome::Failed("550 5.1.1 no such user".into()),
             RcptOutcome::Deferred("451 4.3.0 try later".into()),
         ]]);
-        let d = Delivery::new(spool.clone(), up.clone(), queue_cfg(&[60], Duration::from_secs(3600), 1));
+        let d = Delivery::new(
+            spool.clone(),
+            up.clone(),
+            queue_cfg(&[60], Duration::from_secs(3600), 1),
+        );
         let q = enqueue(&spool, &["a@x", "b@x", "c@x"], now_ms()).await;
         let next = d.attempt(&q.id).await;
         assert!(next.is_some(), "c@x is deferred, the message stays queued");
@@ -314,7 +323,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
         let up = Scripted::new(vec![]);
-        let d = Delivery::new(spool.clone(), up.clone(), queue_cfg(&[300], Duration::from_secs(3600), 1));
+        let d = Delivery::new(
+            spool.clone(),
+            up.clone(),
+            queue_cfg(&[300], Duration::from_secs(3600), 1),
+        );
         let q = enqueue(&spool, &["a@x"], now_ms()).await;
         let before = now_ms();
         assert_eq!(d.attempt(&q.id).await, None);
@@ -331,13 +344,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
         let up = Scripted::new(vec![]);
-        let d = Delivery::new(spool.clone(), up.clone(), queue_cfg(&[60], Duration::from_secs(120), 1));
+        let d = Delivery::new(
+            spool.clone(),
+            up.clone(),
+            queue_cfg(&[60], Duration::from_secs(120), 1),
+        );
         let q = enqueue(&spool, &["a@x"], now_ms() - 121_000).await;
         assert_eq!(d.attempt(&q.id).await, None);
-        assert!(up.calls.lock().unwrap().is_empty(), "no attempt after max_age");
+        assert!(
+            up.calls.lock().unwrap().is_empty(),
+            "no attempt after max_age"
+        );
         let state = std::fs::read(dir.path().join(format!("failed/{}.state", q.id))).unwrap();
         let state = crate::spool::format::decode_state(&state, 1).unwrap();
-        assert!(state.last_error.unwrap().starts_with("4.4.7 delivery time expired"));
+        assert!(
+            state
+                .last_error
+                .unwrap()
+                .starts_with("4.4.7 delivery time expired")
+        );
         assert_eq!(state.recipients[0].status, RcptStatus::Failed);
     }
 
@@ -380,9 +405,16 @@ mod tests {
         task.await.unwrap();
         workers.close();
         workers.wait().await;
-        assert!(up.max_running.load(Ordering::SeqCst) <= 2, "never more than queue.workers attempts");
+        assert!(
+            up.max_running.load(Ordering::SeqCst) <= 2,
+            "never more than queue.workers attempts"
+        );
         let calls = up.calls.lock().unwrap();
-        assert_eq!(calls.len(), 8, "3 attempts for the first message, 1 for each other");
+        assert_eq!(
+            calls.len(),
+            8,
+            "3 attempts for the first message, 1 for each other"
+        );
         let first_attempt = &calls[0];
         assert_eq!(first_attempt.2.attempts, 1);
         assert!((first_attempt.0 - start) < Duration::from_millis(100));

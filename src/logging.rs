@@ -5,9 +5,8 @@ use crate::config::{LogConfig, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 pub fn init(cfg: &LogConfig) {
-    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| {
-        EnvFilter::new(format!("warn,mailbridge={}", cfg.level))
-    });
+    let filter = EnvFilter::try_from_env("RUST_LOG")
+        .unwrap_or_else(|_| EnvFilter::new(format!("warn,mailbridge={}", cfg.level)));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)

@@ -53,7 +53,11 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn new(delivery: Arc<Delivery>, workers: usize, max_delay: Duration) -> (Scheduler, SchedulerHandle) {
+    pub fn new(
+        delivery: Arc<Delivery>,
+        workers: usize,
+        max_delay: Duration,
+    ) -> (Scheduler, SchedulerHandle) {
         let (tx, rx) = mpsc::unbounded_channel();
         let handle = SchedulerHandle { tx: tx.clone() };
         (
@@ -94,7 +98,10 @@ impl Scheduler {
                 workers.spawn(async move {
                     let next_attempt_ms = delivery.attempt(&id).await;
                     drop(permit);
-                    let _ = tx.send(Event::Done { id, next_attempt_ms });
+                    let _ = tx.send(Event::Done {
+                        id,
+                        next_attempt_ms,
+                    });
                 });
             }
             let next_due = heap.peek().map(|Reverse((due, _, _))| *due);

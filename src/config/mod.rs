@@ -283,9 +283,10 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         }
     }
 
-    let nets = raw.access.allow_networks.unwrap_or_else(|| {
-        vec!["127.0.0.0/8".into(), "::1/128".into()]
-    });
+    let nets = raw
+        .access
+        .allow_networks
+        .unwrap_or_else(|| vec!["127.0.0.0/8".into(), "::1/128".into()]);
     let mut allow_networks = Vec::new();
     for (i, n) in nets.iter().enumerate() {
         match parse_net(n) {
@@ -322,8 +323,11 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     };
     let max_recipients = positive("limits.max_recipients", l.max_recipients, 500);
     let max_connections = positive("limits.max_connections", l.max_connections, 256);
-    let max_connections_per_ip =
-        positive("limits.max_connections_per_ip", l.max_connections_per_ip, 32);
+    let max_connections_per_ip = positive(
+        "limits.max_connections_per_ip",
+        l.max_connections_per_ip,
+        32,
+    );
     let workers = positive("queue.workers", raw.queue.workers, 8);
     let command_timeout = duration(
         &mut errs,
@@ -374,10 +378,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     }
     for (i, u) in upstreams.iter().enumerate() {
         if upstreams[..i].iter().any(|o| o.name == u.name) {
-            errs.push(format!(
-                "upstreams[{i}].name: {:?} is used twice",
-                u.name
-            ));
+            errs.push(format!("upstreams[{i}].name: {:?} is used twice", u.name));
         }
     }
 
@@ -393,7 +394,12 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         .enumerate()
         .map(|(i, r)| duration(&mut errs, &format!("queue.retry[{i}]"), Some(r), "1m"))
         .collect();
-    let max_age = duration(&mut errs, "queue.max_age", raw.queue.max_age.as_deref(), "5d");
+    let max_age = duration(
+        &mut errs,
+        "queue.max_age",
+        raw.queue.max_age.as_deref(),
+        "5d",
+    );
 
     let level = raw.log.level.unwrap_or_else(|| "info".into());
     if !["error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
@@ -455,7 +461,9 @@ fn parse_net(s: &str) -> Option<IpNet> {
     if let Ok(n) = s.parse::<IpNet>() {
         return Some(canonical_net(n));
     }
-    s.parse::<IpAddr>().ok().map(|ip| canonical_net(IpNet::from(ip)))
+    s.parse::<IpAddr>()
+        .ok()
+        .map(|ip| canonical_net(IpNet::from(ip)))
 }
 
 /// A `::ffff:a.b.c.d/n` network (n >= 96) is stored as its IPv4 form, so it matches the
@@ -598,7 +606,9 @@ log:
 
     #[test]
     fn unknown_key_is_an_error() {
-        let e = from_yaml_str("limits:\n  max_recipents: 5\n").unwrap_err().to_string();
+        let e = from_yaml_str("limits:\n  max_recipents: 5\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("max_recipents"), "{e}");
     }
 

@@ -80,7 +80,11 @@ fn run(rx: mpsc::Receiver<Request>, tmp: PathBuf, queue: PathBuf) {
         let n = batch.len();
         let started = std::time::Instant::now();
         commit_batch(batch, &tmp, &queue);
-        tracing::trace!(batch = n, elapsed_us = started.elapsed().as_micros() as u64, "group commit");
+        tracing::trace!(
+            batch = n,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "group commit"
+        );
     }
 }
 

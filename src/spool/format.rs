@@ -171,9 +171,11 @@ pub fn read_queue_file<R: Read + Seek>(
         .rposition(|w| w == TRAILER_TAG)
         .ok_or("no end record (truncated file)")?;
     let tpos = len - tail_len + pos as u64;
-    let trailer = std::str::from_utf8(&tail[pos + TRAILER_TAG.len()..])
-        .map_err(|_| "bad end record")?;
-    let trailer = trailer.strip_suffix('\n').ok_or("end record not terminated")?;
+    let trailer =
+        std::str::from_utf8(&tail[pos + TRAILER_TAG.len()..]).map_err(|_| "bad end record")?;
+    let trailer = trailer
+        .strip_suffix('\n')
+        .ok_or("end record not terminated")?;
     let (clen, crc) = trailer.split_once(' ').ok_or("bad end record")?;
     let clen: u64 = clen.parse().map_err(|_| "bad length in end record")?;
     let crc = u32::from_str_radix(crc, 16).map_err(|_| "bad checksum in end record")?;

@@ -33,9 +33,7 @@ pub const SPILL_THRESHOLD: usize = 256 * 1024;
 pub enum SpoolError {
     #[error("spool I/O error on {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
-    #[error(
-        "spool {0} is locked by another mailbridge process (only one daemon may use a spool)"
-    )]
+    #[error("spool {0} is locked by another mailbridge process (only one daemon may use a spool)")]
     Locked(PathBuf),
     #[error("queue file {path} is invalid: {reason}")]
     Invalid { path: PathBuf, reason: String },
@@ -107,7 +105,9 @@ struct Inner {
 
 impl std::fmt::Debug for Spool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Spool").field("root", &self.inner.root).finish()
+        f.debug_struct("Spool")
+            .field("root", &self.inner.root)
+            .finish()
     }
 }
 
@@ -533,7 +533,10 @@ mod tests {
     async fn second_open_is_refused_while_locked() {
         let dir = tempfile::tempdir().unwrap();
         let _a = Spool::open(dir.path()).unwrap();
-        assert!(matches!(Spool::open(dir.path()), Err(SpoolError::Locked(_))));
+        assert!(matches!(
+            Spool::open(dir.path()),
+            Err(SpoolError::Locked(_))
+        ));
     }
 
     #[tokio::test]
