@@ -157,6 +157,14 @@ pub fn resolve_path(cli: Option<&Path>) -> PathBuf {
 /// Reads the file at `path`, applies `MAILBRIDGE__SECTION__KEY` environment overrides, and
 /// validates the result.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    load_with_env(path, None)
+}
+
+/// Like [`load`], with the environment given as a map (`None`: the process environment).
+pub fn load_with_env(
+    path: &Path,
+    env: Option<config::Map<String, String>>,
+) -> Result<Config, ConfigErrors> {
     if !path.is_file() {
         return Err(ConfigErrors(vec![format!(
             "{}: cannot read the configuration file (does it exist? use -c PATH or MAILBRIDGE_CONFIG)",
@@ -169,7 +177,8 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
             config::Environment::with_prefix("MAILBRIDGE")
                 .prefix_separator("__")
                 .separator("__")
-                .try_parsing(true),
+                .try_parsing(true)
+                .source(env),
         )
         .build()
         .map_err(|e| ConfigErrors(vec![format!("{}: {e}", path.display())]))?;
@@ -610,6 +619,36 @@ log:
             .unwrap_err()
             .to_string();
         assert!(e.contains("max_recipents"), "{e}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.yaml");
+        std::fs::write(&path, GOOD).unwrap();
+        let env: config::Map<String, String> = [
+            ("MAILBRIDGE__LIMITS__MAX_RECIPIENTS", "42"),
+            ("MAILBRIDGE__QUEUE__MAX_AGE", "2m"),
+            ("MAILBRIDGE__LOG__LEVEL", "warn"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let c = load_with_env(&path, Some(env)).unwrap();
+        assert_eq!(c.limits.max_recipients, 42);
+        assert_eq!(c.queue.max_age, Duration::from_secs(120));
+        assert_eq!(c.log.level, "warn");
+        // Without overrides the file's values stand.
+        let c = load_with_env(&path, Some(config::Map::new())).unwrap();
+        assert_eq!(c.limits.max_recipients, 100);
+    }
+
+    #[test]
+    fn missing_file_is_a_clear_error() {
+        let e = load(Path::new("/nonexistent/relay.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/relay.yaml: cannot read"), "{e}");
     }
 
     #[test]
