@@ -51,6 +51,9 @@ impl Daemon {
         }
 
         let up = &config.upstreams[0];
+        if config.upstreams.len() > 1 {
+            tracing::warn!(upstream = %up.name, "several upstreams are configured; this version delivers everything through the first one");
+        }
         let upstream: Arc<dyn Upstream> = match &up.kind {
             UpstreamKind::Outbox { path } => {
                 Arc::new(Outbox::new(&up.name, path).with_context(|| {
@@ -136,7 +139,16 @@ impl Daemon {
             queue_stop.cancel();
             let _ = sched_task.await;
             workers.close();
-            workers.wait().await;
+            if tokio::time::timeout(SHUTDOWN_GRACE, workers.wait())
+                .await
+                .is_err()
+            {
+                // The attempt's next time is already on disk; it is repeated after a restart
+                // (logged then as a possible duplicate).
+                tracing::warn!(
+                    "delivery attempts still running after the grace period: exiting without them"
+                );
+            }
             drop(spool);
             tracing::info!("stopped");
         });

@@ -200,15 +200,27 @@ pub fn from_yaml_str(yaml: &str) -> Result<Config, ConfigErrors> {
     validate(raw)
 }
 
-/// The machine's host name, for the greeting and Received headers.
+/// The machine's host name, for the greeting and Received headers. Characters not allowed
+/// in a host name (containers often have `_`) become `-`.
 pub fn system_hostname() -> String {
-    rustix::system::uname()
+    let raw = rustix::system::uname();
+    let name: String = raw
         .nodename()
-        .to_str()
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or("localhost")
-        .to_string()
+        .to_string_lossy()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    if name.is_empty() {
+        "localhost".into()
+    } else {
+        name
+    }
 }
 
 /// Turns the raw file into a typed configuration, collecting every error.

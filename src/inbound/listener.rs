@@ -87,6 +87,12 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let ip = canonical_ip(peer.ip());
+        // Outsiders are refused first, so they never take a slot that a printer needs.
+        if !ctx.config.access.allows(ip) {
+            tracing::warn!(client = %ip, "connection from a network not in access.allow_networks refused");
+            sessions.spawn(refuse(stream, reply::RELAY_DENIED));
+            continue;
+        }
         let slot = match counter.acquire(ip, limits.max_connections, limits.max_connections_per_ip)
         {
             Ok(s) => s,
@@ -96,14 +102,6 @@ pub async fn serve(
                 continue;
             }
         };
-        if !ctx.config.access.allows(ip) {
-            tracing::warn!(client = %ip, "connection from a network not in access.allow_networks refused");
-            sessions.spawn(async move {
-                refuse(stream, reply::RELAY_DENIED).await;
-                drop(slot);
-            });
-            continue;
-        }
         let ctx = ctx.clone();
         sessions.spawn(async move {
             let local = stream.local_addr().ok();

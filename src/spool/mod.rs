@@ -231,6 +231,9 @@ impl Spool {
                         next_attempt_ms: stored.state.next_attempt_ms,
                     });
                 }
+                // A read error (permissions, I/O) is not corruption: stop and say so rather
+                // than move a whole queue aside.
+                Err(e @ SpoolError::Io { .. }) => return Err(e),
                 Err(e) => {
                     tracing::error!(queue_id = %id, error = %e, "queue file failed validation, moved to corrupt/ (alert: inspect it with a text editor; it was not delivered)");
                     self.quarantine(&self.queue_path(&id, "msg"));

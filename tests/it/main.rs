@@ -2,5 +2,6 @@
 
 mod common;
 mod daemon;
+mod durability;
 mod interop;
 mod session;

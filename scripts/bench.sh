@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Benchmark: push messages with Postfix's smtp-source into `mailbridge serve` with an outbox
+# upstream, then measure a 100 MB message's effect on memory. Loopback only; bounded.
+#
+#   scripts/bench.sh                 # 20,000 messages of 4 KB over 10 sessions
+#   MSGS=2000 scripts/bench.sh       # a quicker run
+#
+# Prints: accepted msg/s (until smtp-source got its last 250), end-to-end msg/s (until the
+# last .eml appeared in the outbox), idle RSS, peak RSS, and the peak RSS growth caused by one
+# 100 MB message. Full durability: the spool lives on the real disk (not tmpfs) under
+# ${BENCH_DIR:-/var/tmp}.
+set -euo pipefail
+
+MSGS=${MSGS:-20000}
+SESSIONS=${SESSIONS:-10}
+SIZE=${SIZE:-4096}
+BIG_MB=${BIG_MB:-100}
+cd "$(dirname "$0")/.."
+
+SMTP_SOURCE=$(command -v smtp-source || echo /usr/sbin/smtp-source)
+[ -x "$SMTP_SOURCE" ] || { echo "smtp-source not found: apt-get install postfix" >&2; exit 1; }
+
+cargo build --release --locked --quiet
+BIN=target/release/mailbridge
+
+WORK=$(mktemp -d "${BENCH_DIR:-/var/tmp}/mailbridge-bench.XXXXXX")
+PID=
+cleanup() {
+    [ -n "$PID" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+rss_kb() { awk -v k="$2" '$1==k":" {print $2}' "/proc/$1/status"; }
+now() { date +%s.%N; }
+
+start_daemon() { # $1 = max_message_size
+    PORT=$(free_port)
+    rm -rf "$WORK/spool" "$WORK/outbox"
+    cat > "$WORK/relay.yaml" <<YAML
+listeners:
+  - address: "127.0.0.1:$PORT"
+access:
+  allow_networks: ["127.0.0.0/8"]
+limits:
+  max_message_size: $1
+  max_connections_per_ip: 64
+spool:
+  path: $WORK/spool
+upstreams:
+  - name: bench
+    type: outbox
+    path: $WORK/outbox
+log:
+  level: warn
+YAML
+    "$BIN" serve -c "$WORK/relay.yaml" > "$WORK/daemon.log" 2>&1 &
+    PID=$!
+    for _ in $(seq 100); do
+        (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "daemon did not start:" >&2; cat "$WORK/daemon.log" >&2; exit 1
+}
+
+stop_daemon() { kill "$PID"; wait "$PID" || true; PID=; }
+
+count_outbox() { find "$WORK/outbox" -maxdepth 1 -name '*.eml' | wc -l; }
+
+# --- throughput -----------------------------------------------------------------------
+start_daemon 35MiB
+sleep 1
+IDLE_RSS=$(rss_kb "$PID" VmRSS)
+T0=$(now)
+"$SMTP_SOURCE" -d -s "$SESSIONS" -m "$MSGS" -l "$SIZE" -f bench@example.com -t sink@example.com "127.0.0.1:$PORT"
+T1=$(now)
+DEADLINE=$(( $(date +%s) + 600 ))
+while [ "$(count_outbox)" -lt "$MSGS" ]; do
+    [ "$(date +%s)" -lt "$DEADLINE" ] || { echo "timeout: only $(count_outbox) delivered" >&2; exit 1; }
+    sleep 0.05
+done
+T2=$(now)
+PEAK_RSS=$(rss_kb "$PID" VmHWM)
+ACCEPTED=$(python3 -c "print(f'{$MSGS/($T1-$T0):.0f}')")
+E2E=$(python3 -c "print(f'{$MSGS/($T2-$T0):.0f}')")
+stop_daemon
+
+# --- one large message ------------------------------------------------------------------
+start_daemon 200MiB
+python3 - "$PORT" <<'PY'
+import smtplib, sys
+s = smtplib.SMTP("127.0.0.1", int(sys.argv[1])); s.sendmail("a@example.com", ["b@example.com"], b"Subject: warm-up\r\n\r\nx\r\n"); s.quit()
+PY
+sleep 1
+BEFORE=$(rss_kb "$PID" VmHWM)
+python3 - "$PORT" "$BIG_MB" <<'PY'
+import smtplib, sys
+line = b"x" * 76 + b"\r\n"
+body = b"Subject: big\r\n\r\n" + line * (int(sys.argv[2]) * 1024 * 1024 // len(line))
+s = smtplib.SMTP("127.0.0.1", int(sys.argv[1])); s.sendmail("a@example.com", ["b@example.com"], body); s.quit()
+PY
+DEADLINE=$(( $(date +%s) + 300 ))
+while [ "$(count_outbox)" -lt 2 ]; do
+    [ "$(date +%s)" -lt "$DEADLINE" ] || { echo "timeout waiting for the big message" >&2; exit 1; }
+    sleep 0.1
+done
+AFTER=$(rss_kb "$PID" VmHWM)
+stop_daemon
+
+echo
+echo "messages: $MSGS x $SIZE bytes over $SESSIONS sessions (smtp-source -d)"
+echo "accepted:      $ACCEPTED msg/s"
+echo "end-to-end:    $E2E msg/s"
+echo "idle RSS:      $((IDLE_RSS / 1024)) MB ($IDLE_RSS kB)"
+echo "peak RSS:      $((PEAK_RSS / 1024)) MB ($PEAK_RSS kB)"
+echo "${BIG_MB} MB message: peak RSS $BEFORE kB -> $AFTER kB (+$(( (AFTER - BEFORE) / 1024 )) MB)"
