@@ -98,7 +98,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if self.wbuf.is_empty() {
             return true;
         }
-        let ok = self.stream.write_all(&self.wbuf).await.is_ok() && self.stream.flush().await.is_ok();
+        let ok =
+            self.stream.write_all(&self.wbuf).await.is_ok() && self.stream.flush().await.is_ok();
         self.wbuf.clear();
         ok
     }
@@ -155,6 +156,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if let Next::Close = next {
                 break;
             }
+        }
+        // Replies queued by the command that ended the session (the 421 after too many
+        // errors) have not been written yet.
+        if !self.wbuf.is_empty() && self.flush().await {
+            let _ = self.stream.shutdown().await;
         }
     }
 
@@ -236,6 +242,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Err(e) => {
                 let r = match e {
                     ProtoError::UnknownCommand => reply::UNRECOGNIZED,
+                    // `<"u@ext">`: the parser unquotes it and finds no domain; say why.
+                    ProtoError::InvalidSenderAddress | ProtoError::InvalidRecipientAddress
+                        if line.contains(&b'"') =>
+                    {
+                        reply::QUOTED_LOCAL_PART
+                    }
                     ProtoError::InvalidSenderAddress => reply::BAD_SENDER_SYNTAX,
                     ProtoError::InvalidRecipientAddress => reply::BAD_RECIPIENT_SYNTAX,
                     ProtoError::SyntaxError { syntax } => {
@@ -348,7 +360,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return self.error();
         }
         if from.flags & MAIL_BODY_BINARYMIME != 0 {
-            self.reply(&Reply::new(555, "5.5.4", "BODY=BINARYMIME is not supported"));
+            self.reply(&Reply::new(
+                555,
+                "5.5.4",
+                "BODY=BINARYMIME is not supported",
+            ));
             return self.error();
         }
         let max = self.ctx.config.limits.max_message_size;
@@ -470,8 +486,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             (true, false) => "ESMTP",
             _ => "SMTP",
         };
-        let single_rcpt = (envelope.recipients.len() == 1)
-            .then(|| envelope.recipients[0].address.clone());
+        let single_rcpt =
+            (envelope.recipients.len() == 1).then(|| envelope.recipients[0].address.clone());
         let client_ip = self.client_ip;
         let trace = |present| {
             headers::added_headers(
@@ -570,6 +586,10 @@ fn address_problem(address: &str, line: &[u8], smtputf8: bool) -> Option<Reply> 
     }
     if !address.is_ascii() && !smtputf8 {
         return Some(reply::UTF8_NEEDS_SMTPUTF8);
+    }
+    // smtp-proto replaces invalid UTF-8 with U+FFFD: that would forward another address.
+    if std::str::from_utf8(line).is_err() {
+        return Some(reply::ADDRESS_NOT_UTF8);
     }
     None
 }

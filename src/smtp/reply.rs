@@ -96,17 +96,11 @@ pub const TOO_MANY_FROM_IP: Reply = Reply::fixed(
 pub const TOO_MANY_ERRORS: Reply =
     Reply::fixed(421, "4.7.0", "Too many errors, closing connection");
 pub const TIMEOUT: Reply = Reply::fixed(421, "4.4.2", "Timeout exceeded, closing connection");
-pub const STORAGE_FULL: Reply = Reply::fixed(
-    452,
-    "4.3.1",
-    "Insufficient system storage, try again later",
-);
+pub const STORAGE_FULL: Reply =
+    Reply::fixed(452, "4.3.1", "Insufficient system storage, try again later");
 pub const TOO_MANY_RECIPIENTS: Reply = Reply::fixed(452, "4.5.3", "Too many recipients");
-pub const LOCAL_ERROR: Reply = Reply::fixed(
-    451,
-    "4.3.0",
-    "Local error in processing, try again later",
-);
+pub const LOCAL_ERROR: Reply =
+    Reply::fixed(451, "4.3.0", "Local error in processing, try again later");
 // 5xx
 pub const LINE_TOO_LONG: Reply = Reply::fixed(500, "5.5.2", "Line too long");
 pub const UNRECOGNIZED: Reply = Reply::fixed(500, "5.5.2", "Command unrecognized");
@@ -114,18 +108,13 @@ pub const NUL_IN_COMMAND: Reply = Reply::fixed(500, "5.5.2", "NUL character in c
 pub const NOT_IMPLEMENTED: Reply = Reply::fixed(502, "5.5.1", "Command not implemented");
 pub const BAD_SEQUENCE_HELO: Reply = Reply::fixed(503, "5.5.1", "Send HELO/EHLO first");
 pub const BAD_SEQUENCE_MAIL: Reply = Reply::fixed(503, "5.5.1", "Send MAIL first");
-pub const BAD_SEQUENCE_NESTED_MAIL: Reply =
-    Reply::fixed(503, "5.5.1", "Sender already specified");
+pub const BAD_SEQUENCE_NESTED_MAIL: Reply = Reply::fixed(503, "5.5.1", "Sender already specified");
 pub const BAD_SEQUENCE_RCPT: Reply = Reply::fixed(503, "5.5.1", "Send RCPT first");
 pub const NO_VALID_RECIPIENTS: Reply = Reply::fixed(554, "5.5.1", "No valid recipients");
-pub const IMPROPER_PIPELINING: Reply = Reply::fixed(
-    554,
-    "5.5.0",
-    "Improper use of SMTP command pipelining",
-);
+pub const IMPROPER_PIPELINING: Reply =
+    Reply::fixed(554, "5.5.0", "Improper use of SMTP command pipelining");
 pub const BAD_SENDER_SYNTAX: Reply = Reply::fixed(501, "5.1.7", "Bad sender address syntax");
-pub const BAD_RECIPIENT_SYNTAX: Reply =
-    Reply::fixed(501, "5.1.3", "Bad recipient address syntax");
+pub const BAD_RECIPIENT_SYNTAX: Reply = Reply::fixed(501, "5.1.3", "Bad recipient address syntax");
 pub const QUOTED_LOCAL_PART: Reply = Reply::fixed(
     553,
     "5.1.3",
@@ -135,6 +124,11 @@ pub const RECIPIENT_NEEDS_DOMAIN: Reply = Reply::fixed(
     550,
     "5.1.1",
     "Recipient needs a domain: this relay has no local mailboxes",
+);
+pub const ADDRESS_NOT_UTF8: Reply = Reply::fixed(
+    501,
+    "5.5.4",
+    "Address is not valid UTF-8 (RFC 6531 section 3.3)",
 );
 pub const UTF8_NEEDS_SMTPUTF8: Reply = Reply::fixed(
     553,
@@ -149,7 +143,7 @@ pub const SIZE_EXCEEDED: Reply = Reply::fixed(
 pub const LINE_OVER_998: Reply = Reply::fixed(
     554,
     "5.6.0",
-    "Message has a line longer than 998 octets (RFC 5322 §2.1.1): re-encode it",
+    "Message has a line longer than 998 octets (RFC 5322 section 2.1.1): re-encode it",
 );
 pub const NUL_IN_DATA: Reply = Reply::fixed(
     554,

@@ -91,3 +91,120 @@ impl Harness {
         String::from_utf8_lossy(&out).into_owned()
     }
 }
+
+/// A committed message read back from `spool/queue/`.
+#[derive(Debug, Clone)]
+pub struct QueuedMessage {
+    pub path: std::path::PathBuf,
+    pub envelope: mailbridge::spool::Envelope,
+    /// The stored content: our headers first, then the client's message.
+    pub content: Vec<u8>,
+}
+
+impl Harness {
+    /// Every committed message, decoded and validated (panics on an invalid queue file).
+    pub fn queued_messages(&self) -> Vec<QueuedMessage> {
+        self.queued()
+            .into_iter()
+            .map(|path| {
+                let bytes = std::fs::read(&path).unwrap();
+                let (envelope, range) = mailbridge::spool::format::decode_queue_file(&bytes)
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
+                assert_eq!(envelope.id, stem, "envelope id matches the file name");
+                QueuedMessage {
+                    path,
+                    envelope,
+                    content: bytes[range].to_vec(),
+                }
+            })
+            .collect()
+    }
+
+    /// Files left in `spool/tmp/` (partial messages).
+    pub fn tmp_files(&self) -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(self.dir.path().join("spool/tmp"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect()
+    }
+
+    /// Starts a session over an in-memory duplex and returns the client end, for tests that
+    /// must read replies before writing more (or never close their side).
+    pub fn connect(&self, peer: &str) -> Client {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let peer: SocketAddr = peer.parse().unwrap();
+        let ctx = self.ctx.clone();
+        let task = tokio::spawn(async move {
+            mailbridge::inbound::session::run(server, peer, None, ctx).await;
+        });
+        Client {
+            stream: client,
+            buf: Vec::new(),
+            task,
+        }
+    }
+}
+
+/// The client end of a session started with [`Harness::connect`].
+pub struct Client {
+    pub stream: tokio::io::DuplexStream,
+    buf: Vec<u8>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl Client {
+    pub async fn send(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// Reads one complete reply (all lines of a multi-line reply, CRLF included). Panics if
+    /// the server closes first.
+    pub async fn reply(&mut self) -> String {
+        use tokio::io::AsyncReadExt;
+        loop {
+            let mut start = 0;
+            while let Some(nl) = self.buf[start..].iter().position(|&b| b == b'\n') {
+                let line = &self.buf[start..start + nl + 1];
+                start += nl + 1;
+                if line.len() < 4 || line[3] != b'-' {
+                    let r: Vec<u8> = self.buf.drain(..start).collect();
+                    return String::from_utf8_lossy(&r).into_owned();
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = self.stream.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                panic!(
+                    "server closed while a reply was expected; pending {:?}",
+                    String::from_utf8_lossy(&self.buf)
+                );
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Sends a command and returns its reply.
+    pub async fn cmd(&mut self, line: &str) -> String {
+        self.send(format!("{line}\r\n").as_bytes()).await;
+        self.reply().await
+    }
+
+    /// Everything the server sends until it closes (without closing the client's side).
+    pub async fn read_to_end(&mut self) -> String {
+        use tokio::io::AsyncReadExt;
+        let mut out = std::mem::take(&mut self.buf);
+        self.stream.read_to_end(&mut out).await.unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// Closes the client's write side, reads the rest and waits for the session to end.
+    pub async fn finish(mut self) -> String {
+        use tokio::io::AsyncWriteExt;
+        let _ = self.stream.shutdown().await;
+        let rest = self.read_to_end().await;
+        self.task.await.unwrap();
+        rest
+    }
+}
