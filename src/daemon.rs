@@ -164,6 +164,8 @@ impl Daemon {
 
 /// `mailbridge serve`: runs until SIGTERM or SIGINT.
 pub async fn serve(config: Config, demo_hint: bool) -> anyhow::Result<()> {
+    // Installed before the listeners open, so a SIGTERM at any moment is an ordered stop.
+    let signals = Signals::install()?;
     let daemon = Daemon::start(config).await?;
     if demo_hint {
         let addr = daemon.addrs[0];
@@ -171,18 +173,29 @@ pub async fn serve(config: Config, demo_hint: bool) -> anyhow::Result<()> {
             "mailbridge demo is listening on {addr}. Send a test message with:\n  swaks --server {addr} --from printer@example.com --to you@example.com\nor:\n  printf 'Subject: test\\r\\n\\r\\nhello\\r\\n' | curl -s smtp://{addr} --mail-from printer@example.com --mail-rcpt you@example.com -T -\nThen look in ./mailbridge-demo/outbox/. Stop with Ctrl-C."
         );
     }
-    wait_for_signal().await?;
+    signals.wait().await;
     daemon.shutdown().await;
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("install SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("install SIGINT handler")?,
+        })
     }
-    Ok(())
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {},
+            _ = self.int.recv() => {},
+        }
+    }
 }

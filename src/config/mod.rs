@@ -48,6 +48,8 @@ pub struct Listener {
 #[derive(Debug, Clone)]
 pub struct Access {
     pub allow_networks: Vec<IpNet>,
+    /// Clients whose `<LF>.<LF>` ends DATA (legacy LF-only senders; smuggling defence off).
+    pub lf_only_networks: Vec<IpNet>,
 }
 
 impl Access {
@@ -57,6 +59,12 @@ impl Access {
     pub fn allows(&self, ip: IpAddr) -> bool {
         let ip = canonical_ip(ip);
         self.allow_networks.iter().any(|n| n.contains(&ip))
+    }
+
+    /// True when `ip` is inside `lf_only_networks`.
+    pub fn lf_only(&self, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        self.lf_only_networks.iter().any(|n| n.contains(&ip))
     }
 }
 
@@ -308,15 +316,12 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         .access
         .allow_networks
         .unwrap_or_else(|| vec!["127.0.0.0/8".into(), "::1/128".into()]);
-    let mut allow_networks = Vec::new();
-    for (i, n) in nets.iter().enumerate() {
-        match parse_net(n) {
-            Some(net) => allow_networks.push(net),
-            None => errs.push(format!(
-                "access.allow_networks[{i}]: invalid network {n:?} (expected CIDR such as \"192.168.0.0/16\" or an address)"
-            )),
-        }
-    }
+    let allow_networks = networks(&mut errs, "access.allow_networks", &nets);
+    let lf_only_networks = networks(
+        &mut errs,
+        "access.lf_only_networks",
+        &raw.access.lf_only_networks.unwrap_or_default(),
+    );
 
     let l = &raw.limits;
     let max_message_size = match &l.max_message_size {
@@ -445,7 +450,10 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     Ok(Config {
         hostname,
         listeners,
-        access: Access { allow_networks },
+        access: Access {
+            allow_networks,
+            lf_only_networks,
+        },
         limits: Limits {
             max_message_size: max_message_size.unwrap_or_default(),
             max_recipients,
@@ -476,6 +484,19 @@ fn duration(errs: &mut Vec<String>, key: &str, v: Option<&str>, default: &str) -
             humantime::parse_duration(default).unwrap_or(Duration::from_secs(60))
         }
     }
+}
+
+fn networks(errs: &mut Vec<String>, key: &str, list: &[String]) -> Vec<IpNet> {
+    let mut out = Vec::new();
+    for (i, n) in list.iter().enumerate() {
+        match parse_net(n) {
+            Some(net) => out.push(net),
+            None => errs.push(format!(
+                "{key}[{i}]: invalid network {n:?} (expected CIDR such as \"192.168.0.0/16\" or an address)"
+            )),
+        }
+    }
+    out
 }
 
 fn parse_net(s: &str) -> Option<IpNet> {

@@ -38,6 +38,8 @@ pub struct RawListener {
 #[serde(deny_unknown_fields)]
 pub struct RawAccess {
     pub allow_networks: Option<Vec<String>>,
+    /// Clients that end lines with a bare LF only; for them `<LF>.<LF>` ends DATA.
+    pub lf_only_networks: Option<Vec<String>>,
 }
 
 /// A size: plain bytes (`36700160`) or with a unit (`35MiB`, `25MB`, `512k`).

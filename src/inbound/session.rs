@@ -197,6 +197,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn next_line(&mut self) -> Input {
+        // One deadline for the whole line: a client trickling a byte at a time cannot hold
+        // the session open past `limits.command_timeout`.
+        let deadline = Instant::now() + self.ctx.config.limits.command_timeout;
         loop {
             let unread = self.unread();
             if let Some(pos) = unread.iter().position(|&b| b == b'\n') {
@@ -221,7 +224,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     return Input::Flood;
                 }
             }
-            let deadline = Instant::now() + self.ctx.config.limits.command_timeout;
             if let Err(e) = self.fill(deadline, true).await {
                 return e;
             }
@@ -271,8 +273,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Next::Close;
         }
         // Without EHLO the client may not pipeline (RFC 2920): a second command already
-        // waiting means a misbehaving or hostile client.
-        if self.helo.is_some() && !self.esmtp && !self.unread().is_empty() {
+        // waiting means a misbehaving or hostile client. After a message (DATA and its body)
+        // a waiting QUIT is common from simple devices and harmless: the reply was queued.
+        let was_data = line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"DATA");
+        if self.helo.is_some() && !self.esmtp && !was_data && !self.unread().is_empty() {
             self.close_with(&reply::IMPROPER_PIPELINING).await;
             return Next::Close;
         }
@@ -476,6 +480,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         let mut incoming = self.ctx.spool.begin(&envelope);
         let mut decoder = DataDecoder::new(cfg.limits.max_message_size);
+        if cfg.access.lf_only(self.client_ip) {
+            decoder.accept_lf_end();
+        }
         // Content is held here until the header section has been scanned for Date and
         // Message-ID, then our headers go first and everything streams to the spool.
         let mut head: Option<Vec<u8>> = Some(Vec::new());

@@ -22,10 +22,14 @@ pub struct DataFlags {
 enum State {
     /// At the start of a line. `crlf` says whether the line before ended with a real CRLF
     /// (or this is the first line): only then can a lone `.` end the data.
-    LineStart { crlf: bool },
+    LineStart {
+        crlf: bool,
+    },
     Mid,
     Cr,
-    Dot { crlf: bool },
+    Dot {
+        crlf: bool,
+    },
     DotCr,
 }
 
@@ -38,6 +42,8 @@ pub struct DataDecoder {
     line_len: usize,
     emitted: u64,
     max_size: u64,
+    /// For clients that only send LF: `<LF>.<LF>` (and `<CRLF>.<LF>`) also end the data.
+    lf_ends: bool,
     pub flags: DataFlags,
 }
 
@@ -48,8 +54,16 @@ impl DataDecoder {
             line_len: 0,
             emitted: 0,
             max_size,
+            lf_ends: false,
             flags: DataFlags::default(),
         }
+    }
+
+    /// Lets a bare LF end lines for the end-of-data marker too. Only for clients known to
+    /// send nothing but LF (`access.lf_only_networks`): for them the smuggling defence is
+    /// off, which is why it is an explicit per-network choice (behaviour.md B18).
+    pub fn accept_lf_end(&mut self) {
+        self.lf_ends = true;
     }
 
     /// Content octets produced so far (what the spool stores, before our own headers).
@@ -116,6 +130,11 @@ impl DataDecoder {
                         self.state = State::Cr;
                         i += 1;
                     }
+                    b'\n' if crlf && self.lf_ends => {
+                        self.flags.bare_lf = true;
+                        self.state = State::LineStart { crlf: true };
+                        return Some(i + 1);
+                    }
                     b'\n' => {
                         // "." then a bare LF: content, never the end of data.
                         self.emit_dot(out);
@@ -164,7 +183,7 @@ impl DataDecoder {
         self.flags.bare_lf = true;
         self.emit(out, b"\r\n");
         self.line_len = 0;
-        self.state = State::LineStart { crlf: false };
+        self.state = State::LineStart { crlf: self.lf_ends };
     }
 
     fn bare_cr(&mut self, out: &mut Vec<u8>) {
@@ -270,6 +289,19 @@ mod tests {
     fn lf_dot_lf_is_content_that_upstream_restuffs() {
         let (out, _, _) = decode_all(b"a\n.\nb\r\n.\r\n");
         assert_eq!(out, b"a\r\n.\r\nb\r\n");
+    }
+
+    #[test]
+    fn lf_only_client_may_end_with_lf_dot_lf_when_allowed() {
+        let mut d = DataDecoder::new(u64::MAX);
+        d.accept_lf_end();
+        let mut out = Vec::new();
+        let input = b"Subject: x\n\nline\n..dot\n.\nQUIT\n";
+        assert_eq!(d.feed(input, &mut out), Some(input.len() - 5));
+        assert_eq!(out, b"Subject: x\r\n\r\nline\r\n.dot\r\n");
+        // Without the exception the same bytes do not end the data.
+        let (_, end, _) = decode_all(input);
+        assert_eq!(end, None);
     }
 
     #[test]

@@ -128,7 +128,10 @@ pub fn added_headers(t: &TraceInfo<'_>, present: Present) -> Vec<u8> {
         t.queue_id
     );
     if let Some(user) = t.auth_user {
-        h.push_str(&format!("\r\n\t(Authenticated sender: {})", clean_token(user)));
+        h.push_str(&format!(
+            "\r\n\t(Authenticated sender: {})",
+            clean_token(user)
+        ));
     }
     if let Some(rcpt) = t.single_rcpt
         && rcpt.is_ascii()
@@ -157,7 +160,10 @@ mod tests {
 
     #[test]
     fn scan_finds_headers_case_insensitively() {
-        let p = scan(b"Subject: a\r\nDATE: x\r\nmessage-id: <a@b>\r\n\r\nbody", false);
+        let p = scan(
+            b"Subject: a\r\nDATE: x\r\nmessage-id: <a@b>\r\n\r\nbody",
+            false,
+        );
         assert_eq!(
             p,
             Some(Present {

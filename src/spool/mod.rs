@@ -440,6 +440,10 @@ impl Incoming {
     pub async fn commit(mut self) -> Result<Queued, SpoolError> {
         let tmp_path = self.spool.inner.tmp.join(format!("{}.msg", self.id));
         if let Some(e) = self.error.take() {
+            // A failed spill (disk full) may have left part of the message in tmp/.
+            self.committed = true;
+            self.file = None;
+            let _ = fs::remove_file(&tmp_path);
             return Err(io_err(&tmp_path)(e));
         }
         let crc = self.hasher.clone().finalize();
