@@ -86,7 +86,9 @@ impl Delivery {
         let next = now + self.queue.retry_after(stored.state.attempts).as_millis() as u64;
         stored.state.next_attempt_ms = next;
         stored.state.in_flight = true;
-        if let Err(e) = self.save(&stored).await {
+        let spool = self.spool.clone();
+        let (sid, state) = (id.to_string(), stored.state.clone());
+        if let Err(e) = blocking(move || spool.begin_attempt(&sid, &state)).await {
             tracing::error!(queue_id = %id, error = %e, "cannot record the attempt in the spool; deferring");
             return Some(next);
         }

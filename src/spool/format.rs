@@ -1,17 +1,24 @@
 //! On-disk formats of the spool, versioned and self-validating.
 //!
-//! A queue file `queue/<id>.msg` is written once and never changed:
+//! A queue file `queue/<id>.msg`:
 //! ```text
 //! MAILBRIDGE-QUEUE 1\n
+//! STATE a=0000000001 n=001795819497316 f=1 c=1a2b3c4d\n    <- the attempt slot, fixed size
 //! {"id":..., "sender":..., "recipients":[...], ...}\n      <- the envelope, one JSON line
 //! <content: CRLF-clean message, our headers first>
-//! \nMAILBRIDGE-END <content length> <crc32 of everything before this trailer>\n
+//! \nMAILBRIDGE-END <content length> <crc32 of all but the slot and this trailer>\n
 //! ```
-//! A file without a matching trailer is incomplete or damaged (Postfix's "end record").
+//! Everything but the slot is written once and never changed. A file without a matching
+//! trailer is incomplete or damaged (Postfix's "end record").
 //!
-//! A state file `queue/<id>.state` holds what changes: per-recipient status, attempts, next
-//! attempt, last error. `MAILBRIDGE-STATE 1 <crc32 of the JSON>\n<JSON>\n`. It is replaced
-//! atomically (write to tmp/, rename). When it is missing, every recipient is pending.
+//! The slot (attempts, next attempt time, in-flight flag, its own checksum) is overwritten in
+//! place before each attempt: no new file, so the common case (delivered at the first attempt)
+//! costs one file per message. A damaged slot only means "attempt state unknown".
+//!
+//! A state file `queue/<id>.state` is written only when an attempt leaves some recipients
+//! deferred or failed: per-recipient status and replies, last error.
+//! `MAILBRIDGE-STATE 1 <crc32 of the JSON>\n<JSON>\n`, replaced atomically (write to tmp/,
+//! rename). When it is missing, every recipient is pending.
 
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::net::IpAddr;
@@ -21,6 +28,51 @@ use serde::{Deserialize, Serialize};
 pub const QUEUE_MAGIC: &[u8] = b"MAILBRIDGE-QUEUE 1\n";
 pub const TRAILER_TAG: &[u8] = b"\nMAILBRIDGE-END ";
 pub const STATE_MAGIC: &str = "MAILBRIDGE-STATE 1 ";
+
+/// The attempt slot of a queue file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    pub attempts: u32,
+    pub next_attempt_ms: u64,
+    pub in_flight: bool,
+}
+
+/// Byte offset of the slot in a queue file.
+pub const SLOT_OFFSET: u64 = QUEUE_MAGIC.len() as u64;
+/// Length of the slot line, newline included.
+pub const SLOT_LEN: usize = 52;
+
+impl Slot {
+    pub fn encode(&self) -> [u8; SLOT_LEN] {
+        let body = format!(
+            "STATE a={:010} n={:015} f={}",
+            self.attempts,
+            self.next_attempt_ms.min(999_999_999_999_999),
+            u8::from(self.in_flight)
+        );
+        let line = format!("{body} c={:08x}\n", crc32fast::hash(body.as_bytes()));
+        let mut out = [b' '; SLOT_LEN];
+        out.copy_from_slice(line.as_bytes());
+        out
+    }
+
+    pub fn decode(b: &[u8]) -> Option<Slot> {
+        let text = std::str::from_utf8(b).ok()?.strip_suffix('\n')?;
+        let (body, crc) = text.split_once(" c=")?;
+        if u32::from_str_radix(crc, 16).ok()? != crc32fast::hash(body.as_bytes()) {
+            return None;
+        }
+        let mut it = body.strip_prefix("STATE ")?.split(' ');
+        let attempts = it.next()?.strip_prefix("a=")?.parse().ok()?;
+        let next_attempt_ms = it.next()?.strip_prefix("n=")?.parse().ok()?;
+        let in_flight = it.next()?.strip_prefix("f=")? == "1";
+        Some(Slot {
+            attempts,
+            next_attempt_ms,
+            in_flight,
+        })
+    }
+}
 
 /// The envelope as received: never changes after the 250.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,13 +157,26 @@ impl State {
     }
 }
 
-/// The bytes that start a queue file.
-pub fn encode_header(envelope: &Envelope) -> Vec<u8> {
+/// The bytes that start a queue file, and the checksum state over them (the slot is not
+/// covered: it changes).
+pub fn encode_header(envelope: &Envelope) -> (Vec<u8>, crc32fast::Hasher) {
     let mut out = QUEUE_MAGIC.to_vec();
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(QUEUE_MAGIC);
+    out.extend_from_slice(
+        &Slot {
+            attempts: 0,
+            next_attempt_ms: envelope.arrival_ms,
+            in_flight: false,
+        }
+        .encode(),
+    );
     // Serializing plain data to a Vec cannot fail.
-    out.extend_from_slice(&serde_json::to_vec(envelope).unwrap_or_default());
-    out.push(b'\n');
-    out
+    let mut json = serde_json::to_vec(envelope).unwrap_or_default();
+    json.push(b'\n');
+    hasher.update(&json);
+    out.extend_from_slice(&json);
+    (out, hasher)
 }
 
 pub fn encode_trailer(content_len: u64, crc: u32) -> Vec<u8> {
@@ -125,21 +190,23 @@ const MAX_ENVELOPE_LINE: u64 = 8 * 1024 * 1024;
 
 /// Validates a queue file held in memory; see [`read_queue_file`].
 pub fn decode_queue_file(bytes: &[u8]) -> Result<(Envelope, std::ops::Range<usize>), String> {
-    let (env, range) = read_queue_file(std::io::Cursor::new(bytes))?;
+    let (env, _, range) = read_queue_file(std::io::Cursor::new(bytes))?;
     Ok((env, range.start as usize..range.end as usize))
 }
+
+/// What [`read_queue_file`] returns: the envelope, the slot (`None` if damaged), and the
+/// content's byte range.
+pub type QueueFile = (Envelope, Option<Slot>, std::ops::Range<u64>);
 
 /// Reads a queue file's envelope and checks its end record, length and checksum, streaming
 /// (a 100 MB message is not loaded into memory). Returns the envelope and the content's byte
 /// range. `Err` says what is wrong, for the log line that moves the file to `corrupt/`.
-pub fn read_queue_file<R: Read + Seek>(
-    mut r: R,
-) -> Result<(Envelope, std::ops::Range<u64>), String> {
+pub fn read_queue_file<R: Read + Seek>(mut r: R) -> Result<QueueFile, String> {
     let io = |e: std::io::Error| format!("read error: {e}");
     let len = r.seek(SeekFrom::End(0)).map_err(io)?;
     r.seek(SeekFrom::Start(0)).map_err(io)?;
     let mut hasher = crc32fast::Hasher::new();
-    let (envelope, content_start) = {
+    let (envelope, slot, content_start) = {
         let mut br = BufReader::new(&mut r);
         let mut magic = vec![0u8; QUEUE_MAGIC.len()];
         br.read_exact(&mut magic)
@@ -147,6 +214,9 @@ pub fn read_queue_file<R: Read + Seek>(
         if magic != QUEUE_MAGIC {
             return Err("missing or unknown version header".into());
         }
+        let mut slot = [0u8; SLOT_LEN];
+        br.read_exact(&mut slot).map_err(|_| "truncated attempt slot")?;
+        let slot = Slot::decode(&slot);
         let mut line = Vec::new();
         (&mut br)
             .take(MAX_ENVELOPE_LINE)
@@ -159,7 +229,7 @@ pub fn read_queue_file<R: Read + Seek>(
         hasher.update(&line);
         let envelope: Envelope = serde_json::from_slice(&line[..line.len() - 1])
             .map_err(|e| format!("bad envelope: {e}"))?;
-        (envelope, (magic.len() + line.len()) as u64)
+        (envelope, slot, (magic.len() + SLOT_LEN + line.len()) as u64)
     };
     // The end record is in the last few dozen bytes.
     let tail_len = (len - content_start).min(96);
@@ -206,7 +276,7 @@ pub fn read_queue_file<R: Read + Seek>(
     if envelope.recipients.is_empty() {
         return Err("envelope has no recipients".into());
     }
-    Ok((envelope, content_start..tpos))
+    Ok((envelope, slot, content_start..tpos))
 }
 
 pub fn encode_state(state: &State) -> Vec<u8> {
@@ -256,11 +326,31 @@ mod tests {
     }
 
     fn file(content: &[u8]) -> Vec<u8> {
-        let mut f = encode_header(&env());
+        let (mut f, mut hasher) = encode_header(&env());
         f.extend_from_slice(content);
-        let crc = crc32fast::hash(&f);
-        f.extend_from_slice(&encode_trailer(content.len() as u64, crc));
+        hasher.update(content);
+        f.extend_from_slice(&encode_trailer(content.len() as u64, hasher.finalize()));
         f
+    }
+
+    #[test]
+    fn slot_round_trip_and_damage() {
+        let s = Slot {
+            attempts: 3,
+            next_attempt_ms: 1_795_819_497_316,
+            in_flight: true,
+        };
+        let b = s.encode();
+        assert_eq!(Slot::decode(&b), Some(s));
+        let mut d = b;
+        d[10] ^= 1;
+        assert_eq!(Slot::decode(&d), None);
+        // A damaged slot does not make the message invalid.
+        let mut f = file(b"x\r\n");
+        f[SLOT_OFFSET as usize + 9] = b'7';
+        let (_, slot, range) = read_queue_file(std::io::Cursor::new(&f)).unwrap();
+        assert_eq!(slot, None);
+        assert_eq!(&f[range.start as usize..range.end as usize], b"x\r\n");
     }
 
     #[test]
@@ -278,7 +368,8 @@ mod tests {
         for cut in 0..f.len() {
             assert!(decode_queue_file(&f[..cut]).is_err(), "cut at {cut}");
         }
-        for i in 0..f.len() {
+        let slot = SLOT_OFFSET as usize..SLOT_OFFSET as usize + SLOT_LEN;
+        for i in (0..f.len()).filter(|i| !slot.contains(i)) {
             let mut g = f.clone();
             g[i] ^= 0x01;
             assert!(decode_queue_file(&g).is_err(), "flip at {i}");

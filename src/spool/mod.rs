@@ -164,9 +164,7 @@ impl Spool {
     /// Starts a new incoming message. Nothing is on disk until it grows past
     /// [`SPILL_THRESHOLD`] or is committed.
     pub fn begin(&self, envelope: &Envelope) -> Incoming {
-        let header = format::encode_header(envelope);
-        let mut hasher = crc32fast::Hasher::new();
-        hasher.update(&header);
+        let (header, hasher) = format::encode_header(envelope);
         Incoming {
             spool: self.clone(),
             id: envelope.id.clone(),
@@ -276,7 +274,7 @@ impl Spool {
     pub fn load(&self, id: &str) -> Result<Stored, SpoolError> {
         let path = self.queue_path(id, "msg");
         let file = File::open(&path).map_err(io_err(&path))?;
-        let (envelope, range) =
+        let (envelope, slot, range) =
             format::read_queue_file(file).map_err(|reason| SpoolError::Invalid {
                 path: path.clone(),
                 reason,
@@ -288,7 +286,7 @@ impl Spool {
             });
         }
         let state_path = self.queue_path(id, "state");
-        let state = match fs::read(&state_path) {
+        let mut state = match fs::read(&state_path) {
             Ok(b) => match format::decode_state(&b, envelope.recipients.len()) {
                 Ok(s) => s,
                 Err(reason) => {
@@ -303,6 +301,17 @@ impl Spool {
             Err(e) if e.kind() == io::ErrorKind::NotFound => State::initial(&envelope),
             Err(e) => return Err(io_err(&state_path)(e)),
         };
+        // The slot is written last and is the authority on attempts; a damaged one means
+        // we cannot tell whether an attempt was running.
+        match slot {
+            Some(slot) if slot.attempts >= state.attempts => {
+                state.attempts = slot.attempts;
+                state.next_attempt_ms = slot.next_attempt_ms;
+                state.in_flight = slot.in_flight;
+            }
+            Some(_) => {}
+            None => state.in_flight = true,
+        }
         Ok(Stored {
             envelope,
             state,
@@ -320,14 +329,37 @@ impl Spool {
         Ok(f.take(stored.content_len))
     }
 
-    /// Replaces the state file (write to tmp/, rename). Not fsynced: a state update lost to
-    /// a power cut only repeats an attempt (a duplicate, never a loss), and a process crash
-    /// keeps it. Blocking.
+    /// Records that an attempt starts: attempts, next attempt time and the in-flight mark go
+    /// into the queue file's slot, in place. Not fsynced: a process crash keeps it; a power
+    /// cut may lose it, which only repeats an attempt (a duplicate, never a loss). Blocking.
+    pub fn begin_attempt(&self, id: &str, state: &State) -> Result<(), SpoolError> {
+        self.write_slot(id, state)
+    }
+
+    fn write_slot(&self, id: &str, state: &State) -> Result<(), SpoolError> {
+        use std::os::unix::fs::FileExt;
+        let path = self.queue_path(id, "msg");
+        let slot = format::Slot {
+            attempts: state.attempts,
+            next_attempt_ms: state.next_attempt_ms,
+            in_flight: state.in_flight,
+        };
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.write_all_at(&slot.encode(), format::SLOT_OFFSET))
+            .map_err(io_err(&path))
+    }
+
+    /// Records the outcome of an attempt that leaves the message queued: the state file
+    /// (per-recipient status, replies; write to tmp/, rename), then the slot. Not fsynced,
+    /// for the same reason as [`Spool::begin_attempt`]. Blocking.
     pub fn save_state(&self, id: &str, state: &State) -> Result<(), SpoolError> {
         let tmp = self.inner.tmp.join(format!("{id}.state"));
         write_new(&tmp, &format::encode_state(state)).map_err(io_err(&tmp))?;
         let dest = self.queue_path(id, "state");
-        fs::rename(&tmp, &dest).map_err(io_err(&dest))
+        fs::rename(&tmp, &dest).map_err(io_err(&dest))?;
+        self.write_slot(id, state)
     }
 
     /// Removes a message that needs no more delivery. Blocking.
@@ -449,15 +481,44 @@ impl Incoming {
         let crc = self.hasher.clone().finalize();
         let mut bytes = std::mem::take(&mut self.buf);
         bytes.extend_from_slice(&format::encode_trailer(self.content_len, crc));
+        // Create and write the file here, on a blocking thread per session: creating a file
+        // can wait for the journal, and these waits overlap across sessions instead of
+        // queueing up in the commit thread.
+        let file = self.file.take();
+        let path = tmp_path.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let mut f = match file {
+                Some(f) => f,
+                None => OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)?,
+            };
+            f.write_all(&bytes)?;
+            Ok::<_, io::Error>(f)
+        })
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e)));
+        // From here on this function cleans up itself: nothing for Drop to remove.
+        self.committed = true;
+        let file = match written {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp_path);
+                return Err(io_err(&tmp_path)(e));
+            }
+        };
         let job = commit::Job {
             id: self.id.clone(),
-            bytes,
-            file: self.file.take(),
+            file,
         };
-        let res = self.spool.inner.committer.commit(job).await;
-        // Whatever happened, the committer cleaned up: nothing for Drop to remove.
-        self.committed = true;
-        res.map_err(|e| io_err(&tmp_path)(e))?;
+        self.spool
+            .inner
+            .committer
+            .commit(job)
+            .await
+            .map_err(|e| io_err(&tmp_path)(e))?;
         Ok(self.queued.clone())
     }
 }
