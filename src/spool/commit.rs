@@ -24,8 +24,9 @@ const MAX_BATCH: usize = 256;
 
 pub struct Job {
     pub id: String,
-    /// The complete file in `tmp/<id>.msg`, trailer included, not yet synced.
+    /// The complete file in `tmp/`, trailer included, not yet synced.
     pub file: File,
+    pub tmp_path: PathBuf,
 }
 
 struct Request {
@@ -38,11 +39,11 @@ pub struct Committer {
 }
 
 impl Committer {
-    pub fn start(tmp: PathBuf, queue: PathBuf) -> Committer {
+    pub fn start(queue: PathBuf) -> Committer {
         let (tx, rx) = mpsc::channel::<Request>();
         std::thread::Builder::new()
             .name("spool-commit".into())
-            .spawn(move || run(rx, tmp, queue))
+            .spawn(move || run(rx, queue))
             .expect("spawn the spool commit thread");
         Committer { tx }
     }
@@ -64,7 +65,7 @@ struct Pending {
     reply: oneshot::Sender<io::Result<()>>,
 }
 
-fn run(rx: mpsc::Receiver<Request>, tmp: PathBuf, queue: PathBuf) {
+fn run(rx: mpsc::Receiver<Request>, queue: PathBuf) {
     // Ends when every sender (the spool) is gone.
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
@@ -76,7 +77,7 @@ fn run(rx: mpsc::Receiver<Request>, tmp: PathBuf, queue: PathBuf) {
         }
         let n = batch.len();
         let started = std::time::Instant::now();
-        commit_batch(batch, &tmp, &queue);
+        commit_batch(batch, &queue);
         tracing::trace!(
             batch = n,
             elapsed_us = started.elapsed().as_micros() as u64,
@@ -85,11 +86,11 @@ fn run(rx: mpsc::Receiver<Request>, tmp: PathBuf, queue: PathBuf) {
     }
 }
 
-fn commit_batch(batch: Vec<Request>, tmp: &std::path::Path, queue: &std::path::Path) {
+fn commit_batch(batch: Vec<Request>, queue: &std::path::Path) {
     let written: Vec<Pending> = batch
         .into_iter()
         .map(|Request { job, reply }| Pending {
-            tmp_path: tmp.join(format!("{}.msg", job.id)),
+            tmp_path: job.tmp_path,
             id: job.id,
             file: job.file,
             reply,

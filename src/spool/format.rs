@@ -215,7 +215,8 @@ pub fn read_queue_file<R: Read + Seek>(mut r: R) -> Result<QueueFile, String> {
             return Err("missing or unknown version header".into());
         }
         let mut slot = [0u8; SLOT_LEN];
-        br.read_exact(&mut slot).map_err(|_| "truncated attempt slot")?;
+        br.read_exact(&mut slot)
+            .map_err(|_| "truncated attempt slot")?;
         let slot = Slot::decode(&slot);
         let mut line = Vec::new();
         (&mut br)

@@ -29,6 +29,11 @@ pub use format::{Envelope, RcptState, RcptStatus, Recipient, State};
 /// arrives, so a 100 MB message costs about this much memory, not 100 MB.
 pub const SPILL_THRESHOLD: usize = 256 * 1024;
 
+/// Delivered queue files kept (emptied) for reuse instead of being deleted. Creating and
+/// deleting thousands of files a second is costly for some file systems (ext4 without a
+/// journal scans recently deleted inodes on every allocation); reusing them is not.
+const MAX_SPARES: usize = 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
     #[error("spool I/O error on {path}: {source}")]
@@ -100,7 +105,29 @@ struct Inner {
     failed: PathBuf,
     corrupt: PathBuf,
     committer: commit::Committer,
+    /// Empty files in `tmp/` ready to be reused for incoming messages.
+    spares: std::sync::Mutex<Vec<PathBuf>>,
+    spare_seq: std::sync::atomic::AtomicU64,
     _lock: File,
+}
+
+impl Inner {
+    /// A file in `tmp/` for a new message: a spare one if there is one, else a new one.
+    fn open_tmp(&self, id: &str) -> io::Result<(File, PathBuf)> {
+        let spare = self.spares.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        if let Some(path) = spare
+            && let Ok(f) = OpenOptions::new().write(true).truncate(true).open(&path)
+        {
+            return Ok((f, path));
+        }
+        let path = self.tmp.join(format!("{id}.msg"));
+        let f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        Ok((f, path))
+    }
 }
 
 impl std::fmt::Debug for Spool {
@@ -134,7 +161,7 @@ impl Spool {
             Err(fs::TryLockError::Error(e)) => return Err(io_err(&lock_path)(e)),
         }
         let [tmp, queue, failed, corrupt] = dirs;
-        let committer = commit::Committer::start(tmp.clone(), queue.clone());
+        let committer = commit::Committer::start(queue.clone());
         Ok(Spool {
             inner: Arc::new(Inner {
                 root: root.to_path_buf(),
@@ -143,6 +170,8 @@ impl Spool {
                 failed,
                 corrupt,
                 committer,
+                spares: std::sync::Mutex::new(Vec::new()),
+                spare_seq: std::sync::atomic::AtomicU64::new(0),
                 _lock: lock,
             }),
         })
@@ -179,6 +208,7 @@ impl Spool {
             },
             error: None,
             committed: false,
+            tmp_path: None,
         }
     }
 
@@ -362,7 +392,8 @@ impl Spool {
         self.write_slot(id, state)
     }
 
-    /// Removes a message that needs no more delivery. Blocking.
+    /// Removes a message that needs no more delivery: its file is emptied and kept in `tmp/`
+    /// for reuse (up to a limit), or deleted. Blocking.
     pub fn remove(&self, id: &str) -> Result<(), SpoolError> {
         let st = self.queue_path(id, "state");
         match fs::remove_file(&st) {
@@ -371,6 +402,28 @@ impl Spool {
             Err(e) => return Err(io_err(&st)(e)),
         }
         let msg = self.queue_path(id, "msg");
+        let inner = &self.inner;
+        let keep = inner.spares.lock().unwrap_or_else(|e| e.into_inner()).len() < MAX_SPARES;
+        if keep {
+            let n = inner
+                .spare_seq
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let spare = inner.tmp.join(format!("spare-{n}"));
+            // Empty it first: the content is gone from the queue the moment it is renamed.
+            let emptied = OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(&msg)
+                .and_then(|_| fs::rename(&msg, &spare));
+            if emptied.is_ok() {
+                inner
+                    .spares
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(spare);
+                return Ok(());
+            }
+        }
         fs::remove_file(&msg).map_err(io_err(&msg))
     }
 
@@ -414,6 +467,8 @@ pub struct Incoming {
     queued: Queued,
     error: Option<io::Error>,
     committed: bool,
+    /// Where the message is being written in `tmp/`, once it has a file.
+    tmp_path: Option<PathBuf>,
 }
 
 impl Incoming {
@@ -440,27 +495,25 @@ impl Incoming {
     }
 
     async fn spill(&mut self) {
-        let path = self.spool.inner.tmp.join(format!("{}.msg", self.id));
-        let file = self.file.take();
+        let inner = self.spool.inner.clone();
+        let id = self.id.clone();
+        let file = self.file.take().zip(self.tmp_path.clone());
         let buf = std::mem::take(&mut self.buf);
         let res = tokio::task::spawn_blocking(move || {
-            let mut f = match file {
-                Some(f) => f,
-                None => OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&path)?,
+            let (mut f, path) = match file {
+                Some(fp) => fp,
+                None => inner.open_tmp(&id)?,
             };
             f.write_all(&buf)?;
-            Ok::<_, io::Error>((f, buf))
+            Ok::<_, io::Error>((f, path, buf))
         })
         .await;
         match res {
-            Ok(Ok((f, mut buf))) => {
+            Ok(Ok((f, path, mut buf))) => {
                 buf.clear();
                 self.buf = buf;
                 self.file = Some(f);
+                self.tmp_path = Some(path);
             }
             Ok(Err(e)) => self.error = Some(e),
             Err(e) => self.error = Some(io::Error::other(e)),
@@ -470,64 +523,65 @@ impl Incoming {
     /// Makes the message durable: returns only once it is fsynced, renamed into `queue/` and
     /// the directory fsynced. The caller may send 250 after `Ok` and never before.
     pub async fn commit(mut self) -> Result<Queued, SpoolError> {
-        let tmp_path = self.spool.inner.tmp.join(format!("{}.msg", self.id));
+        let named = self.spool.inner.tmp.join(format!("{}.msg", self.id));
         if let Some(e) = self.error.take() {
             // A failed spill (disk full) may have left part of the message in tmp/.
             self.committed = true;
             self.file = None;
-            let _ = fs::remove_file(&tmp_path);
-            return Err(io_err(&tmp_path)(e));
+            if let Some(p) = self.tmp_path.take() {
+                let _ = fs::remove_file(p);
+            }
+            return Err(io_err(&named)(e));
         }
         let crc = self.hasher.clone().finalize();
         let mut bytes = std::mem::take(&mut self.buf);
         bytes.extend_from_slice(&format::encode_trailer(self.content_len, crc));
         // Create and write the file here, on a blocking thread per session: creating a file
-        // can wait for the journal, and these waits overlap across sessions instead of
+        // can wait for the file system, and these waits overlap across sessions instead of
         // queueing up in the commit thread.
-        let file = self.file.take();
-        let path = tmp_path.clone();
+        let file = self.file.take().zip(self.tmp_path.take());
+        let inner = self.spool.inner.clone();
+        let id = self.id.clone();
         let written = tokio::task::spawn_blocking(move || {
-            let mut f = match file {
-                Some(f) => f,
-                None => OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&path)?,
+            let (mut f, path) = match file {
+                Some(fp) => fp,
+                None => inner.open_tmp(&id)?,
             };
-            f.write_all(&bytes)?;
-            Ok::<_, io::Error>(f)
+            match f.write_all(&bytes) {
+                Ok(()) => Ok((f, path)),
+                Err(e) => {
+                    let _ = fs::remove_file(&path);
+                    Err(e)
+                }
+            }
         })
         .await
         .unwrap_or_else(|e| Err(io::Error::other(e)));
         // From here on this function cleans up itself: nothing for Drop to remove.
         self.committed = true;
-        let file = match written {
-            Ok(f) => f,
-            Err(e) => {
-                let _ = fs::remove_file(&tmp_path);
-                return Err(io_err(&tmp_path)(e));
-            }
-        };
+        let (file, tmp_path) = written.map_err(io_err(&named))?;
         let job = commit::Job {
             id: self.id.clone(),
             file,
+            tmp_path,
         };
         self.spool
             .inner
             .committer
             .commit(job)
             .await
-            .map_err(|e| io_err(&tmp_path)(e))?;
+            .map_err(io_err(&named))?;
         Ok(self.queued.clone())
     }
 }
 
 impl Drop for Incoming {
     fn drop(&mut self) {
-        if !self.committed && (self.file.is_some() || self.error.is_some()) {
+        if !self.committed {
             self.file = None;
-            let _ = fs::remove_file(self.spool.inner.tmp.join(format!("{}.msg", self.id)));
+            if let Some(p) = self.tmp_path.take() {
+                let _ = fs::remove_file(p);
+            }
         }
     }
 }
@@ -582,6 +636,36 @@ mod tests {
             assert_eq!(got, content);
             assert_eq!(stored.state.pending().count(), 2);
         }
+    }
+
+    #[tokio::test]
+    async fn delivered_files_are_emptied_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let first = new_id();
+        let mut inc = spool.begin(&envelope(&first));
+        inc.write(b"Subject: one\r\n\r\nsecret content\r\n").await;
+        inc.commit().await.unwrap();
+        spool.remove(&first).unwrap();
+        let tmp: Vec<_> = fs::read_dir(dir.path().join("tmp")).unwrap().collect();
+        assert_eq!(tmp.len(), 1);
+        let spare = tmp[0].as_ref().unwrap().path();
+        assert_eq!(fs::metadata(&spare).unwrap().len(), 0, "emptied at once");
+        assert!(!dir.path().join(format!("queue/{first}.msg")).exists());
+
+        let second = new_id();
+        let mut inc = spool.begin(&envelope(&second));
+        inc.write(b"Subject: two\r\n\r\nx\r\n").await;
+        inc.commit().await.unwrap();
+        assert!(!spare.exists(), "the spare became the new queue file");
+        let stored = spool.load(&second).unwrap();
+        let mut got = Vec::new();
+        spool
+            .open_content(&stored)
+            .unwrap()
+            .read_to_end(&mut got)
+            .unwrap();
+        assert_eq!(got, b"Subject: two\r\n\r\nx\r\n");
     }
 
     #[tokio::test]

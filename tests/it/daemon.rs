@@ -69,10 +69,17 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 }
 
 /// File names in `dir`, sorted (empty if the directory does not exist).
+/// Names of the files in `dir`, sorted. Empty `spare-*` files (delivered queue files the
+/// spool keeps for reuse) are not listed: they hold no message.
 pub fn files(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = match std::fs::read_dir(dir) {
         Ok(rd) => rd
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .map(|e| e.unwrap())
+            .filter(|e| {
+                let spare = e.file_name().to_string_lossy().starts_with("spare-");
+                !(spare && e.metadata().is_ok_and(|m| m.len() == 0))
+            })
+            .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect(),
         Err(_) => Vec::new(),
     };
