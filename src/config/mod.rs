@@ -583,6 +583,7 @@ listeners:
     tls: none
 access:
   allow_networks: ["127.0.0.0/8", "::1/128", "::ffff:10.0.0.0/104"]
+  lf_only_networks: ["10.9.0.0/16"]
 limits:
   max_message_size: 35MiB
   max_recipients: 100
@@ -613,6 +614,8 @@ log:
         assert!(c.access.allows("::ffff:127.0.0.1".parse().unwrap()));
         assert!(c.access.allows("::1".parse().unwrap()));
         assert!(!c.access.allows("192.168.1.1".parse().unwrap()));
+        assert!(c.access.lf_only("::ffff:10.9.1.1".parse().unwrap()));
+        assert!(!c.access.lf_only("10.1.2.3".parse().unwrap()));
         assert_eq!(c.log.format, LogFormat::Json);
     }
 

@@ -566,7 +566,7 @@ async fn b18_b19_bare_lf_becomes_crlf_and_bare_cr_becomes_space() {
 
 #[tokio::test(start_paused = true)]
 async fn b18_lf_only_client_cannot_end_data_and_is_cut_off_421_4_4_2() {
-    // README policy: `\n.\n` never ends DATA (no per-CIDR exclusion exists yet).
+    // Outside access.lf_only_networks, `\n.\n` never ends DATA.
     let h = Harness::new("limits:\n  data_timeout: 60s\n");
     let mut c = h.connect(PEER);
     let input = "EHLO printer.lan\nMAIL FROM:<a@lan.example>\nRCPT TO:<b@ext.example>\nDATA\nSubject: lf\n\nbody\n.\nQUIT\n";
@@ -584,6 +584,40 @@ async fn b18_lf_only_client_cannot_end_data_and_is_cut_off_421_4_4_2() {
     );
     c.task.await.unwrap();
     nothing_stored(&h);
+}
+
+#[tokio::test]
+async fn b18_lf_only_network_may_end_data_with_lf_dot_lf() {
+    let h = Harness::new("access:\n  lf_only_networks: [\"127.0.0.0/8\"]\n");
+    let input = "EHLO printer.lan\nMAIL FROM:<a@lan.example>\nRCPT TO:<b@ext.example>\nDATA\nSubject: lf\n\n..dot\nbody\n.\nQUIT\n";
+    let out = h.converse(PEER, input.as_bytes()).await;
+    assert_eq!(
+        summary(&out),
+        codes(&[
+            "220",
+            "250",
+            "250 2.1.0",
+            "250 2.1.5",
+            "354",
+            "250 2.0.0",
+            "221 2.0.0"
+        ])
+    );
+    let msgs = h.queued_messages();
+    assert_eq!(msgs.len(), 1);
+    let content = &msgs[0].content;
+    assert!(
+        content.ends_with(b"Subject: lf\r\n\r\n.dot\r\nbody\r\n"),
+        "{}",
+        String::from_utf8_lossy(content)
+    );
+    // Another client, not in the list, still cannot end DATA that way.
+    let h = Harness::new(
+        "access:\n  allow_networks: [\"0.0.0.0/0\"]\n  lf_only_networks: [\"10.0.0.0/8\"]\n",
+    );
+    let out = h.converse(PEER, input.as_bytes()).await;
+    assert!(!out.contains("250 2.0.0 Ok"), "{out}");
+    assert!(h.queued().is_empty());
 }
 
 #[tokio::test]
