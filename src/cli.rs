@@ -77,7 +77,11 @@ pub fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            match rt.block_on(crate::daemon::serve(cfg, demo)) {
+            let res = rt.block_on(crate::daemon::serve(cfg, demo));
+            // Blocking file operations still running (a hung file system) must not keep the
+            // process alive past the ordered shutdown.
+            rt.shutdown_timeout(std::time::Duration::from_secs(2));
+            match res {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");

@@ -17,8 +17,9 @@ use crate::scheduler::Scheduler;
 use crate::spool::Spool;
 use crate::upstream::{Upstream, outbox::Outbox};
 
-/// How long a session in DATA may go on after shutdown begins.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How long sessions in DATA, and then delivery attempts, may go on after shutdown begins
+/// (each). Twice this stays under systemd's `TimeoutStopSec=60` in the shipped unit.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
 
 /// A running daemon, for `serve` and for tests that start one in-process.
 pub struct Daemon {

@@ -98,8 +98,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if self.wbuf.is_empty() {
             return true;
         }
-        let ok =
-            self.stream.write_all(&self.wbuf).await.is_ok() && self.stream.flush().await.is_ok();
+        // A client that never reads its replies must not hold the session: writes share the
+        // command timeout and give way to the hard stop.
+        let ctx = self.ctx.clone();
+        let write = async {
+            self.stream.write_all(&self.wbuf).await.is_ok() && self.stream.flush().await.is_ok()
+        };
+        let ok = tokio::select! {
+            _ = ctx.hard_stop.cancelled() => false,
+            r = tokio::time::timeout(ctx.config.limits.command_timeout, write) => r.unwrap_or(false),
+        };
         self.wbuf.clear();
         ok
     }

@@ -1,7 +1,8 @@
 //! The DATA decoder (RFC 5321 §4.1.1.4, §4.5.2): turns the untrusted byte stream after `354`
 //! into CRLF-clean, dot-unstuffed message content, and finds the end of data.
 //!
-//! Only `<CR><LF>.<CR><LF>` ends the data. Every other form (`<LF>.<LF>`, `<CR>.<CR>`,
+//! Only `<CR><LF>.<CR><LF>` ends the data (unless the client is on an explicit LF-only
+//! network, see [`DataDecoder::accept_lf_end`]). Every other form (`<LF>.<LF>`, `<CR>.<CR>`,
 //! `<LF>.<CR><LF>`, ...) is content: a bare LF becomes CRLF, a bare CR becomes a space, so the
 //! spool never holds a lone CR or LF and nothing can be smuggled to the upstream as a second
 //! message (the "SMTP smuggling" family, CVE-2023-51764/51765/51766). Sans-IO: feed it bytes.

@@ -15,8 +15,8 @@
 //! place before each attempt: no new file, so the common case (delivered at the first attempt)
 //! costs one file per message. A damaged slot only means "attempt state unknown".
 //!
-//! A state file `queue/<id>.state` is written only when an attempt leaves some recipients
-//! deferred or failed: per-recipient status and replies, last error.
+//! A state file `queue/<id>.state` is written only when an attempt leaves the message queued
+//! (some recipients deferred), and in `failed/` with the final state: per-recipient status and replies, last error.
 //! `MAILBRIDGE-STATE 1 <crc32 of the JSON>\n<JSON>\n`, replaced atomically (write to tmp/,
 //! rename). When it is missing, every recipient is pending.
 
@@ -190,8 +190,31 @@ const MAX_ENVELOPE_LINE: u64 = 8 * 1024 * 1024;
 
 /// Validates a queue file held in memory; see [`read_queue_file`].
 pub fn decode_queue_file(bytes: &[u8]) -> Result<(Envelope, std::ops::Range<usize>), String> {
-    let (env, _, range) = read_queue_file(std::io::Cursor::new(bytes))?;
+    let (env, _, range) =
+        read_queue_file(std::io::Cursor::new(bytes)).map_err(|e| e.to_string())?;
     Ok((env, range.start as usize..range.end as usize))
+}
+
+/// Why a queue file could not be read: an I/O error (permissions, disk) says nothing about
+/// the file; `Invalid` means the file itself is damaged.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("read error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<String> for ReadError {
+    fn from(s: String) -> ReadError {
+        ReadError::Invalid(s)
+    }
+}
+
+impl From<&str> for ReadError {
+    fn from(s: &str) -> ReadError {
+        ReadError::Invalid(s.to_string())
+    }
 }
 
 /// What [`read_queue_file`] returns: the envelope, the slot (`None` if damaged), and the
@@ -201,8 +224,8 @@ pub type QueueFile = (Envelope, Option<Slot>, std::ops::Range<u64>);
 /// Reads a queue file's envelope and checks its end record, length and checksum, streaming
 /// (a 100 MB message is not loaded into memory). Returns the envelope and the content's byte
 /// range. `Err` says what is wrong, for the log line that moves the file to `corrupt/`.
-pub fn read_queue_file<R: Read + Seek>(mut r: R) -> Result<QueueFile, String> {
-    let io = |e: std::io::Error| format!("read error: {e}");
+pub fn read_queue_file<R: Read + Seek>(mut r: R) -> Result<QueueFile, ReadError> {
+    let io = ReadError::Io;
     let len = r.seek(SeekFrom::End(0)).map_err(io)?;
     r.seek(SeekFrom::Start(0)).map_err(io)?;
     let mut hasher = crc32fast::Hasher::new();
@@ -251,10 +274,10 @@ pub fn read_queue_file<R: Read + Seek>(mut r: R) -> Result<QueueFile, String> {
     let clen: u64 = clen.parse().map_err(|_| "bad length in end record")?;
     let crc = u32::from_str_radix(crc, 16).map_err(|_| "bad checksum in end record")?;
     if content_start + clen != tpos {
-        return Err(format!(
+        return Err(ReadError::Invalid(format!(
             "length mismatch: end record says {clen} content bytes, file has {}",
             tpos - content_start
-        ));
+        )));
     }
     r.seek(SeekFrom::Start(content_start)).map_err(io)?;
     let mut content = (&mut r).take(clen);

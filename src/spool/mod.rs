@@ -3,15 +3,15 @@
 //! end records) before use.
 //!
 //! Layout under `spool.path` (the state of a message is where its file sits, as in Postfix):
-//! - `tmp/`     files being written; removed at start-up
+//! - `tmp/`     files being written, and emptied spare files kept for reuse; emptied at start
 //! - `queue/`   committed messages (`<id>.msg`) and their state (`<id>.state`)
 //! - `failed/`  messages that reached a permanent failure or `queue.max_age`, with their state
-//! - `corrupt/` files that failed validation at start-up, kept for inspection
+//! - `corrupt/` files that failed validation, kept for inspection
 //!
 //! Durability (behaviour.md A1): a message is acknowledged only after its file is fsynced,
-//! renamed into `queue/` and `queue/` itself is fsynced. Commits are grouped: one thread
-//! writes and syncs the messages of every session that finished DATA meanwhile, so the cost of
-//! a sync is shared (see `commit.rs`).
+//! renamed into `queue/` and `queue/` itself is fsynced. Commits are grouped: each session
+//! writes its own file, and one thread syncs and renames the files of every session that
+//! finished DATA meanwhile, so the cost of a sync is shared (see `commit.rs`).
 
 mod commit;
 pub mod format;
@@ -224,7 +224,8 @@ impl Spool {
         let tmp = &self.inner.tmp;
         for entry in fs::read_dir(tmp).map_err(io_err(tmp))? {
             let entry = entry.map_err(io_err(tmp))?;
-            if fs::remove_file(entry.path()).is_ok() {
+            let spare = entry.file_name().to_string_lossy().starts_with("spare-");
+            if fs::remove_file(entry.path()).is_ok() && !spare {
                 out.tmp_removed += 1;
             }
         }
@@ -304,11 +305,16 @@ impl Spool {
     pub fn load(&self, id: &str) -> Result<Stored, SpoolError> {
         let path = self.queue_path(id, "msg");
         let file = File::open(&path).map_err(io_err(&path))?;
-        let (envelope, slot, range) =
-            format::read_queue_file(file).map_err(|reason| SpoolError::Invalid {
+        let (envelope, slot, range) = format::read_queue_file(file).map_err(|e| match e {
+            format::ReadError::Io(source) => SpoolError::Io {
+                path: path.clone(),
+                source,
+            },
+            format::ReadError::Invalid(reason) => SpoolError::Invalid {
                 path: path.clone(),
                 reason,
-            })?;
+            },
+        })?;
         if envelope.id != id {
             return Err(SpoolError::Invalid {
                 path,
@@ -316,6 +322,7 @@ impl Spool {
             });
         }
         let state_path = self.queue_path(id, "state");
+        let mut state_damaged = false;
         let mut state = match fs::read(&state_path) {
             Ok(b) => match format::decode_state(&b, envelope.recipients.len()) {
                 Ok(s) => s,
@@ -323,9 +330,8 @@ impl Spool {
                     // The message itself is intact: deliver it again rather than lose it.
                     tracing::warn!(queue_id = %id, %reason, "state file invalid, moved to corrupt/; all recipients are retried (possible duplicate)");
                     self.quarantine(&state_path);
-                    let mut s = State::initial(&envelope);
-                    s.in_flight = true;
-                    s
+                    state_damaged = true;
+                    State::initial(&envelope)
                 }
             },
             Err(e) if e.kind() == io::ErrorKind::NotFound => State::initial(&envelope),
@@ -342,6 +348,7 @@ impl Spool {
             Some(_) => {}
             None => state.in_flight = true,
         }
+        state.in_flight |= state_damaged;
         Ok(Stored {
             envelope,
             state,
@@ -409,18 +416,19 @@ impl Spool {
                 .spare_seq
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let spare = inner.tmp.join(format!("spare-{n}"));
-            // Empty it first: the content is gone from the queue the moment it is renamed.
-            let emptied = OpenOptions::new()
-                .write(true)
-                .truncate(true)
-                .open(&msg)
-                .and_then(|_| fs::rename(&msg, &spare));
-            if emptied.is_ok() {
-                inner
-                    .spares
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(spare);
+            // Out of the queue first (a crash right after leaves a spare in tmp/, which
+            // start-up removes), then emptied so the content does not linger on disk.
+            if fs::rename(&msg, &spare).is_ok() {
+                match OpenOptions::new().write(true).truncate(true).open(&spare) {
+                    Ok(_) => inner
+                        .spares
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(spare),
+                    Err(_) => {
+                        let _ = fs::remove_file(&spare);
+                    }
+                }
                 return Ok(());
             }
         }
