@@ -171,7 +171,7 @@ pub async fn serve(config: Config, demo_hint: bool) -> anyhow::Result<()> {
     if demo_hint {
         let addr = daemon.addrs[0];
         println!(
-            "mailbridge demo is listening on {addr}. Send a test message with:\n  swaks --server {addr} --from printer@example.com --to you@example.com\nor:\n  printf 'Subject: test\\r\\n\\r\\nhello\\r\\n' | curl -s smtp://{addr} --mail-from printer@example.com --mail-rcpt you@example.com -T -\nThen look in ./mailbridge-demo/outbox/. Stop with Ctrl-C."
+            "mailbridge demo: listening on {addr}; send a test message with `swaks --server {addr} --from printer@example.com --to you@example.com` and find it in ./mailbridge-demo/outbox/ (Ctrl-C stops)"
         );
     }
     signals.wait().await;

@@ -133,11 +133,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn run(&mut self) {
-        let greeting = Reply::new(
-            220,
-            "",
-            format!("{} ESMTP mailbridge ready", self.ctx.config.hostname),
-        );
+        let greeting = reply::greeting(&self.ctx.config.hostname);
         self.reply(&greeting);
         loop {
             let input = self.next_line().await;
@@ -260,18 +256,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     }
                     ProtoError::InvalidSenderAddress => reply::BAD_SENDER_SYNTAX,
                     ProtoError::InvalidRecipientAddress => reply::BAD_RECIPIENT_SYNTAX,
-                    ProtoError::SyntaxError { syntax } => {
-                        Reply::new(501, "5.5.4", format!("Syntax: {syntax}"))
+                    ProtoError::SyntaxError { syntax } => reply::syntax(syntax),
+                    ProtoError::InvalidParameter { param } => reply::invalid_parameter(param),
+                    ProtoError::UnsupportedParameter { param } => {
+                        reply::unsupported_parameter(&headers::clean_token(&param))
                     }
-                    ProtoError::InvalidParameter { param } => {
-                        Reply::new(501, "5.5.4", format!("Invalid {param} parameter"))
-                    }
-                    ProtoError::UnsupportedParameter { param } => Reply::new(
-                        555,
-                        "5.5.4",
-                        format!("Unsupported parameter {}", headers::clean_token(&param)),
-                    ),
-                    _ => Reply::new(501, "5.5.4", "Syntax error"),
+                    _ => reply::SYNTAX_ERROR,
                 };
                 self.reply(&r);
                 self.error()
@@ -305,18 +295,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     "SMTPUTF8".to_string(),
                     "ENHANCEDSTATUSCODES".to_string(),
                 ];
-                Reply::multiline(250, &lines, &mut self.wbuf);
+                reply::ehlo(&lines, &mut self.wbuf);
                 Next::Continue
             }
             Request::Helo { host } => {
                 self.helo = Some(host);
                 self.esmtp = false;
                 self.tx = None;
-                let r = Reply::new(250, "", self.ctx.config.hostname.clone());
-                // HELO replies carry no enhanced code (RFC 2034 applies to EHLO sessions).
-                let mut out = Vec::new();
-                r.write_to(&mut out);
-                self.wbuf.extend_from_slice(&out);
+                let r = reply::helo_ok(&self.ctx.config.hostname);
+                self.reply(&r);
                 Next::Continue
             }
             Request::Mail { from } => self.mail(from, line),
@@ -372,11 +359,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return self.error();
         }
         if from.flags & MAIL_BODY_BINARYMIME != 0 {
-            self.reply(&Reply::new(
-                555,
-                "5.5.4",
-                "BODY=BINARYMIME is not supported",
-            ));
+            self.reply(&reply::BINARYMIME_UNSUPPORTED);
             return self.error();
         }
         let max = self.ctx.config.limits.max_message_size;
@@ -581,7 +564,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     "message accepted"
                 );
                 self.ctx.scheduler.queued(queued);
-                self.reply(&Reply::new(250, "2.0.0", format!("Ok: queued as {id}")));
+                self.reply(&reply::queued(&id));
             }
             Err(e) => {
                 tracing::error!(client = %self.client_ip, error = %e, "cannot write the message to the spool: refusing with 452");

@@ -160,3 +160,42 @@ pub const RELAY_DENIED: Reply = Reply::fixed(
     "5.7.1",
     "Access denied: your address may not relay through this server",
 );
+
+// Replies that carry a value.
+
+/// The greeting (RFC 5321 §4.3.1); no enhanced code before EHLO.
+pub fn greeting(hostname: &str) -> Reply {
+    Reply::new(220, "", format!("{hostname} ESMTP mailbridge ready"))
+}
+
+/// HELO's reply: no enhanced code (RFC 2034 applies to EHLO sessions).
+pub fn helo_ok(hostname: &str) -> Reply {
+    Reply::new(250, "", hostname.to_string())
+}
+
+/// EHLO's multi-line reply: the first line names us, the others list extensions.
+pub fn ehlo(lines: &[String], out: &mut Vec<u8>) {
+    Reply::multiline(250, lines, out);
+}
+
+/// The reply that acknowledges a durable message.
+pub fn queued(id: &str) -> Reply {
+    Reply::new(250, "2.0.0", format!("Ok: queued as {id}"))
+}
+
+pub fn syntax(syntax: &str) -> Reply {
+    Reply::new(501, "5.5.4", format!("Syntax: {syntax}"))
+}
+
+pub fn invalid_parameter(param: &str) -> Reply {
+    Reply::new(501, "5.5.4", format!("Invalid {param} parameter"))
+}
+
+/// `param` comes from the client: the caller cleans it.
+pub fn unsupported_parameter(param: &str) -> Reply {
+    Reply::new(555, "5.5.4", format!("Unsupported parameter {param}"))
+}
+
+pub const SYNTAX_ERROR: Reply = Reply::fixed(501, "5.5.4", "Syntax error");
+pub const BINARYMIME_UNSUPPORTED: Reply =
+    Reply::fixed(555, "5.5.4", "BODY=BINARYMIME is not supported");
