@@ -7,10 +7,8 @@
 //! [`Smtp`] is a blocking raw-TCP client, and [`parse_eml`] takes an outbox file apart.
 
 use std::collections::HashMap;
-use std::ffi::{CString, c_char, c_int, c_ulong, c_void};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -29,24 +27,7 @@ pub const SHORT: Duration = Duration::from_secs(20);
 /// Upper bound for a queue to drain or a batch to be delivered.
 pub const LONG: Duration = Duration::from_secs(90);
 
-const SIGTERM: i32 = 15;
 const EPERM: i32 = 1;
-const MNT_DETACH: c_int = 2;
-
-mod sys {
-    use super::{c_char, c_int, c_ulong, c_void};
-    unsafe extern "C" {
-        pub fn kill(pid: c_int, sig: c_int) -> c_int;
-        pub fn mount(
-            source: *const c_char,
-            target: *const c_char,
-            fstype: *const c_char,
-            flags: c_ulong,
-            data: *const c_void,
-        ) -> c_int;
-        pub fn umount2(target: *const c_char, flags: c_int) -> c_int;
-    }
-}
 
 /// True when running in CI (`CI` set to anything but empty, `0` or `false`): missing tools
 /// are then a failure, not a reason to skip.
@@ -321,8 +302,9 @@ impl Relay {
     }
 
     pub fn sigterm(&self) {
-        let rc = unsafe { sys::kill(self.child.id() as c_int, SIGTERM) };
-        assert_eq!(rc, 0, "kill -TERM: {}", io::Error::last_os_error());
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("a child pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM)
+            .unwrap_or_else(|e| panic!("kill -TERM: {e}"));
     }
 
     /// Waits for the process to exit; `None` if it is still running after `timeout`.
@@ -1464,35 +1446,30 @@ fn allowlist_matches_v4_mapped_and_ipv6_clients() {
 
 /// A tmpfs mounted for the life of the value.
 struct Tmpfs {
-    path: CString,
+    path: PathBuf,
 }
 
 impl Tmpfs {
     fn mount(dir: &Path, options: &str) -> io::Result<Tmpfs> {
-        let path = CString::new(dir.as_os_str().as_bytes()).unwrap();
-        let data = CString::new(options).unwrap();
-        let rc = unsafe {
-            sys::mount(
-                c"tmpfs".as_ptr(),
-                path.as_ptr(),
-                c"tmpfs".as_ptr(),
-                0,
-                data.as_ptr().cast(),
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Tmpfs { path })
+        let data = std::ffi::CString::new(options).expect("mount options without NUL");
+        rustix::mount::mount(
+            "tmpfs",
+            dir,
+            "tmpfs",
+            rustix::mount::MountFlags::empty(),
+            data.as_c_str(),
+        )?;
+        Ok(Tmpfs {
+            path: dir.to_path_buf(),
+        })
     }
 }
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        unsafe {
-            if sys::umount2(self.path.as_ptr(), 0) != 0 {
-                sys::umount2(self.path.as_ptr(), MNT_DETACH);
-            }
+        use rustix::mount::{UnmountFlags, unmount};
+        if unmount(&self.path, UnmountFlags::empty()).is_err() {
+            let _ = unmount(&self.path, UnmountFlags::DETACH);
         }
     }
 }
