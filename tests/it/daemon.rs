@@ -1605,3 +1605,40 @@ fn disk_full_gives_452_never_250_and_no_partial_file() {
         problems.join("\n")
     );
 }
+
+// ------------------------------------------------------------------------------------------
+// Damaged queue files at start-up (behaviour.md A7)
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn damaged_queue_files_go_to_corrupt_and_the_daemon_still_starts_a7() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = RelayConfig::new(dir.path());
+    let queue = cfg.spool.join("queue");
+    std::fs::create_dir_all(&queue).unwrap();
+    // A truncated queue file and one with garbage, as a crash on a bad disk could leave.
+    std::fs::write(queue.join("truncated.msg"), b"MAILBRIDGE-QUEUE 1\nSTATE a=").unwrap();
+    std::fs::write(queue.join("garbage.msg"), vec![0xffu8; 4096]).unwrap();
+
+    let relay = cfg.start();
+    let log = relay
+        .wait_log("spool recovered", SHORT)
+        .expect("recovery summary logged");
+    assert_eq!(log["corrupt"], 2, "{log}");
+    for name in ["truncated.msg", "garbage.msg"] {
+        assert!(cfg.spool.join("corrupt").join(name).exists(), "{name}");
+        assert!(!queue.join(name).exists(), "{name}");
+    }
+    // It still accepts and delivers mail.
+    let mut c = Smtp::greet_ehlo(relay.addr()).unwrap();
+    let id = c
+        .send_message(
+            "a@example.com",
+            &["b@example.com"],
+            b"Subject: after\r\n\r\nok\r\n",
+        )
+        .unwrap()
+        .queue_id()
+        .expect("queued after recovery");
+    relay.wait_delivered(&id);
+}
