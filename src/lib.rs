@@ -29,6 +29,7 @@ pub mod delivery;
 pub mod inbound;
 pub mod logging;
 pub mod scheduler;
+pub mod secret;
 pub mod smtp;
 pub mod spool;
 pub mod upstream;

@@ -18,6 +18,10 @@ pub const DEFAULT_PATH: &str = "/etc/mailbridge/relay.yaml";
 #[derive(Debug, Clone)]
 pub struct Config {
     pub hostname: String,
+    /// Where state that is not mail lives (the generated TLS certificate).
+    pub state_dir: PathBuf,
+    pub tls: TlsConfig,
+    pub users: Vec<User>,
     pub listeners: Vec<Listener>,
     pub access: Access,
     pub limits: Limits,
@@ -29,7 +33,72 @@ pub struct Config {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TlsMode {
+    /// Plain SMTP only.
     None,
+    /// Plain SMTP with STARTTLS offered (RFC 3207), ports 25/587.
+    StartTls,
+    /// TLS from the first byte (RFC 8314), port 465.
+    Implicit,
+}
+
+/// The LAN-side certificate. Without files, a self-signed one is generated in `state_dir`.
+#[derive(Debug, Clone, Default)]
+pub struct TlsConfig {
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+/// A local user that may AUTH (PLAIN or LOGIN).
+#[derive(Debug, Clone)]
+pub struct User {
+    pub username: String,
+    /// argon2id PHC string.
+    pub password_hash: crate::secret::Secret,
+    pub allowed_senders: Vec<SenderPattern>,
+}
+
+/// Who may be used as a sender: an exact address, any address of a domain, or anyone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SenderPattern {
+    Any,
+    Domain(String),
+    Exact(String),
+}
+
+impl SenderPattern {
+    pub fn parse(s: &str) -> Option<SenderPattern> {
+        let s = s.trim();
+        if s == "*" {
+            return Some(SenderPattern::Any);
+        }
+        if let Some(domain) = s.strip_prefix("*@") {
+            if domain.is_empty() || domain.contains('@') || domain.contains('*') {
+                return None;
+            }
+            return Some(SenderPattern::Domain(domain.to_lowercase()));
+        }
+        let (local, domain) = s.rsplit_once('@')?;
+        if local.is_empty() || domain.is_empty() || s.contains('*') {
+            return None;
+        }
+        Some(SenderPattern::Exact(s.to_lowercase()))
+    }
+
+    /// Case-insensitive match of an address against this pattern.
+    pub fn matches(&self, address: &str) -> bool {
+        match self {
+            SenderPattern::Any => true,
+            SenderPattern::Domain(d) => address
+                .rsplit_once('@')
+                .is_some_and(|(l, ad)| !l.is_empty() && ad.eq_ignore_ascii_case(d)),
+            SenderPattern::Exact(a) => address.eq_ignore_ascii_case(a),
+        }
+    }
+}
+
+/// True if any pattern allows `address`.
+pub fn sender_allowed(patterns: &[SenderPattern], address: &str) -> bool {
+    patterns.iter().any(|p| p.matches(address))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +112,10 @@ pub struct Listener {
     pub address: SocketAddr,
     pub tls: TlsMode,
     pub bare_lf: BareLf,
+    /// MAIL needs AUTH here, even from `allow_networks`.
+    pub require_auth: bool,
+    /// AUTH may be used before TLS (legacy devices only).
+    pub allow_plaintext_auth: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -50,6 +123,10 @@ pub struct Access {
     pub allow_networks: Vec<IpNet>,
     /// Clients whose `<LF>.<LF>` ends DATA (legacy LF-only senders; smuggling defence off).
     pub lf_only_networks: Vec<IpNet>,
+    /// Clients that may connect and authenticate.
+    pub auth_networks: Vec<IpNet>,
+    /// Senders allowed to unauthenticated clients from `allow_networks`.
+    pub allowed_senders: Vec<SenderPattern>,
 }
 
 impl Access {
@@ -59,6 +136,15 @@ impl Access {
     pub fn allows(&self, ip: IpAddr) -> bool {
         let ip = canonical_ip(ip);
         self.allow_networks.iter().any(|n| n.contains(&ip))
+    }
+
+    /// True when `ip` may connect at all: in `allow_networks` or in `auth_networks`.
+    pub fn may_connect(&self, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        self.allow_networks
+            .iter()
+            .chain(&self.auth_networks)
+            .any(|n| n.contains(&ip))
     }
 
     /// True when `ip` is inside `lf_only_networks`.
@@ -251,6 +337,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             address: "0.0.0.0:2525".into(),
             tls: None,
             bare_lf: None,
+            require_auth: None,
+            allow_plaintext_auth: None,
         }]
     });
     if raw_listeners.is_empty() {
@@ -271,13 +359,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         };
         let tls = match l.tls.as_deref().unwrap_or("none") {
             "none" => Some(TlsMode::None),
-            "starttls" | "implicit" => {
-                errs.push(format!(
-                    "{key}.tls: {:?} is not available in this version (only \"none\")",
-                    l.tls.as_deref().unwrap_or_default()
-                ));
-                None
-            }
+            "starttls" => Some(TlsMode::StartTls),
+            "implicit" => Some(TlsMode::Implicit),
             other => {
                 errs.push(format!(
                     "{key}.tls: unknown value {other:?} (expected none, starttls or implicit)"
@@ -300,6 +383,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
                 address,
                 tls,
                 bare_lf,
+                require_auth: l.require_auth.unwrap_or(false),
+                allow_plaintext_auth: l.allow_plaintext_auth.unwrap_or(false),
             });
         }
     }
@@ -321,6 +406,43 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         &mut errs,
         "access.lf_only_networks",
         &raw.access.lf_only_networks.unwrap_or_default(),
+    );
+    let auth_networks = networks(
+        &mut errs,
+        "access.auth_networks",
+        &raw.access.auth_networks.unwrap_or_else(|| {
+            DEFAULT_AUTH_NETWORKS
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        }),
+    );
+    let allowed_senders = sender_patterns(
+        &mut errs,
+        "access.allowed_senders",
+        &raw.access
+            .allowed_senders
+            .unwrap_or_else(|| vec!["*".to_string()]),
+    );
+    let users = users(&mut errs, raw.users);
+    let tls = match (raw.tls.cert_file, raw.tls.key_file) {
+        (Some(c), Some(k)) => TlsConfig {
+            cert_file: Some(PathBuf::from(c)),
+            key_file: Some(PathBuf::from(k)),
+        },
+        (None, None) => TlsConfig::default(),
+        (Some(_), None) => {
+            errs.push("tls.key_file: required with tls.cert_file".into());
+            TlsConfig::default()
+        }
+        (None, Some(_)) => {
+            errs.push("tls.cert_file: required with tls.key_file".into());
+            TlsConfig::default()
+        }
+    };
+    let state_dir = PathBuf::from(
+        raw.state_dir
+            .unwrap_or_else(|| "/var/lib/mailbridge".into()),
     );
 
     let l = &raw.limits;
@@ -449,10 +571,15 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     }
     Ok(Config {
         hostname,
+        state_dir,
+        tls,
+        users,
         listeners,
         access: Access {
             allow_networks,
             lf_only_networks,
+            auth_networks,
+            allowed_senders,
         },
         limits: Limits {
             max_message_size: max_message_size.unwrap_or_default(),
@@ -484,6 +611,105 @@ fn duration(errs: &mut Vec<String>, key: &str, v: Option<&str>, default: &str) -
             humantime::parse_duration(default).unwrap_or(Duration::from_secs(60))
         }
     }
+}
+
+/// `access.auth_networks` when not set: private ranges and loopback.
+pub const DEFAULT_AUTH_NETWORKS: [&str; 6] = [
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "127.0.0.0/8",
+    "::1/128",
+    "fc00::/7",
+];
+
+fn sender_patterns(errs: &mut Vec<String>, key: &str, list: &[String]) -> Vec<SenderPattern> {
+    let mut out = Vec::new();
+    for (i, p) in list.iter().enumerate() {
+        match SenderPattern::parse(p) {
+            Some(pat) => out.push(pat),
+            None => errs.push(format!(
+                "{key}[{i}]: invalid sender pattern {p:?} (expected an address, \"*@domain\" or \"*\")"
+            )),
+        }
+    }
+    out
+}
+
+fn users(errs: &mut Vec<String>, raw: Vec<raw::RawUser>) -> Vec<User> {
+    let mut out: Vec<User> = Vec::new();
+    for (i, u) in raw.into_iter().enumerate() {
+        let key = format!("users[{i}]");
+        if u.username.is_empty() || u.username.chars().any(|c| c.is_control()) {
+            errs.push(format!(
+                "{key}.username: must be non-empty, without control characters"
+            ));
+        }
+        if out.iter().any(|o| o.username == u.username) {
+            errs.push(format!("{key}.username: {:?} is listed twice", u.username));
+        }
+        let hash = match (u.password_hash, u.password_hash_file) {
+            (Some(h), None) => Some(h),
+            (None, Some(f)) => match read_secret_file(Path::new(&f)) {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    errs.push(format!("{key}.password_hash_file: {e}"));
+                    None
+                }
+            },
+            (Some(_), Some(_)) => {
+                errs.push(format!(
+                    "{key}: set password_hash or password_hash_file, not both"
+                ));
+                None
+            }
+            (None, None) => {
+                errs.push(format!(
+                    "{key}.password_hash: required (make one with `mailbridge hash-password`)"
+                ));
+                None
+            }
+        };
+        let hash = hash.map(|h| h.trim().to_string());
+        if let Some(h) = &hash {
+            match argon2::PasswordHash::new(h) {
+                Ok(p) if p.algorithm.as_str() == "argon2id" => {}
+                _ => errs.push(format!(
+                    "{key}.password_hash: not an argon2id PHC string (\"$argon2id$v=19$...\"); make one with `mailbridge hash-password`"
+                )),
+            }
+        }
+        let senders = sender_patterns(errs, &format!("{key}.allowed_senders"), &u.allowed_senders);
+        if u.allowed_senders.is_empty() {
+            errs.push(format!(
+                "{key}.allowed_senders: at least one pattern is required (an address, \"*@domain\", or \"*\" for any)"
+            ));
+        }
+        out.push(User {
+            username: u.username,
+            password_hash: crate::secret::Secret::new(hash.unwrap_or_default()),
+            allowed_senders: senders,
+        });
+    }
+    out
+}
+
+/// Reads a file holding a secret, refusing one that group or others may read
+/// (behaviour.md C36). The error never contains the file's content.
+pub fn read_secret_file(path: &Path) -> Result<String, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{} is readable by group or others (mode {:o}); run: chmod 600 {}",
+            path.display(),
+            mode & 0o777,
+            path.display()
+        ));
+    }
+    std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
 fn networks(errs: &mut Vec<String>, key: &str, list: &[String]) -> Vec<IpNet> {
@@ -561,6 +787,8 @@ pub fn demo(dir: &Path) -> Config {
             address: "127.0.0.1:2525".into(),
             tls: None,
             bare_lf: None,
+            require_auth: None,
+            allow_plaintext_auth: None,
         }]),
         upstreams: vec![RawUpstream::Outbox(raw::RawOutbox {
             name: "demo-outbox".into(),
@@ -570,6 +798,7 @@ pub fn demo(dir: &Path) -> Config {
     })
     .expect("the built-in demo configuration is valid");
     cfg.spool.path = dir.join("spool");
+    cfg.state_dir = dir.join("state");
     cfg
 }
 
@@ -685,6 +914,90 @@ log:
             .unwrap_err()
             .to_string();
         assert!(e.contains("/nonexistent/relay.yaml: cannot read"), "{e}");
+    }
+
+    #[test]
+    fn sender_patterns_match_case_insensitively() {
+        let p = |s: &str| SenderPattern::parse(s).unwrap();
+        assert!(p("*").matches("anyone@anywhere"));
+        assert!(p("*@Contoso.com").matches("scanner@CONTOSO.COM"));
+        assert!(!p("*@contoso.com").matches("x@sub.contoso.com"));
+        assert!(!p("*@contoso.com").matches("@contoso.com"));
+        assert!(p("Scanner@contoso.com").matches("scanner@Contoso.com"));
+        assert!(!p("scanner@contoso.com").matches("scanner2@contoso.com"));
+        for bad in ["", "nobody", "*@", "a*@b", "*@a@b", "@x"] {
+            assert_eq!(SenderPattern::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn users_tls_and_access_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let hash = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHQ$K8ZzTHKJfHnJh0eR1X3QP1DVa5kzfN3d2kTXFVJ4a8o";
+        let hash_file = dir.path().join("h");
+        std::fs::write(&hash_file, format!("{hash}\n")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&hash_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let yaml = format!(
+            r#"
+listeners:
+  - address: "127.0.0.1:587"
+    tls: starttls
+    require_auth: true
+  - address: "127.0.0.1:465"
+    tls: implicit
+upstreams: [{{name: o, type: outbox, path: /tmp/o}}]
+users:
+  - username: scanner01
+    password_hash: "{hash}"
+    allowed_senders: ["scanner@contoso.com", "*@scans.contoso.com"]
+  - username: erp@contoso.com
+    password_hash_file: {}
+    allowed_senders: ["*"]
+"#,
+            hash_file.display()
+        );
+        let c = from_yaml_str(&yaml).unwrap();
+        assert_eq!(c.listeners[0].tls, TlsMode::StartTls);
+        assert!(c.listeners[0].require_auth);
+        assert_eq!(c.listeners[1].tls, TlsMode::Implicit);
+        assert_eq!(c.users.len(), 2);
+        assert_eq!(c.users[1].password_hash.expose(), hash);
+        assert!(
+            !format!("{:?}", c.users).contains("argon2id"),
+            "hashes never in Debug"
+        );
+        assert!(c.access.may_connect("192.168.1.9".parse().unwrap()));
+        assert!(!c.access.allows("192.168.1.9".parse().unwrap()));
+        assert!(!c.access.may_connect("8.8.8.8".parse().unwrap()));
+
+        // A hash file others can read is refused (behaviour.md C36), without its content.
+        std::fs::set_permissions(&hash_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = from_yaml_str(&yaml).unwrap_err().to_string();
+        assert!(
+            e.contains("users[1].password_hash_file:") && e.contains("chmod 600"),
+            "{e}"
+        );
+        assert!(!e.contains("argon2id$v=19$m"), "{e}");
+
+        let bad = r#"
+upstreams: [{name: o, type: outbox, path: /tmp/o}]
+tls: {cert_file: /x.pem}
+access: {allowed_senders: ["nobody"]}
+users:
+  - username: a
+    password_hash: "$2y$10$bcrypt"
+    allowed_senders: []
+"#;
+        let e = from_yaml_str(bad).unwrap_err().to_string();
+        for want in [
+            "tls.key_file: required with tls.cert_file",
+            "access.allowed_senders[0]: invalid sender pattern \"nobody\"",
+            "users[0].password_hash: not an argon2id PHC string",
+            "users[0].allowed_senders: at least one pattern is required",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in:\n{e}");
+        }
     }
 
     #[test]

@@ -23,6 +23,43 @@ pub struct RawConfig {
     pub queue: RawQueue,
     #[serde(default)]
     pub log: RawLog,
+    #[serde(default)]
+    pub tls: RawTls,
+    /// Where mailbridge keeps state that is not mail (the generated TLS certificate).
+    pub state_dir: Option<String>,
+    #[serde(default)]
+    pub users: Vec<RawUser>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUser {
+    pub username: String,
+    pub password_hash: Option<String>,
+    pub password_hash_file: Option<String>,
+    #[serde(default)]
+    pub allowed_senders: Vec<String>,
+}
+
+impl std::fmt::Debug for RawUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawUser")
+            .field("username", &self.username)
+            .field(
+                "password_hash",
+                &self.password_hash.as_ref().map(|_| "[redacted]"),
+            )
+            .field("password_hash_file", &self.password_hash_file)
+            .field("allowed_senders", &self.allowed_senders)
+            .finish()
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -32,6 +69,10 @@ pub struct RawListener {
     pub tls: Option<String>,
     /// `normalize` (default): bare LF becomes CRLF. `reject`: 550 5.5.2 like Postfix.
     pub bare_lf: Option<String>,
+    /// MAIL needs AUTH on this listener, even from `allow_networks`.
+    pub require_auth: Option<bool>,
+    /// AUTH before TLS (legacy devices only).
+    pub allow_plaintext_auth: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -40,6 +81,10 @@ pub struct RawAccess {
     pub allow_networks: Option<Vec<String>>,
     /// Clients that end lines with a bare LF only; for them `<LF>.<LF>` ends DATA.
     pub lf_only_networks: Option<Vec<String>>,
+    /// Networks that may connect and authenticate (others get 554 5.7.1).
+    pub auth_networks: Option<Vec<String>>,
+    /// Envelope/header senders allowed to unauthenticated clients from `allow_networks`.
+    pub allowed_senders: Option<Vec<String>>,
 }
 
 /// A size: plain bytes (`36700160`) or with a unit (`35MiB`, `25MB`, `512k`).

@@ -88,8 +88,8 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let ip = canonical_ip(peer.ip());
         // Outsiders are refused first, so they never take a slot that a printer needs.
-        if !ctx.config.access.allows(ip) {
-            tracing::warn!(client = %ip, "connection from a network not in access.allow_networks refused");
+        if !ctx.config.access.may_connect(ip) {
+            tracing::warn!(client = %ip, "connection from a network in neither access.allow_networks nor access.auth_networks refused");
             sessions.spawn(refuse(stream, reply::RELAY_DENIED));
             continue;
         }

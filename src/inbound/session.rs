@@ -104,9 +104,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let write = async {
             self.stream.write_all(&self.wbuf).await.is_ok() && self.stream.flush().await.is_ok()
         };
+        // Once the hard stop has come, a last reply (421) still gets a moment to go out.
+        let stopping = ctx.hard_stop.is_cancelled();
+        let limit = if stopping {
+            std::time::Duration::from_secs(1)
+        } else {
+            ctx.config.limits.command_timeout
+        };
         let ok = tokio::select! {
-            _ = ctx.hard_stop.cancelled() => false,
-            r = tokio::time::timeout(ctx.config.limits.command_timeout, write) => r.unwrap_or(false),
+            _ = ctx.hard_stop.cancelled(), if !stopping => false,
+            r = tokio::time::timeout(limit, write) => r.unwrap_or(false),
         };
         self.wbuf.clear();
         ok
@@ -353,9 +360,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.reply(&reply::BAD_SEQUENCE_NESTED_MAIL);
             return self.error();
         }
+        // Relay permission (behaviour.md C30): clients from allow_networks may send without
+        // AUTH unless the listener requires it; everyone else must authenticate first.
+        let access = &self.ctx.config.access;
+        if self.ctx.listener.require_auth || !access.allows(self.client_ip) {
+            self.reply(&reply::AUTH_REQUIRED);
+            return self.error();
+        }
         let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
         if let Some(r) = address_problem(&from.address, line, smtputf8) {
             self.reply(&r);
+            return self.error();
+        }
+        if !crate::config::sender_allowed(&access.allowed_senders, &from.address) {
+            tracing::warn!(client = %self.client_ip, from = %from.address, "sender not in access.allowed_senders");
+            self.reply(&reply::SENDER_NOT_ALLOWED);
             return self.error();
         }
         if from.flags & MAIL_BODY_BINARYMIME != 0 {

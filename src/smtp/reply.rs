@@ -155,6 +155,12 @@ pub const BARE_LF: Reply = Reply::fixed(
     "5.5.2",
     "Error: bare <LF> received; lines must end with <CR><LF>",
 );
+pub const AUTH_REQUIRED: Reply = Reply::fixed(530, "5.7.0", "Authentication required");
+pub const SENDER_NOT_ALLOWED: Reply = Reply::fixed(
+    553,
+    "5.7.1",
+    "Sender address not allowed for this client or user",
+);
 pub const RELAY_DENIED: Reply = Reply::fixed(
     554,
     "5.7.1",

@@ -1330,7 +1330,7 @@ fn connection_limits_per_ip_and_global_give_421() {
 fn client_outside_allow_networks_gets_554() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = RelayConfig::new(dir.path());
-    cfg.extra = "access:\n  allow_networks: [\"10.0.0.0/8\"]\n".into();
+    cfg.extra = "access:\n  allow_networks: [\"10.0.0.0/8\"]\n  auth_networks: []\n".into();
     let relay = cfg.start();
     let mut c = Smtp::connect(relay.addr()).unwrap();
     let (r, closed) = first_reply_and_close(&mut c);
@@ -1339,7 +1339,7 @@ fn client_outside_allow_networks_gets_554() {
     assert!(
         relay
             .wait_log(
-                "connection from a network not in access.allow_networks refused",
+                "connection from a network in neither access.allow_networks nor access.auth_networks refused",
                 SHORT
             )
             .is_some(),
@@ -1415,7 +1415,7 @@ fn allowlist_matches_v4_mapped_and_ipv6_clients() {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = RelayConfig::new(dir.path());
         cfg.listeners = listeners.clone();
-        cfg.extra = format!("access:\n  allow_networks: [\"{allow}\"]\n");
+        cfg.extra = format!("access:\n  allow_networks: [\"{allow}\"]\n  auth_networks: []\n");
         let relay = cfg.start();
         let mut addrs = relay.addrs.iter();
         if mapped_ok.is_ok() {

@@ -621,6 +621,62 @@ async fn b18_lf_only_network_may_end_data_with_lf_dot_lf() {
 }
 
 #[tokio::test]
+async fn c30_client_outside_allow_networks_must_authenticate_530() {
+    // 127.0.0.1 is in the default auth_networks but not in allow_networks: it may talk,
+    // but MAIL needs AUTH first.
+    let h = Harness::new("access:\n  allow_networks: [\"10.0.0.0/8\"]\n");
+    let out = h
+        .converse(
+            PEER,
+            b"EHLO x\r\nMAIL FROM:<a@lan.example>\r\nRCPT TO:<b@ext.example>\r\nQUIT\r\n",
+        )
+        .await;
+    assert_eq!(
+        summary(&out),
+        codes(&["220", "250", "530 5.7.0", "503 5.5.1", "221 2.0.0"])
+    );
+    nothing_stored(&h);
+}
+
+#[tokio::test]
+async fn c30_require_auth_listener_refuses_allowed_network_too() {
+    let h = Harness::new("listeners:\n  - address: \"127.0.0.1:0\"\n    require_auth: true\n");
+    let out = h
+        .converse(PEER, b"EHLO x\r\nMAIL FROM:<a@lan.example>\r\nQUIT\r\n")
+        .await;
+    assert_eq!(
+        summary(&out),
+        codes(&["220", "250", "530 5.7.0", "221 2.0.0"])
+    );
+}
+
+#[tokio::test]
+async fn unauthenticated_senders_are_held_to_access_allowed_senders() {
+    let h =
+        Harness::new("access:\n  allowed_senders: [\"*@contoso.com\", \"scanner@fabrikam.com\"]\n");
+    let out = h
+        .converse(
+            PEER,
+            b"EHLO x\r\nMAIL FROM:<ceo@evil.example>\r\nMAIL FROM:<Printer@CONTOSO.com>\r\nRSET\r\nMAIL FROM:<scanner@fabrikam.com>\r\nRSET\r\nMAIL FROM:<other@fabrikam.com>\r\nQUIT\r\n",
+        )
+        .await;
+    assert_eq!(
+        summary(&out),
+        codes(&[
+            "220",
+            "250",
+            "553 5.7.1",
+            "250 2.1.0",
+            "250 2.0.0",
+            "250 2.1.0",
+            "250 2.0.0",
+            "553 5.7.1",
+            "221 2.0.0"
+        ])
+    );
+}
+
+#[tokio::test]
 async fn b20_nul_in_command_is_500_5_5_2() {
     let h = Harness::new("");
     let out = h
