@@ -79,6 +79,17 @@ impl Daemon {
             handle.queued(q);
         }
 
+        let tls = if config
+            .listeners
+            .iter()
+            .any(|l| l.tls != crate::config::TlsMode::None)
+        {
+            let cfg = config.clone();
+            Some(tokio::task::spawn_blocking(move || crate::inbound::tls::acceptor(&cfg)).await??)
+        } else {
+            None
+        };
+
         let mut bound = Vec::new();
         for l in &config.listeners {
             let listener = TcpListener::bind(l.address).await.with_context(|| {
@@ -104,6 +115,11 @@ impl Daemon {
             tracing::info!(address = %addr, "listening");
             let ctx = Arc::new(SessionCtx {
                 config: config.clone(),
+                tls: if lcfg.tls == crate::config::TlsMode::None {
+                    None
+                } else {
+                    tls.clone()
+                },
                 listener: lcfg,
                 spool: spool.clone(),
                 scheduler: handle.clone(),

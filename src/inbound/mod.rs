@@ -4,6 +4,7 @@
 
 pub mod listener;
 pub mod session;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -24,4 +25,6 @@ pub struct SessionCtx {
     /// Cancelled when the shutdown grace period is over: DATA in progress is cut off
     /// (no 250 was sent, so the client keeps its copy).
     pub hard_stop: CancellationToken,
+    /// For `starttls` and `implicit` listeners.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }

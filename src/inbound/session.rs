@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use super::SessionCtx;
-use crate::config::BareLf;
+use crate::config::{BareLf, TlsMode};
 use crate::smtp::data::DataDecoder;
 use crate::smtp::headers::{self, TraceInfo};
 use crate::smtp::reply::{self, Reply};
@@ -50,6 +50,8 @@ enum Input {
 enum Next {
     Continue,
     Close,
+    /// STARTTLS was accepted: hand the stream to the TLS handshake.
+    StartTls,
 }
 
 pub struct Session<S> {
@@ -64,32 +66,92 @@ pub struct Session<S> {
     tx: Option<Transaction>,
     errors: u32,
     discarding: usize,
+    /// The connection is TLS (implicit, or after STARTTLS).
+    tls_active: bool,
 }
+
+/// How long a TLS handshake may take.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Runs a session to its end. `peer` carries the canonical client address.
 pub async fn run<S>(stream: S, peer: SocketAddr, _local: Option<SocketAddr>, ctx: Arc<SessionCtx>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut s = Session {
-        stream,
-        rbuf: Vec::with_capacity(4096),
-        rpos: 0,
-        wbuf: Vec::with_capacity(1024),
-        ctx,
-        client_ip: peer.ip(),
-        helo: None,
-        esmtp: false,
-        tx: None,
-        errors: 0,
-        discarding: 0,
-    };
-    tracing::debug!(client = %s.client_ip, "connection");
-    s.run().await;
-    tracing::debug!(client = %s.client_ip, "disconnected");
+    let ip = peer.ip();
+    tracing::debug!(client = %ip, "connection");
+    let acceptor = ctx.tls.clone();
+    match (ctx.listener.tls, acceptor) {
+        (TlsMode::Implicit, Some(acceptor)) => {
+            // RFC 8314: TLS from the first byte, the greeting comes inside it.
+            if let Some(tls) = handshake(&acceptor, stream, ip).await {
+                Session::new(tls, ip, ctx, true).serve(true).await;
+            }
+        }
+        (_, acceptor) => {
+            let mut plain = Session::new(stream, ip, ctx.clone(), false);
+            if let End::StartTls = plain.serve(true).await
+                && let Some(acceptor) = acceptor
+            {
+                let errors = plain.errors;
+                if let Some(tls) = handshake(&acceptor, plain.stream, ip).await {
+                    // RFC 3207 §4.2: everything learnt before TLS is forgotten; the client
+                    // starts again with EHLO, and no new greeting is sent.
+                    let mut s = Session::new(tls, ip, ctx, true);
+                    s.errors = errors;
+                    s.serve(false).await;
+                }
+            }
+        }
+    }
+    tracing::debug!(client = %ip, "disconnected");
+}
+
+async fn handshake<S>(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    stream: S,
+    ip: IpAddr,
+) -> Option<tokio_rustls::server::TlsStream<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(e)) => {
+            // Old devices offering only TLS 1.0/1.1 end here: they need a plain listener.
+            tracing::info!(client = %ip, error = %e, "TLS handshake failed (a device limited to TLS 1.0/1.1 must use a plain listener on an allowed network)");
+            None
+        }
+        Err(_) => {
+            tracing::info!(client = %ip, "TLS handshake timed out");
+            None
+        }
+    }
+}
+
+enum End {
+    Closed,
+    StartTls,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    fn new(stream: S, client_ip: IpAddr, ctx: Arc<SessionCtx>, tls_active: bool) -> Session<S> {
+        Session {
+            stream,
+            rbuf: Vec::with_capacity(4096),
+            rpos: 0,
+            wbuf: Vec::with_capacity(1024),
+            ctx,
+            client_ip,
+            helo: None,
+            esmtp: false,
+            tx: None,
+            errors: 0,
+            discarding: 0,
+            tls_active,
+        }
+    }
+
     fn reply(&mut self, r: &Reply) {
         r.write_to(&mut self.wbuf);
     }
@@ -139,9 +201,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    async fn run(&mut self) {
-        let greeting = reply::greeting(&self.ctx.config.hostname);
-        self.reply(&greeting);
+    async fn serve(&mut self, greet: bool) -> End {
+        if greet {
+            let greeting = reply::greeting(&self.ctx.config.hostname);
+            self.reply(&greeting);
+        }
         loop {
             let input = self.next_line().await;
             let next = match input {
@@ -164,8 +228,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     Next::Close
                 }
             };
-            if let Next::Close = next {
-                break;
+            match next {
+                Next::Continue => {}
+                Next::Close => break,
+                Next::StartTls => return End::StartTls,
             }
         }
         // Replies queued by the command that ended the session (the 421 after too many
@@ -173,6 +239,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if !self.wbuf.is_empty() && self.flush().await {
             let _ = self.stream.shutdown().await;
         }
+        End::Closed
     }
 
     /// Counts an error; at [`MAX_ERRORS`] the session ends.
@@ -274,8 +341,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.error()
             }
         };
-        if let Next::Close = next {
-            return Next::Close;
+        if !matches!(next, Next::Continue) {
+            return next;
         }
         // Without EHLO the client may not pipeline (RFC 2920): a second command already
         // waiting means a misbehaving or hostile client. After a message (DATA and its body)
@@ -294,7 +361,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.helo = Some(host);
                 self.esmtp = true;
                 self.tx = None;
-                let lines = [
+                let mut lines = vec![
                     format!("{} Hello [{}]", self.ctx.config.hostname, self.client_ip),
                     "PIPELINING".to_string(),
                     format!("SIZE {}", self.ctx.config.limits.max_message_size),
@@ -302,6 +369,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     "SMTPUTF8".to_string(),
                     "ENHANCEDSTATUSCODES".to_string(),
                 ];
+                if self.starttls_available() {
+                    lines.push("STARTTLS".to_string());
+                }
                 reply::ehlo(&lines, &mut self.wbuf);
                 Next::Continue
             }
@@ -337,8 +407,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.reply(&reply::HELP);
                 Next::Continue
             }
+            Request::StartTls => self.starttls().await,
             Request::Expn { .. }
-            | Request::StartTls
             | Request::Auth { .. }
             | Request::Bdat { .. }
             | Request::Etrn { .. }
@@ -349,6 +419,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.error()
             }
         }
+    }
+
+    fn starttls_available(&self) -> bool {
+        !self.tls_active && self.ctx.listener.tls == TlsMode::StartTls && self.ctx.tls.is_some()
+    }
+
+    /// RFC 3207. Anything the client sent after STARTTLS in the same packet is discarded
+    /// (CVE-2011-0411, behaviour.md C38): it was sent in plaintext and must not be read as
+    /// if it came through TLS.
+    async fn starttls(&mut self) -> Next {
+        if self.tls_active {
+            self.reply(&reply::TLS_ALREADY_ACTIVE);
+            return self.error();
+        }
+        if !self.starttls_available() {
+            self.reply(&reply::NOT_IMPLEMENTED);
+            return self.error();
+        }
+        self.reply(&reply::READY_FOR_TLS);
+        if !self.flush().await {
+            return Next::Close;
+        }
+        self.rpos = self.rbuf.len();
+        self.compact();
+        Next::StartTls
     }
 
     fn mail(&mut self, from: smtp_proto::MailFrom<String>, line: &[u8]) -> Next {
@@ -498,10 +593,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut head: Option<Vec<u8>> = Some(Vec::new());
         let mut out = Vec::with_capacity(READ_CHUNK + 1024);
         let deadline = Instant::now() + cfg.limits.data_timeout;
-        let protocol = match (self.esmtp, envelope.smtputf8) {
-            (true, true) => "UTF8SMTP",
-            (true, false) => "ESMTP",
-            _ => "SMTP",
+        // RFC 3848 / RFC 6531 "with" keywords.
+        let protocol = match (self.esmtp, envelope.smtputf8, self.tls_active) {
+            (true, true, false) => "UTF8SMTP",
+            (true, true, true) => "UTF8SMTPS",
+            (true, false, false) => "ESMTP",
+            (true, false, true) => "ESMTPS",
+            (false, _, _) => "SMTP",
         };
         let single_rcpt =
             (envelope.recipients.len() == 1).then(|| envelope.recipients[0].address.clone());

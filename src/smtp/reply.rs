@@ -81,6 +81,7 @@ pub const HELP: Reply = Reply::fixed(
     "2.0.0",
     "mailbridge: EHLO, MAIL, RCPT, DATA, RSET, NOOP, QUIT",
 );
+pub const READY_FOR_TLS: Reply = Reply::fixed(220, "2.0.0", "Ready to start TLS");
 // 3xx
 pub const START_DATA: Reply = Reply::fixed(354, "", "End data with <CR><LF>.<CR><LF>");
 // 4xx
@@ -106,6 +107,7 @@ pub const LINE_TOO_LONG: Reply = Reply::fixed(500, "5.5.2", "Line too long");
 pub const UNRECOGNIZED: Reply = Reply::fixed(500, "5.5.2", "Command unrecognized");
 pub const NUL_IN_COMMAND: Reply = Reply::fixed(500, "5.5.2", "NUL character in command");
 pub const NOT_IMPLEMENTED: Reply = Reply::fixed(502, "5.5.1", "Command not implemented");
+pub const TLS_ALREADY_ACTIVE: Reply = Reply::fixed(503, "5.5.1", "TLS already active");
 pub const BAD_SEQUENCE_HELO: Reply = Reply::fixed(503, "5.5.1", "Send HELO/EHLO first");
 pub const BAD_SEQUENCE_MAIL: Reply = Reply::fixed(503, "5.5.1", "Send MAIL first");
 pub const BAD_SEQUENCE_NESTED_MAIL: Reply = Reply::fixed(503, "5.5.1", "Sender already specified");

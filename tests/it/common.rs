@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 /// A configuration for tests, from YAML with `{dir}` replaced by a temporary directory.
 pub fn config_yaml(dir: &Path, extra: &str) -> Config {
     let yaml = format!(
-        "hostname: relay.test\nspool:\n  path: {d}/spool\nupstreams:\n  - name: local\n    type: outbox\n    path: {d}/outbox\n{extra}",
+        "hostname: relay.test\nstate_dir: {d}/state\nspool:\n  path: {d}/spool\nupstreams:\n  - name: local\n    type: outbox\n    path: {d}/outbox\n{extra}",
         d = dir.display()
     );
     config::from_yaml_str(&yaml).expect("test config is valid")
@@ -44,6 +44,9 @@ impl Harness {
         let (_scheduler, handle) = Scheduler::new(delivery, 1, std::time::Duration::from_secs(60));
         // Keep the receiver alive by leaking the scheduler: events are simply not consumed.
         std::mem::forget(_scheduler);
+        // A TLS listener gets the daemon's acceptor (self-signed certificate in state_dir).
+        let tls = (cfg.listeners[0].tls != mailbridge::config::TlsMode::None)
+            .then(|| mailbridge::inbound::tls::acceptor(&cfg).expect("TLS set-up"));
         let ctx = Arc::new(SessionCtx {
             listener: cfg.listeners[0].clone(),
             config: Arc::new(cfg),
@@ -51,6 +54,7 @@ impl Harness {
             scheduler: handle,
             stop: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
+            tls,
         });
         Harness { dir, ctx, spool }
     }

@@ -5,3 +5,4 @@ mod daemon;
 mod durability;
 mod interop;
 mod session;
+mod tls;

@@ -1,0 +1,174 @@
+//! LAN-side TLS over an in-memory stream with a real rustls client: STARTTLS (RFC 3207),
+//! implicit TLS (RFC 8314), and behaviour.md B12, B27 and C38.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
+use tokio_rustls::TlsConnector;
+
+use crate::common::Harness;
+
+const PEER: &str = "127.0.0.1:40000";
+
+fn connector(h: &Harness) -> TlsConnector {
+    let pem = h.dir.path().join("state/tls/selfsigned-cert.pem");
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&pem).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    TlsConnector::from(Arc::new(cfg))
+}
+
+fn start(h: &Harness) -> DuplexStream {
+    let (client, server) = tokio::io::duplex(1 << 16);
+    let peer: SocketAddr = PEER.parse().unwrap();
+    let ctx = h.ctx.clone();
+    tokio::spawn(async move {
+        mailbridge::inbound::session::run(server, peer, None, ctx).await;
+    });
+    client
+}
+
+/// Reads one complete reply (all lines of a multi-line one).
+async fn reply<S: AsyncRead + Unpin>(s: &mut S) -> String {
+    let mut out = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        let n = s.read(&mut b).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        out.push(b[0]);
+        if out.ends_with(b"\r\n") {
+            let text = String::from_utf8_lossy(&out).to_string();
+            let last = text
+                .trim_end()
+                .rsplit("\r\n")
+                .next()
+                .unwrap_or("")
+                .to_string();
+            if last.len() >= 4 && last.as_bytes()[3] == b' ' {
+                break;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn cmd<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, line: &str) -> String {
+    s.write_all(format!("{line}\r\n").as_bytes()).await.unwrap();
+    reply(s).await
+}
+
+fn starttls_harness() -> Harness {
+    Harness::new("listeners:\n  - address: \"127.0.0.1:0\"\n    tls: starttls\n")
+}
+
+#[tokio::test]
+async fn starttls_then_mail_is_accepted_b12_b27() {
+    let h = starttls_harness();
+    let mut c = start(&h);
+    assert!(reply(&mut c).await.starts_with("220 relay.test"));
+    let ehlo = cmd(&mut c, "EHLO printer.lan").await;
+    assert!(
+        ehlo.contains("250-STARTTLS\r\n") || ehlo.contains("250 STARTTLS\r\n"),
+        "{ehlo}"
+    );
+    assert!(!ehlo.contains("AUTH"), "no AUTH before TLS: {ehlo}");
+    assert!(cmd(&mut c, "STARTTLS").await.starts_with("220 2.0.0"));
+    let name = ServerName::try_from("relay.test").unwrap();
+    let mut t = connector(&h).connect(name, c).await.expect("handshake");
+    // B27: the state is reset; MAIL before a new EHLO is out of sequence.
+    assert!(
+        cmd(&mut t, "MAIL FROM:<a@lan.example>")
+            .await
+            .starts_with("503 5.5.1")
+    );
+    let ehlo = cmd(&mut t, "EHLO printer.lan").await;
+    assert!(!ehlo.contains("STARTTLS"), "no STARTTLS inside TLS: {ehlo}");
+    // B12: a second STARTTLS is refused.
+    assert!(cmd(&mut t, "STARTTLS").await.starts_with("503 5.5.1"));
+    assert!(
+        cmd(&mut t, "MAIL FROM:<a@lan.example>")
+            .await
+            .starts_with("250 2.1.0")
+    );
+    assert!(
+        cmd(&mut t, "RCPT TO:<b@ext.example>")
+            .await
+            .starts_with("250 2.1.5")
+    );
+    assert!(cmd(&mut t, "DATA").await.starts_with("354"));
+    let r = cmd(&mut t, "Subject: tls\r\n\r\nover tls\r\n.").await;
+    assert!(r.starts_with("250 2.0.0 Ok: queued as "), "{r}");
+    assert!(cmd(&mut t, "QUIT").await.starts_with("221"));
+    let msgs = h.queued_messages();
+    assert_eq!(msgs.len(), 1);
+    let content = String::from_utf8_lossy(&msgs[0].content).to_string();
+    assert!(content.contains("with ESMTPS id"), "{content}");
+    assert!(
+        content.ends_with("Subject: tls\r\n\r\nover tls\r\n"),
+        "{content}"
+    );
+}
+
+#[tokio::test]
+async fn plaintext_pipelined_after_starttls_is_discarded_c38() {
+    let h = starttls_harness();
+    let mut c = start(&h);
+    reply(&mut c).await;
+    // One write: EHLO, STARTTLS and an injected RSET (CVE-2011-0411).
+    c.write_all(b"EHLO x\r\nSTARTTLS\r\nRSET\r\n")
+        .await
+        .unwrap();
+    assert!(reply(&mut c).await.starts_with("250-"));
+    assert!(reply(&mut c).await.starts_with("220 2.0.0"));
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut t = connector(&h).connect(name, c).await.expect("handshake");
+    // The first reply inside TLS answers our EHLO, not the injected RSET.
+    let first = cmd(&mut t, "EHLO x").await;
+    assert!(first.starts_with("250-relay.test"), "{first}");
+    assert!(cmd(&mut t, "QUIT").await.starts_with("221"));
+}
+
+#[tokio::test]
+async fn starttls_on_a_plain_listener_is_not_offered() {
+    let h = Harness::new("");
+    let out = h.converse(PEER, b"EHLO x\r\nSTARTTLS\r\nQUIT\r\n").await;
+    assert!(!out.contains("STARTTLS"), "{out}");
+    assert!(out.contains("\r\n502 5.5.1"), "{out}");
+}
+
+#[tokio::test]
+async fn implicit_tls_greets_inside_tls() {
+    let h = Harness::new("listeners:\n  - address: \"127.0.0.1:0\"\n    tls: implicit\n");
+    let c = start(&h);
+    let name = ServerName::try_from("relay.test").unwrap();
+    let mut t = connector(&h).connect(name, c).await.expect("handshake");
+    assert!(reply(&mut t).await.starts_with("220 relay.test"));
+    let ehlo = cmd(&mut t, "EHLO x").await;
+    assert!(!ehlo.contains("STARTTLS"), "{ehlo}");
+    assert!(cmd(&mut t, "QUIT").await.starts_with("221"));
+}
+
+#[tokio::test]
+async fn implicit_tls_listener_drops_a_plaintext_client() {
+    let h = Harness::new("listeners:\n  - address: \"127.0.0.1:0\"\n    tls: implicit\n");
+    let mut c = start(&h);
+    c.write_all(b"EHLO x\r\n").await.unwrap();
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out).await;
+    assert!(
+        !String::from_utf8_lossy(&out).contains("250"),
+        "no SMTP in the clear"
+    );
+}
