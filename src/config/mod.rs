@@ -389,7 +389,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         }
     }
     for (i, a) in listeners.iter().enumerate() {
-        if listeners[..i].iter().any(|b| b.address == a.address) {
+        // Port 0 (the system picks a free port) may appear several times.
+        if a.address.port() != 0 && listeners[..i].iter().any(|b| b.address == a.address) {
             errs.push(format!(
                 "listeners[{i}].address: {} is listed twice",
                 a.address

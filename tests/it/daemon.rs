@@ -185,6 +185,8 @@ pub struct RelayConfig {
     pub workers: usize,
     /// More top-level YAML sections (`access:`, `limits:`), appended as they are.
     pub extra: String,
+    /// `tls:` mode per listener (same order as `listeners`); missing entries mean none.
+    pub listener_tls: Vec<&'static str>,
 }
 
 impl RelayConfig {
@@ -196,14 +198,21 @@ impl RelayConfig {
             outbox: dir.join("outbox"),
             workers: 4,
             extra: String::new(),
+            listener_tls: Vec::new(),
         }
     }
 
     pub fn yaml(&self) -> String {
         let q = |p: &Path| format!("{:?}", p.display().to_string());
-        let mut y = format!("hostname: {HOSTNAME}\nlisteners:\n");
-        for l in &self.listeners {
+        let mut y = format!(
+            "hostname: {HOSTNAME}\nstate_dir: {}\nlisteners:\n",
+            q(&self.dir.join("state"))
+        );
+        for (i, l) in self.listeners.iter().enumerate() {
             y.push_str(&format!("  - address: {l:?}\n"));
+            if let Some(mode) = self.listener_tls.get(i) {
+                y.push_str(&format!("    tls: {mode}\n"));
+            }
         }
         y.push_str(&format!(
             "spool:\n  path: {}\nupstreams:\n  - name: local\n    type: outbox\n    path: {}\n\

@@ -25,7 +25,7 @@ use crate::daemon::{
 };
 
 /// Finds a program on PATH or in the sbin directories (smtp-source lives in /usr/sbin).
-fn find_program(name: &str) -> Option<PathBuf> {
+pub fn find_program(name: &str) -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect())
         .unwrap_or_default();
@@ -36,7 +36,7 @@ fn find_program(name: &str) -> Option<PathBuf> {
 }
 
 /// The program's path; `None` (skip) when it is missing outside CI; a failure in CI.
-fn require(name: &str, package: &str) -> Option<PathBuf> {
+pub fn require(name: &str, package: &str) -> Option<PathBuf> {
     match find_program(name) {
         Some(p) => Some(p),
         None if in_ci() => panic!(

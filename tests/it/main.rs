@@ -4,5 +4,6 @@ mod common;
 mod daemon;
 mod durability;
 mod interop;
+mod interop_tls;
 mod session;
 mod tls;
