@@ -421,6 +421,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
+    /// The senders this client may use: its user's `allowed_senders` once authenticated,
+    /// else `access.allowed_senders`.
+    fn sender_patterns(&self) -> &[crate::config::SenderPattern] {
+        &self.ctx.config.access.allowed_senders
+    }
+
     fn starttls_available(&self) -> bool {
         !self.tls_active && self.ctx.listener.tls == TlsMode::StartTls && self.ctx.tls.is_some()
     }
@@ -467,7 +473,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.reply(&r);
             return self.error();
         }
-        if !crate::config::sender_allowed(&access.allowed_senders, &from.address) {
+        if !crate::config::sender_allowed(self.sender_patterns(), &from.address) {
             tracing::warn!(client = %self.client_ip, from = %from.address, "sender not in access.allowed_senders");
             self.reply(&reply::SENDER_NOT_ALLOWED);
             return self.error();
@@ -591,6 +597,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // Content is held here until the header section has been scanned for Date and
         // Message-ID, then our headers go first and everything streams to the spool.
         let mut head: Option<Vec<u8>> = Some(Vec::new());
+        let mut header_from: Vec<String> = Vec::new();
         let mut out = Vec::with_capacity(READ_CHUNK + 1024);
         let deadline = Instant::now() + cfg.limits.data_timeout;
         // RFC 3848 / RFC 6531 "with" keywords.
@@ -630,6 +637,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 h.extend_from_slice(&out);
                 if let Some(present) = headers::scan(h, found.is_some()) {
                     let h = head.take().unwrap_or_default();
+                    header_from = headers::from_addresses(&h);
                     incoming.write(&trace(present)).await;
                     incoming.write(&h).await;
                 }
@@ -660,6 +668,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Some(reply::LINE_OVER_998)
         } else if flags.bare_lf && self.ctx.listener.bare_lf == BareLf::Reject {
             Some(reply::BARE_LF)
+        } else if let Some(bad) = header_from
+            .iter()
+            .find(|a| !crate::config::sender_allowed(self.sender_patterns(), a))
+        {
+            // Refused here rather than bounced later by Exchange with 5.7.60 (C34).
+            tracing::warn!(client = %self.client_ip, header_from = %bad, "header From not allowed for this client or user");
+            Some(reply::HEADER_FROM_NOT_ALLOWED)
         } else {
             None
         };

@@ -103,6 +103,103 @@ fn check_line(line: &[u8], present: &mut Present) -> bool {
     true
 }
 
+/// The addresses in the `From:` header field(s) of a header section (CRLF-clean, as the
+/// DATA decoder produces it), for the sender policy (behaviour.md C34). Handles folding,
+/// display names, quoted strings, comments and lists; returns them lowercased. An empty
+/// result means there is no From (or nothing address-like in it).
+pub fn from_addresses(head: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(head);
+    let mut value: Option<String> = None;
+    let mut values = Vec::new();
+    for line in text.split("\r\n") {
+        if line.is_empty() {
+            break;
+        }
+        if line.starts_with([' ', '\t']) {
+            if let Some(v) = value.as_mut() {
+                v.push(' ');
+                v.push_str(line.trim());
+            }
+            continue;
+        }
+        if let Some(v) = value.take() {
+            values.push(v);
+        }
+        if let Some((name, rest)) = line.split_once(':')
+            && name.trim_end().eq_ignore_ascii_case("from")
+        {
+            value = Some(rest.trim().to_string());
+        }
+    }
+    values.extend(value);
+    let mut out = Vec::new();
+    for v in values {
+        for item in split_outside_quotes(&v) {
+            let item = strip_comments(&item);
+            let addr = match (item.rfind('<'), item.rfind('>')) {
+                (Some(a), Some(b)) if a < b => item[a + 1..b].trim().to_string(),
+                _ => item.trim().trim_matches('"').to_string(),
+            };
+            // A group "name: a, b;" leaves the group name in front of the first address.
+            let addr = addr
+                .rsplit(':')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .trim_end_matches(';');
+            if addr.contains('@') {
+                out.push(addr.to_lowercase());
+            }
+        }
+    }
+    out
+}
+
+fn split_outside_quotes(v: &str) -> Vec<String> {
+    let (mut out, mut cur, mut quoted, mut angle) = (Vec::new(), String::new(), false, 0i32);
+    let mut escape = false;
+    for c in v.chars() {
+        if escape {
+            cur.push(c);
+            escape = false;
+            continue;
+        }
+        match c {
+            '\\' if quoted => escape = true,
+            '"' => quoted = !quoted,
+            '<' if !quoted => angle += 1,
+            '>' if !quoted => angle -= 1,
+            ',' if !quoted && angle <= 0 => {
+                out.push(std::mem::take(&mut cur));
+                continue;
+            }
+            _ => {}
+        }
+        if c != '"' {
+            cur.push(c);
+        }
+    }
+    out.push(cur);
+    out
+}
+
+fn strip_comments(s: &str) -> String {
+    let mut depth = 0;
+    s.chars()
+        .filter(|&c| match c {
+            '(' => {
+                depth += 1;
+                false
+            }
+            ')' if depth > 0 => {
+                depth -= 1;
+                false
+            }
+            _ => depth == 0,
+        })
+        .collect()
+}
+
 /// Facts for the `Received:` header.
 pub struct TraceInfo<'a> {
     pub helo: &'a str,
@@ -182,6 +279,35 @@ mod tests {
         assert_eq!(clean_token("printer\r\nX-Evil: 1"), "printer??X-Evil:?1");
         assert!(clean_token(&"a".repeat(10_000)).len() <= 67);
         assert_eq!(clean_token("héllo(x)"), "h?llo_x_");
+    }
+
+    #[test]
+    fn from_addresses_of_common_shapes() {
+        let f = |h: &str| from_addresses(h.as_bytes());
+        assert_eq!(
+            f("From: scanner@contoso.com\r\n\r\n"),
+            ["scanner@contoso.com"]
+        );
+        assert_eq!(
+            f("Subject: x\r\nFrom: \"Scanner, 3rd floor\" <Scan@Contoso.com>\r\n\r\n"),
+            ["scan@contoso.com"]
+        );
+        assert_eq!(
+            f("From: a@x.example (Printer), B <b@y.example>\r\n\r\n"),
+            ["a@x.example", "b@y.example"]
+        );
+        assert_eq!(
+            f("From: =?UTF-8?Q?St=C3=A9phane?=\r\n <s@x.example>\r\n\r\n"),
+            ["s@x.example"]
+        );
+        assert_eq!(
+            f("Subject: none\r\n\r\nFrom: body@x\r\n"),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            f("From: ceo@corp.example\r\nFrom: scanner@contoso.com\r\n\r\n"),
+            ["ceo@corp.example", "scanner@contoso.com"]
+        );
     }
 
     #[test]

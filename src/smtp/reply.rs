@@ -163,6 +163,11 @@ pub const SENDER_NOT_ALLOWED: Reply = Reply::fixed(
     "5.7.1",
     "Sender address not allowed for this client or user",
 );
+pub const HEADER_FROM_NOT_ALLOWED: Reply = Reply::fixed(
+    550,
+    "5.7.1",
+    "Header From address not allowed for this client or user",
+);
 pub const RELAY_DENIED: Reply = Reply::fixed(
     554,
     "5.7.1",

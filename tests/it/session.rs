@@ -677,6 +677,36 @@ async fn unauthenticated_senders_are_held_to_access_allowed_senders() {
 }
 
 #[tokio::test]
+async fn c34_header_from_outside_allowed_senders_is_refused_before_queueing() {
+    let h = Harness::new("access:\n  allowed_senders: [\"*@contoso.com\"]\n");
+    let out = h
+        .converse(
+            PEER,
+            b"EHLO x\r\nMAIL FROM:<scanner@contoso.com>\r\nRCPT TO:<b@ext.example>\r\nDATA\r\nFrom: \"CEO\" <ceo@corp.example>\r\nSubject: spoof\r\n\r\nx\r\n.\r\nMAIL FROM:<scanner@contoso.com>\r\nRCPT TO:<b@ext.example>\r\nDATA\r\nFrom: Scanner <Scanner@Contoso.com>\r\nSubject: ok\r\n\r\nx\r\n.\r\nQUIT\r\n",
+        )
+        .await;
+    assert_eq!(
+        summary(&out),
+        codes(&[
+            "220",
+            "250",
+            "250 2.1.0",
+            "250 2.1.5",
+            "354",
+            "550 5.7.1",
+            "250 2.1.0",
+            "250 2.1.5",
+            "354",
+            "250 2.0.0",
+            "221 2.0.0"
+        ])
+    );
+    let msgs = h.queued_messages();
+    assert_eq!(msgs.len(), 1);
+    assert!(String::from_utf8_lossy(&msgs[0].content).contains("Subject: ok"));
+}
+
+#[tokio::test]
 async fn b20_nul_in_command_is_500_5_5_2() {
     let h = Harness::new("");
     let out = h
