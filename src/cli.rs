@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config;
+use crate::secret::Secret;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -35,11 +36,24 @@ pub enum Command {
         #[arg(short, long, value_name = "PATH")]
         config: Option<PathBuf>,
     },
+    /// Print an argon2id hash of a password, for `users[].password_hash`. On a terminal it
+    /// asks twice, without echo; otherwise it reads the first line of standard input.
+    HashPassword,
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::HashPassword => match hash_password() {
+            Ok(hash) => {
+                println!("{hash}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("mailbridge: {e}");
+                ExitCode::from(1)
+            }
+        },
         Command::CheckConfig { config: path } => {
             let path = config::resolve_path(path.as_deref());
             match config::load(&path) {
@@ -90,5 +104,128 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// The longest password `hash-password` takes: far more than a device sends, and a bound
+/// when standard input is an endless stream.
+const MAX_PASSWORD_LEN: usize = 4096;
+
+fn hash_password() -> Result<String, String> {
+    let password = if rustix::termios::isatty(std::io::stdin()) {
+        read_password_from_terminal()?
+    } else {
+        read_password_line(&mut std::io::stdin().lock())?
+    };
+    if password.expose().is_empty() {
+        return Err("the password is empty".into());
+    }
+    // RFC 4616 §2: PLAIN separates its fields with NUL, so no client could send this one.
+    if password.expose().contains('\0') {
+        return Err("the password contains a NUL character".into());
+    }
+    crate::inbound::auth::hash_password(&password)
+        .map_err(|e| format!("cannot hash the password: {e}"))
+}
+
+/// The first line, without its `\n` or `\r\n`. Errors never contain the input.
+fn read_password_line(input: &mut impl std::io::BufRead) -> Result<Secret, String> {
+    use std::io::{BufRead, Read};
+    let mut line = Vec::new();
+    input
+        .take(MAX_PASSWORD_LEN as u64 + 2)
+        .read_until(b'\n', &mut line)
+        .map_err(|e| format!("cannot read the password: {e}"))?;
+    let line = line.strip_suffix(b"\n").unwrap_or(&line);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line.len() > MAX_PASSWORD_LEN {
+        return Err(format!(
+            "the password is longer than {MAX_PASSWORD_LEN} bytes"
+        ));
+    }
+    match std::str::from_utf8(line) {
+        Ok(p) => Ok(Secret::new(p)),
+        Err(_) => Err("the password is not valid UTF-8".into()),
+    }
+}
+
+/// Asks twice with echo off. The terminal settings are restored however this ends: an
+/// error, a panic (the guard's `Drop`), or Ctrl-C, SIGTERM or SIGHUP (caught here for that
+/// reason).
+fn read_password_from_terminal() -> Result<Secret, String> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let res = rt.block_on(async {
+        let listen = |kind| signal(kind).map_err(|e| format!("cannot handle signals: {e}"));
+        let mut interrupt = listen(SignalKind::interrupt())?;
+        let mut terminate = listen(SignalKind::terminate())?;
+        let mut hangup = listen(SignalKind::hangup())?;
+        let _echo_off = EchoOff::new()?;
+        let read = tokio::task::spawn_blocking(|| {
+            let first = prompt("Password: ")?;
+            if first.expose().is_empty() {
+                return Err("the password is empty".to_string());
+            }
+            let second = prompt("Repeat the password: ")?;
+            if first != second {
+                return Err("the passwords do not match".to_string());
+            }
+            Ok(first)
+        });
+        let stopped = |what: &str| {
+            eprintln!();
+            Err(format!("{what}: no password hashed"))
+        };
+        tokio::select! {
+            r = read => r.map_err(|e| format!("cannot read the password: {e}"))?,
+            _ = interrupt.recv() => stopped("interrupted"),
+            _ = terminate.recv() => stopped("terminated"),
+            _ = hangup.recv() => stopped("hung up"),
+        }
+    });
+    // After a signal the reading thread is still blocked on the terminal: do not wait for it.
+    rt.shutdown_background();
+    res
+}
+
+fn prompt(text: &str) -> Result<Secret, String> {
+    use std::io::Write;
+    let mut err = std::io::stderr();
+    let _ = err.write_all(text.as_bytes());
+    let _ = err.flush();
+    read_password_line(&mut std::io::stdin().lock())
+}
+
+/// Terminal echo off on standard input (newlines still echoed) until dropped.
+struct EchoOff {
+    saved: rustix::termios::Termios,
+}
+
+impl EchoOff {
+    fn new() -> Result<EchoOff, String> {
+        use rustix::termios::{LocalModes, OptionalActions, tcgetattr, tcsetattr};
+        let stdin = std::io::stdin();
+        let saved =
+            tcgetattr(&stdin).map_err(|e| format!("cannot read the terminal settings: {e}"))?;
+        let mut quiet = saved.clone();
+        quiet.local_modes.remove(LocalModes::ECHO);
+        quiet.local_modes.insert(LocalModes::ECHONL);
+        // TCSAFLUSH, as getpass(3): type-ahead, which was echoed, is discarded.
+        tcsetattr(&stdin, OptionalActions::Flush, &quiet)
+            .map_err(|e| format!("cannot turn off the terminal echo: {e}"))?;
+        Ok(EchoOff { saved })
+    }
+}
+
+impl Drop for EchoOff {
+    fn drop(&mut self) {
+        let _ = rustix::termios::tcsetattr(
+            std::io::stdin(),
+            rustix::termios::OptionalActions::Now,
+            &self.saved,
+        );
     }
 }

@@ -90,6 +90,13 @@ impl Daemon {
             None
         };
 
+        let users = config.users.clone();
+        let authenticator = Arc::new(
+            tokio::task::spawn_blocking(move || crate::inbound::auth::Authenticator::new(&users))
+                .await?,
+        );
+        let auth_failures = Arc::new(crate::inbound::auth::FailureLimiter::new());
+
         let mut bound = Vec::new();
         for l in &config.listeners {
             let listener = TcpListener::bind(l.address).await.with_context(|| {
@@ -121,6 +128,8 @@ impl Daemon {
                     tls.clone()
                 },
                 listener: lcfg,
+                auth: authenticator.clone(),
+                auth_failures: auth_failures.clone(),
                 spool: spool.clone(),
                 scheduler: handle.clone(),
                 stop: stop.clone(),

@@ -2,6 +2,7 @@
 //! apply connection limits and the network allowlist, and run one SMTP session per
 //! connection. Parses untrusted bytes; hands finished messages to the spool.
 
+pub mod auth;
 pub mod listener;
 pub mod session;
 pub mod tls;
@@ -27,4 +28,8 @@ pub struct SessionCtx {
     pub hard_stop: CancellationToken,
     /// For `starttls` and `implicit` listeners.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Checks AUTH credentials against `users` (shared by all listeners).
+    pub auth: Arc<auth::Authenticator>,
+    /// Slows down and blocks addresses that keep failing AUTH (shared by all listeners).
+    pub auth_failures: Arc<auth::FailureLimiter>,
 }

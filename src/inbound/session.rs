@@ -15,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use super::SessionCtx;
+use super::auth::{self, SaslExchange, Step};
 use crate::config::{BareLf, TlsMode};
 use crate::smtp::data::DataDecoder;
 use crate::smtp::headers::{self, TraceInfo};
@@ -68,6 +69,13 @@ pub struct Session<S> {
     discarding: usize,
     /// The connection is TLS (implicit, or after STARTTLS).
     tls_active: bool,
+    /// Set by a successful AUTH; cleared by STARTTLS (a new session).
+    auth: Option<AuthedUser>,
+}
+
+struct AuthedUser {
+    username: String,
+    allowed_senders: Vec<crate::config::SenderPattern>,
 }
 
 /// How long a TLS handshake may take.
@@ -149,6 +157,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             errors: 0,
             discarding: 0,
             tls_active,
+            auth: None,
         }
     }
 
@@ -207,7 +216,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.reply(&greeting);
         }
         loop {
-            let input = self.next_line().await;
+            let input = self.next_command().await;
             let next = match input {
                 Input::Line(line) => self.command(&line).await,
                 Input::TooLong => {
@@ -274,10 +283,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    async fn next_line(&mut self) -> Input {
+    /// Reads a command line. AUTH may carry an initial response up to the SASL limit
+    /// (RFC 4954 §4); every other command is held to 512 octets.
+    async fn next_command(&mut self) -> Input {
+        let deadline = Instant::now() + self.ctx.config.limits.command_timeout;
+        // Read until the verb is known (5 bytes, or a shorter complete line).
+        while self.discarding == 0 && self.unread().len() < 5 && !self.unread().contains(&b'\n') {
+            if let Err(e) = self.fill(deadline, true).await {
+                return e;
+            }
+        }
+        let u = self.unread();
+        let is_auth = self.discarding == 0 && u.len() >= 5 && u[..5].eq_ignore_ascii_case(b"AUTH ");
+        let max = if is_auth {
+            auth::MAX_RESPONSE_LEN + 64
+        } else {
+            MAX_COMMAND_LINE
+        };
+        self.next_line(max, deadline).await
+    }
+
+    async fn next_line(&mut self, max: usize, deadline: Instant) -> Input {
         // One deadline for the whole line: a client trickling a byte at a time cannot hold
         // the session open past `limits.command_timeout`.
-        let deadline = Instant::now() + self.ctx.config.limits.command_timeout;
         loop {
             let unread = self.unread();
             if let Some(pos) = unread.iter().position(|&b| b == b'\n') {
@@ -289,13 +317,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     return Input::TooLong;
                 }
                 self.rpos = end;
-                if len > MAX_COMMAND_LINE {
+                if len > max {
                     return Input::TooLong;
                 }
                 return Input::Line(self.rbuf[end - len..end].to_vec());
             }
             // No complete line yet: bound what we keep.
-            if self.discarding > 0 || unread.len() > MAX_COMMAND_LINE {
+            if self.discarding > 0 || unread.len() > max {
                 self.discarding += unread.len();
                 self.rpos = self.rbuf.len();
                 if self.discarding > MAX_DISCARD {
@@ -372,6 +400,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 if self.starttls_available() {
                     lines.push("STARTTLS".to_string());
                 }
+                // B12: AUTH only where it may be used (inside TLS unless allow_plaintext_auth).
+                if self.auth_available() {
+                    lines.push(format!("AUTH {}", auth::MECHANISMS));
+                }
                 reply::ehlo(&lines, &mut self.wbuf);
                 Next::Continue
             }
@@ -408,8 +440,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Next::Continue
             }
             Request::StartTls => self.starttls().await,
+            Request::Auth {
+                mechanism,
+                initial_response,
+            } => self.authenticate(mechanism, &initial_response).await,
             Request::Expn { .. }
-            | Request::Auth { .. }
             | Request::Bdat { .. }
             | Request::Etrn { .. }
             | Request::Atrn { .. }
@@ -424,7 +459,124 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// The senders this client may use: its user's `allowed_senders` once authenticated,
     /// else `access.allowed_senders`.
     fn sender_patterns(&self) -> &[crate::config::SenderPattern] {
-        &self.ctx.config.access.allowed_senders
+        match &self.auth {
+            Some(user) => &user.allowed_senders,
+            None => &self.ctx.config.access.allowed_senders,
+        }
+    }
+
+    fn auth_available(&self) -> bool {
+        self.ctx.auth.has_users() && (self.tls_active || self.ctx.listener.allow_plaintext_auth)
+    }
+
+    /// AUTH PLAIN / LOGIN (RFC 4954). Credentials live only in `Secret` values and in the
+    /// line buffers of this exchange; nothing here logs them.
+    async fn authenticate(&mut self, mechanism: u64, initial: &str) -> Next {
+        let refusal = if self.helo.is_none() {
+            Some(reply::BAD_SEQUENCE_HELO)
+        } else if self.auth.is_some() {
+            Some(reply::AUTH_ALREADY)
+        } else if self.tx.is_some() {
+            Some(reply::AUTH_IN_TRANSACTION)
+        } else if !self.ctx.auth.has_users() {
+            Some(reply::NOT_IMPLEMENTED)
+        } else if !self.tls_active && !self.ctx.listener.allow_plaintext_auth {
+            // behaviour.md C32: no password in the clear unless the listener allows it.
+            Some(reply::AUTH_NEEDS_TLS)
+        } else {
+            None
+        };
+        if let Some(r) = refusal {
+            self.reply(&r);
+            return self.error();
+        }
+        let delay = match self.ctx.auth_failures.check(self.client_ip) {
+            Ok(d) => d,
+            Err(r) => {
+                tracing::warn!(client = %self.client_ip, "AUTH refused: too many failures from this address");
+                self.close_with(&r).await;
+                return Next::Close;
+            }
+        };
+        let mechanism = match auth::Mechanism::from_smtp_proto(mechanism) {
+            Ok(m) => m,
+            Err(r) => {
+                self.reply(&r);
+                return self.error();
+            }
+        };
+        let initial = (!initial.is_empty()).then_some(initial);
+        let (mut exchange, mut step) = SaslExchange::start(mechanism, initial);
+        loop {
+            match step {
+                Step::Challenge(c) => {
+                    self.reply(&reply::auth_challenge(c));
+                    let deadline = Instant::now() + self.ctx.config.limits.command_timeout;
+                    let line = match self.next_line(auth::MAX_RESPONSE_LEN + 2, deadline).await {
+                        Input::Line(l) => l,
+                        Input::TooLong => {
+                            self.reply(&reply::AUTH_LINE_TOO_LONG);
+                            return self.error();
+                        }
+                        Input::Flood => {
+                            self.close_with(&reply::AUTH_LINE_TOO_LONG).await;
+                            return Next::Close;
+                        }
+                        Input::Closed => return Next::Close,
+                        Input::Timeout => {
+                            self.close_with(&reply::TIMEOUT).await;
+                            return Next::Close;
+                        }
+                        Input::Shutdown => {
+                            self.close_with(&reply::SHUTTING_DOWN).await;
+                            return Next::Close;
+                        }
+                    };
+                    // Some printers give up with QUIT at the LOGIN prompt.
+                    if line.trim_ascii().eq_ignore_ascii_case(b"QUIT") {
+                        self.close_with(&reply::BYE).await;
+                        return Next::Close;
+                    }
+                    step = exchange.respond(&line);
+                }
+                Step::Fail(r) => {
+                    self.reply(&r);
+                    return self.error();
+                }
+                Step::Done { username, password } => {
+                    let shown = headers::clean_token(&username);
+                    return match self.ctx.auth.verify(&username, password).await {
+                        Some(name) => {
+                            self.ctx.auth_failures.succeeded(self.client_ip);
+                            let allowed_senders = self
+                                .ctx
+                                .config
+                                .users
+                                .iter()
+                                .find(|u| u.username == name)
+                                .map(|u| u.allowed_senders.clone())
+                                .unwrap_or_default();
+                            tracing::info!(client = %self.client_ip, user = %headers::clean_token(&name), mechanism = mechanism.name(), "authenticated");
+                            self.auth = Some(AuthedUser {
+                                username: name,
+                                allowed_senders,
+                            });
+                            self.reply(&reply::AUTH_OK);
+                            Next::Continue
+                        }
+                        None => {
+                            self.ctx.auth_failures.failed(self.client_ip);
+                            tracing::warn!(client = %self.client_ip, user = %shown, "authentication failed (unknown user or wrong password)");
+                            if !delay.is_zero() {
+                                tokio::time::sleep(delay).await;
+                            }
+                            self.reply(&reply::AUTH_FAILED);
+                            self.error()
+                        }
+                    };
+                }
+            }
+        }
     }
 
     fn starttls_available(&self) -> bool {
@@ -464,7 +616,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // Relay permission (behaviour.md C30): clients from allow_networks may send without
         // AUTH unless the listener requires it; everyone else must authenticate first.
         let access = &self.ctx.config.access;
-        if self.ctx.listener.require_auth || !access.allows(self.client_ip) {
+        if self.auth.is_none() && (self.ctx.listener.require_auth || !access.allows(self.client_ip))
+        {
             self.reply(&reply::AUTH_REQUIRED);
             return self.error();
         }
@@ -584,7 +737,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 .collect(),
             client_ip: self.client_ip,
             helo: self.helo.clone().unwrap_or_default(),
-            auth_user: None,
+            auth_user: self.auth.as_ref().map(|a| a.username.clone()),
             arrival_ms: now_ms(),
             body: tx.body,
             smtputf8: tx.smtputf8,
@@ -600,13 +753,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut header_from: Vec<String> = Vec::new();
         let mut out = Vec::with_capacity(READ_CHUNK + 1024);
         let deadline = Instant::now() + cfg.limits.data_timeout;
-        // RFC 3848 / RFC 6531 "with" keywords.
-        let protocol = match (self.esmtp, envelope.smtputf8, self.tls_active) {
-            (true, true, false) => "UTF8SMTP",
-            (true, true, true) => "UTF8SMTPS",
-            (true, false, false) => "ESMTP",
-            (true, false, true) => "ESMTPS",
-            (false, _, _) => "SMTP",
+        // RFC 3848 / RFC 6531 "with" keywords: S for TLS, A for AUTH.
+        let protocol = match (
+            self.esmtp,
+            envelope.smtputf8,
+            self.tls_active,
+            self.auth.is_some(),
+        ) {
+            (false, _, _, _) => "SMTP",
+            (true, false, false, false) => "ESMTP",
+            (true, false, true, false) => "ESMTPS",
+            (true, false, false, true) => "ESMTPA",
+            (true, false, true, true) => "ESMTPSA",
+            (true, true, false, false) => "UTF8SMTP",
+            (true, true, true, false) => "UTF8SMTPS",
+            (true, true, false, true) => "UTF8SMTPA",
+            (true, true, true, true) => "UTF8SMTPSA",
         };
         let single_rcpt =
             (envelope.recipients.len() == 1).then(|| envelope.recipients[0].address.clone());
@@ -619,7 +781,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     hostname: &cfg.hostname,
                     protocol,
                     queue_id: &id,
-                    auth_user: None,
+                    auth_user: envelope.auth_user.as_deref(),
                     single_rcpt: single_rcpt.as_deref(),
                     now,
                 },

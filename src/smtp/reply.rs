@@ -212,3 +212,28 @@ pub fn unsupported_parameter(param: &str) -> Reply {
 pub const SYNTAX_ERROR: Reply = Reply::fixed(501, "5.5.4", "Syntax error");
 pub const BINARYMIME_UNSUPPORTED: Reply =
     Reply::fixed(555, "5.5.4", "BODY=BINARYMIME is not supported");
+
+// AUTH (RFC 4954 §4 and §6).
+pub const AUTH_OK: Reply = Reply::fixed(235, "2.7.0", "Authentication successful");
+pub const AUTH_FAILED: Reply = Reply::fixed(535, "5.7.8", "Authentication credentials invalid");
+pub const AUTH_CANCELLED: Reply = Reply::fixed(501, "5.0.0", "Authentication cancelled");
+pub const AUTH_BAD_BASE64: Reply = Reply::fixed(501, "5.5.2", "Cannot decode the base64 response");
+/// Decodes, but is not what the mechanism expects (RFC 4616 §2), or is not UTF-8.
+pub const AUTH_MALFORMED: Reply = Reply::fixed(501, "5.5.2", "Malformed authentication response");
+pub const AUTH_LINE_TOO_LONG: Reply =
+    Reply::fixed(500, "5.5.6", "Authentication exchange line is too long");
+pub const AUTH_MECH_UNKNOWN: Reply = Reply::fixed(504, "5.5.4", "Unrecognized authentication type");
+pub const AUTH_TOO_MANY_FAILURES: Reply = Reply::fixed(
+    421,
+    "4.7.0",
+    "Too many authentication failures, try again later",
+);
+pub const AUTH_ALREADY: Reply = Reply::fixed(503, "5.5.1", "Already authenticated");
+pub const AUTH_IN_TRANSACTION: Reply =
+    Reply::fixed(503, "5.5.1", "AUTH not permitted during a mail transaction");
+pub const AUTH_NEEDS_TLS: Reply = Reply::fixed(530, "5.7.0", "Must issue a STARTTLS command first");
+
+/// A SASL challenge, `334 <base64>` (RFC 4954 §4); no enhanced code on 334.
+pub const fn auth_challenge(base64: &'static str) -> Reply {
+    Reply::fixed(334, "", base64)
+}

@@ -47,6 +47,7 @@ impl Harness {
         // A TLS listener gets the daemon's acceptor (self-signed certificate in state_dir).
         let tls = (cfg.listeners[0].tls != mailbridge::config::TlsMode::None)
             .then(|| mailbridge::inbound::tls::acceptor(&cfg).expect("TLS set-up"));
+        let users = cfg.users.clone();
         let ctx = Arc::new(SessionCtx {
             listener: cfg.listeners[0].clone(),
             config: Arc::new(cfg),
@@ -55,6 +56,8 @@ impl Harness {
             stop: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
             tls,
+            auth: Arc::new(mailbridge::inbound::auth::Authenticator::new(&users)),
+            auth_failures: Arc::new(mailbridge::inbound::auth::FailureLimiter::new()),
         });
         Harness { dir, ctx, spool }
     }

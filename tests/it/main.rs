@@ -1,5 +1,6 @@
 //! The one integration test binary (ripgrep's habit): a module per area.
 
+mod auth_cli;
 mod common;
 mod daemon;
 mod durability;
