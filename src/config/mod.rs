@@ -388,6 +388,13 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             });
         }
     }
+    for (i, l) in listeners.iter().enumerate() {
+        if l.require_auth && l.tls == TlsMode::None && !l.allow_plaintext_auth {
+            errs.push(format!(
+                "listeners[{i}].require_auth: clients could never authenticate here: set tls: starttls or implicit, or allow_plaintext_auth: true"
+            ));
+        }
+    }
     for (i, a) in listeners.iter().enumerate() {
         // Port 0 (the system picks a free port) may appear several times.
         if a.address.port() != 0 && listeners[..i].iter().any(|b| b.address == a.address) {

@@ -51,6 +51,27 @@ pub fn acceptor(config: &Config) -> Result<TlsAcceptor, TlsError> {
             reason: "no certificate found (expected PEM \"BEGIN CERTIFICATE\")".into(),
         });
     }
+    // A private key is a secret: refuse one that group or others may read (C36).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key_path)
+            .map_err(|e| TlsError::Key {
+                path: key_path.clone(),
+                reason: e.to_string(),
+            })?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(TlsError::Key {
+                path: key_path.clone(),
+                reason: format!(
+                    "readable by group or others (mode {:o}); run: chmod 600 {}",
+                    mode & 0o777,
+                    key_path.display()
+                ),
+            });
+        }
+    }
     let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| TlsError::Key {
         path: key_path.clone(),
         reason: match e {

@@ -187,6 +187,8 @@ pub struct RelayConfig {
     pub extra: String,
     /// `tls:` mode per listener (same order as `listeners`); missing entries mean none.
     pub listener_tls: Vec<&'static str>,
+    /// `log.level` (`info` unless a test needs more).
+    pub log_level: &'static str,
 }
 
 impl RelayConfig {
@@ -199,6 +201,7 @@ impl RelayConfig {
             workers: 4,
             extra: String::new(),
             listener_tls: Vec::new(),
+            log_level: "info",
         }
     }
 
@@ -216,10 +219,11 @@ impl RelayConfig {
         }
         y.push_str(&format!(
             "spool:\n  path: {}\nupstreams:\n  - name: local\n    type: outbox\n    path: {}\n\
-             queue:\n  retry: [1s]\n  workers: {}\nlog:\n  level: info\n  format: json\n{}",
+             queue:\n  retry: [1s]\n  workers: {}\nlog:\n  level: {}\n  format: json\n{}",
             q(&self.spool),
             q(&self.outbox),
             self.workers,
+            self.log_level,
             self.extra
         ));
         y

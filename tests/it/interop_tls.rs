@@ -55,6 +55,8 @@ fn tls_relay() -> TlsRelay {
     let key = dir.path().join("key.pem");
     std::fs::write(&cert, ck.cert.pem()).unwrap();
     std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    // mailbridge refuses a private key that group or others can read.
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let mut cfg = RelayConfig::new(dir.path());
     cfg.listeners = vec!["127.0.0.1:0".into(), "127.0.0.1:0".into()];
     cfg.listener_tls = vec!["starttls", "implicit"];

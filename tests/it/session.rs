@@ -640,7 +640,9 @@ async fn c30_client_outside_allow_networks_must_authenticate_530() {
 
 #[tokio::test]
 async fn c30_require_auth_listener_refuses_allowed_network_too() {
-    let h = Harness::new("listeners:\n  - address: \"127.0.0.1:0\"\n    require_auth: true\n");
+    let h = Harness::new(
+        "listeners:\n  - address: \"127.0.0.1:0\"\n    require_auth: true\n    allow_plaintext_auth: true\n",
+    );
     let out = h
         .converse(PEER, b"EHLO x\r\nMAIL FROM:<a@lan.example>\r\nQUIT\r\n")
         .await;
