@@ -41,6 +41,8 @@ struct Transaction {
 enum Input {
     Line(Vec<u8>),
     TooLong,
+    /// An AUTH command line over the SASL response limit (RFC 4954 §6: 500 5.5.6).
+    AuthTooLong,
     /// Over-long line without end: reply and disconnect.
     Flood,
     Closed,
@@ -223,6 +225,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.reply(&reply::LINE_TOO_LONG);
                     self.error()
                 }
+                Input::AuthTooLong => {
+                    self.reply(&reply::AUTH_LINE_TOO_LONG);
+                    self.error()
+                }
                 Input::Flood => {
                     self.close_with(&reply::LINE_TOO_LONG).await;
                     Next::Close
@@ -300,7 +306,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         } else {
             MAX_COMMAND_LINE
         };
-        self.next_line(max, deadline).await
+        match self.next_line(max, deadline).await {
+            Input::TooLong if is_auth => Input::AuthTooLong,
+            input => input,
+        }
     }
 
     async fn next_line(&mut self, max: usize, deadline: Instant) -> Input {
@@ -514,7 +523,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     let deadline = Instant::now() + self.ctx.config.limits.command_timeout;
                     let line = match self.next_line(auth::MAX_RESPONSE_LEN + 2, deadline).await {
                         Input::Line(l) => l,
-                        Input::TooLong => {
+                        Input::TooLong | Input::AuthTooLong => {
                             self.reply(&reply::AUTH_LINE_TOO_LONG);
                             return self.error();
                         }
@@ -545,7 +554,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
                 Step::Done { username, password } => {
                     let shown = headers::clean_token(&username);
-                    return match self.ctx.auth.verify(&username, password).await {
+                    let verified = self.ctx.auth.verify(&username, password).await;
+                    // FailureLimiter: the delay comes before the answer, success or failure
+                    // alike, so a quick answer does not give a right password away.
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    return match verified {
                         Some(name) => {
                             self.ctx.auth_failures.succeeded(self.client_ip);
                             let allowed_senders = self
@@ -567,9 +582,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         None => {
                             self.ctx.auth_failures.failed(self.client_ip);
                             tracing::warn!(client = %self.client_ip, user = %shown, "authentication failed (unknown user or wrong password)");
-                            if !delay.is_zero() {
-                                tokio::time::sleep(delay).await;
-                            }
                             self.reply(&reply::AUTH_FAILED);
                             self.error()
                         }
