@@ -50,12 +50,9 @@ async fn reply<S: AsyncRead + Unpin>(s: &mut S) -> String {
         out.push(b[0]);
         if out.ends_with(b"\r\n") {
             let text = String::from_utf8_lossy(&out).to_string();
-            let last = text
-                .trim_end()
-                .rsplit("\r\n")
-                .next()
-                .unwrap_or("")
-                .to_string();
+            // The last line without its CRLF; a trailing space stays (`334 ` is complete).
+            let body = text.strip_suffix("\r\n").unwrap_or(&text);
+            let last = body.rsplit("\r\n").next().unwrap_or("");
             if last.len() >= 4 && last.as_bytes()[3] == b' ' {
                 break;
             }
