@@ -32,4 +32,5 @@ pub mod scheduler;
 pub mod secret;
 pub mod smtp;
 pub mod spool;
+pub mod token;
 pub mod upstream;

@@ -1,0 +1,237 @@
+//! Token endpoint errors, the AADSTS codes in them and what to do about each.
+
+use std::time::{Duration, SystemTime};
+
+use super::{ClientCredentials, ClientSecret};
+
+/// The longest error description kept (Entra's carry a trace and correlation id at the end).
+const MAX_DESCRIPTION: usize = 600;
+
+/// A failed token request. No variant holds the secret or a token: texts come from the HTTP
+/// status, Entra's `error` / `error_description` (with any echo of the secret removed) and our
+/// own words.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// The endpoint answered with an error status.
+    #[error("token endpoint answered HTTP {status}{}{}", fmt_error(.error), fmt_description(.description))]
+    Endpoint {
+        status: u16,
+        /// Entra's `error`, e.g. `invalid_client`.
+        error: Option<String>,
+        /// Entra's `error_description`, e.g. `AADSTS7000215: Invalid client secret provided...`.
+        description: Option<String>,
+        /// The number after `AADSTS` (or the first of `error_codes`).
+        aadsts: Option<u32>,
+        /// From a `Retry-After` header (seconds or HTTP date).
+        retry_after: Option<Duration>,
+    },
+    /// The endpoint could not be reached or the response could not be read.
+    #[error("token endpoint unreachable: {0}")]
+    Transport(#[source] reqwest::Error),
+    /// A success status with a body that is not a usable token response.
+    #[error("token endpoint answered HTTP {status} but {reason}")]
+    BadResponse { status: u16, reason: &'static str },
+}
+
+fn fmt_error(error: &Option<String>) -> String {
+    error
+        .as_deref()
+        .map(|e| format!(" ({e})"))
+        .unwrap_or_default()
+}
+
+fn fmt_description(description: &Option<String>) -> String {
+    description
+        .as_deref()
+        .map(|d| format!(": {d}"))
+        .unwrap_or_default()
+}
+
+impl TokenError {
+    /// The AADSTS code, when the endpoint sent one.
+    pub fn aadsts(&self) -> Option<u32> {
+        match self {
+            TokenError::Endpoint { aadsts, .. } => *aadsts,
+            _ => None,
+        }
+    }
+
+    /// The HTTP status, when there was a response.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            TokenError::Endpoint { status, .. } | TokenError::BadResponse { status, .. } => {
+                Some(*status)
+            }
+            TokenError::Transport(e) => e.status().map(|s| s.as_u16()),
+        }
+    }
+
+    /// How long the endpoint asked us to wait (`Retry-After`).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            TokenError::Endpoint { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// Whether trying again later can help without anyone changing anything: network errors,
+    /// 408, 429 and 5xx. Configuration errors (400/401 with an AADSTS code) are retried too, but
+    /// slowly, and they need an administrator.
+    pub fn is_temporary(&self) -> bool {
+        match self {
+            TokenError::Transport(_) => true,
+            TokenError::Endpoint { status, .. } | TokenError::BadResponse { status, .. } => {
+                *status == 408 || *status == 429 || *status >= 500
+            }
+        }
+    }
+
+    /// A short meaning of the AADSTS code or status, for logs and alerts.
+    pub fn meaning(&self) -> &'static str {
+        match self.aadsts() {
+            Some(7000215) => "invalid client secret",
+            Some(7000222) => "the client secret has expired",
+            Some(700016) => "application not found in the tenant",
+            Some(90002) => "tenant not found",
+            Some(700027) => "client assertion rejected (certificate not uploaded or bad signature)",
+            _ => match self {
+                TokenError::Transport(_) => "the token endpoint could not be reached",
+                TokenError::BadResponse { .. } => "the token endpoint sent an unusable response",
+                TokenError::Endpoint { status: 429, .. } => "throttled by the token endpoint",
+                TokenError::Endpoint { status, .. } if *status >= 500 => {
+                    "the token endpoint had a temporary failure"
+                }
+                TokenError::Endpoint { .. } => "the token endpoint refused the request",
+            },
+        }
+    }
+
+    /// What the administrator should do about it.
+    pub fn remedy(&self) -> &'static str {
+        match self.aadsts() {
+            Some(7000215) => {
+                "the client secret is wrong: copy the secret's Value (not its Secret ID) from \
+                 Entra ID > App registrations > (the app) > Certificates & secrets into \
+                 client_secret / client_secret_file"
+            }
+            Some(7000222) => {
+                "the client secret has expired: create a new one in Entra ID > App registrations > \
+                 (the app) > Certificates & secrets and put its Value into client_secret / \
+                 client_secret_file"
+            }
+            Some(700016) => {
+                "the application is not known in this tenant: check client_id (the Application \
+                 (client) ID) and tenant_id (the Directory (tenant) ID), and that an administrator \
+                 of this tenant has granted admin consent to the app"
+            }
+            Some(90002) => {
+                "the tenant does not exist: check tenant_id (the Directory (tenant) ID or a \
+                 verified domain) and the token_url's cloud"
+            }
+            Some(700027) => {
+                "the client assertion was rejected: upload the certificate (public part) in Entra \
+                 ID > App registrations > (the app) > Certificates & secrets, and check that the \
+                 configured private key belongs to it and the system clock is right"
+            }
+            _ => match self {
+                TokenError::Transport(_) => {
+                    "temporary, retried automatically; if it persists check DNS, proxy and \
+                     firewall for HTTPS to the token_url host (login.microsoftonline.com)"
+                }
+                e if e.is_temporary() => {
+                    "temporary (throttling or an outage at the token endpoint): retried \
+                     automatically with back-off"
+                }
+                TokenError::BadResponse { .. } => {
+                    "check that token_url points to the Entra v2.0 token endpoint \
+                     (https://login.microsoftonline.com/{tenant_id}/oauth2/v2.0/token) and that no \
+                     proxy rewrites the response"
+                }
+                TokenError::Endpoint { .. } => {
+                    "check tenant_id, client_id, the client secret and scope; look the AADSTS code \
+                     up at https://login.microsoftonline.com/error"
+                }
+            },
+        }
+    }
+}
+
+/// Builds the error for a non-success response: Entra's JSON `error`, `error_description`
+/// (AADSTS code) and `error_codes`, any occurrence of the secret removed.
+pub(super) fn from_error_response(
+    status: u16,
+    retry_after: Option<Duration>,
+    body: &[u8],
+    creds: &ClientCredentials,
+) -> TokenError {
+    let json: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    let field = |name: &str| {
+        json.as_ref()
+            .and_then(|j| j.get(name))
+            .and_then(|v| v.as_str())
+            .map(|s| scrub(s, creds))
+    };
+    let error = field("error");
+    let description = field("error_description");
+    let aadsts = description.as_deref().and_then(aadsts_code).or_else(|| {
+        json.as_ref()
+            .and_then(|j| j.get("error_codes"))
+            .and_then(|c| c.get(0))
+            .and_then(|c| c.as_u64())
+            .and_then(|c| u32::try_from(c).ok())
+    });
+    TokenError::Endpoint {
+        status,
+        error,
+        description,
+        aadsts,
+        retry_after,
+    }
+}
+
+/// Removes the secret from text the endpoint sent back, shortens it, and keeps it on one line.
+fn scrub(text: &str, creds: &ClientCredentials) -> String {
+    let mut text = text.replace(['\r', '\n'], " ");
+    match &creds.secret {
+        ClientSecret::Secret(secret) if !secret.expose().is_empty() => {
+            text = text.replace(secret.expose(), "[redacted]");
+        }
+        ClientSecret::Secret(_) => {}
+    }
+    if text.len() > MAX_DESCRIPTION {
+        let mut end = MAX_DESCRIPTION;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str("...");
+    }
+    text
+}
+
+/// `AADSTS7000215: Invalid client secret...` → 7000215.
+pub(super) fn aadsts_code(description: &str) -> Option<u32> {
+    let start = description.find("AADSTS")? + "AADSTS".len();
+    let digits: String = description[start..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok()
+}
+
+/// `Retry-After: 120` or `Retry-After: <HTTP date>`.
+pub(super) fn parse_retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(
+        when.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}

@@ -1,0 +1,195 @@
+//! OAuth 2.0 client-credentials tokens for Exchange Online (SASL XOAUTH2).
+//!
+//! - [`fetch`]: one token request (form POST, client secret in the body, never HTTP Basic).
+//! - [`TokenError`]: what the token endpoint or the network said, with the AADSTS code and a remedy.
+//! - [`refresh_at`]: when a token of a given lifetime is renewed (exchange-online.md).
+//! - [`TokenHandle`]: the shared, lock-free view of the current token, plus a single-flight forced
+//!   refresh (a `535` on AUTH from N workers causes one token request).
+//! - [`Refresher`]: the background task that keeps a handle's token fresh.
+//!
+//! Neither a client secret nor a token ever reaches a `Debug`, `Display` or log line: both are
+//! [`Secret`]s, and error texts are built from the status, the Entra error fields and our own words.
+
+mod error;
+mod handle;
+
+#[cfg(test)]
+mod tests;
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::secret::Secret;
+
+pub use error::TokenError;
+pub use handle::{RefreshPolicy, Refresher, TokenHandle};
+
+/// The largest token response body read; Entra's are about 2-3 KiB.
+const MAX_BODY: usize = 256 * 1024;
+
+/// What identifies the application to the token endpoint.
+#[derive(Clone, Debug)]
+pub struct ClientCredentials {
+    /// `https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token` for the public cloud.
+    pub token_url: String,
+    /// The Application (client) ID of the Entra app registration.
+    pub client_id: String,
+    /// `https://outlook.office365.com/.default` for SMTP client submission.
+    pub scope: String,
+    pub secret: ClientSecret,
+}
+
+/// How the application proves its identity.
+///
+/// Only a client secret exists so far. Certificate credentials (a JWT client assertion signed with
+/// the app's private key: `client_assertion_type=urn:ietf:params:oauth:client-assertion-type:jwt-bearer`
+/// and `client_assertion=<JWT>` instead of `client_secret`) become a second variant here; [`fetch`]
+/// builds the form per variant, nothing else depends on the kind of credential.
+#[derive(Clone, Debug)]
+pub enum ClientSecret {
+    /// A client secret's *value* (not its Secret ID), sent as `client_secret` in the form body.
+    Secret(Secret),
+}
+
+/// An access token. `Debug` shows how long it is still valid, never its value.
+#[derive(Clone)]
+pub struct Token {
+    /// The bearer token for `AUTH XOAUTH2`.
+    pub value: Secret,
+    /// When it stops being valid (measured from when the request was sent, so slightly early).
+    pub expires_at: Instant,
+    /// `expires_in` as the endpoint sent it.
+    pub lifetime: Duration,
+    /// Set by the [`TokenHandle`] that stores the token (0 = not stored); tells apart two tokens
+    /// for the single-flight refresh.
+    generation: u64,
+}
+
+impl Token {
+    /// Time left until expiry (zero once expired).
+    pub fn expires_in(&self) -> Duration {
+        self.expires_at.saturating_duration_since(Instant::now())
+    }
+
+    pub fn is_expired(&self) -> bool {
+        Instant::now() >= self.expires_at
+    }
+
+    /// When the token was requested.
+    fn issued_at(&self) -> Instant {
+        self.expires_at
+            .checked_sub(self.lifetime)
+            .unwrap_or(self.expires_at)
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("value", &"[redacted]")
+            .field("expires_in", &self.expires_in())
+            .field("lifetime", &self.lifetime)
+            .finish()
+    }
+}
+
+/// When to renew a token that lives `lifetime`, counted from when it was issued
+/// (exchange-online.md): at 80 % of the lifetime, moved earlier so that at least 10 minutes
+/// remain, but never before half the lifetime has passed.
+///
+/// 60 min → 48 min; 75 min → 60 min (15 min remain); 30 min → 20 min; 12 s → 6 s.
+pub fn refresh_at(lifetime: Duration) -> Duration {
+    const MARGIN: Duration = Duration::from_secs(10 * 60);
+    let at_80 = lifetime.mul_f64(0.8);
+    let with_margin = lifetime.saturating_sub(MARGIN);
+    at_80.min(with_margin).max(lifetime / 2)
+}
+
+/// Requests one token: `POST token_url` with the form
+/// `grant_type=client_credentials&client_id=..&client_secret=..&scope=..`.
+///
+/// The client should not follow redirects (see [`http_client`]): a 307/308 would resend the
+/// form, secret included, to wherever it points.
+pub async fn fetch(http: &reqwest::Client, creds: &ClientCredentials) -> Result<Token, TokenError> {
+    let sent_at = Instant::now();
+    let mut form: Vec<(&str, &str)> = vec![
+        ("grant_type", "client_credentials"),
+        ("client_id", &creds.client_id),
+        ("scope", &creds.scope),
+    ];
+    match &creds.secret {
+        ClientSecret::Secret(secret) => form.push(("client_secret", secret.expose())),
+    }
+    let mut response = http
+        .post(&creds.token_url)
+        .header(reqwest::header::ACCEPT, "application/json")
+        .form(&form)
+        .send()
+        .await
+        .map_err(TokenError::Transport)?;
+    let status = response.status();
+    let retry_after = error::parse_retry_after(response.headers());
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(TokenError::Transport)? {
+        if body.len() + chunk.len() > MAX_BODY {
+            return Err(TokenError::BadResponse {
+                status: status.as_u16(),
+                reason: "the response body is larger than 256 KiB",
+            });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    if !status.is_success() {
+        return Err(error::from_error_response(
+            status.as_u16(),
+            retry_after,
+            &body,
+            creds,
+        ));
+    }
+    parse_token(status.as_u16(), &body, sent_at)
+}
+
+/// Parses `{"access_token": "..", "expires_in": 3599, "token_type": "Bearer"}`. Error texts are
+/// our own words: a serde message could quote a field's value.
+fn parse_token(status: u16, body: &[u8], sent_at: Instant) -> Result<Token, TokenError> {
+    let bad = |reason| TokenError::BadResponse { status, reason };
+    let json: serde_json::Value =
+        serde_json::from_slice(body).map_err(|_| bad("the response is not JSON"))?;
+    let access_token = json
+        .get("access_token")
+        .and_then(|v| v.as_str())
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| bad("the response has no `access_token` string"))?;
+    // The v2.0 endpoint sends a number; the v1.0 endpoint sent a string.
+    let expires_in = match json.get("expires_in") {
+        Some(serde_json::Value::Number(n)) => n.as_u64(),
+        Some(serde_json::Value::String(s)) => s.trim().parse::<u64>().ok(),
+        _ => None,
+    }
+    .filter(|&secs| secs > 0)
+    .ok_or_else(|| bad("the response has no positive `expires_in`"))?;
+    match json.get("token_type").and_then(|v| v.as_str()) {
+        Some(t) if t.eq_ignore_ascii_case("bearer") => {}
+        _ => return Err(bad("the response's `token_type` is not Bearer")),
+    }
+    let lifetime = Duration::from_secs(expires_in);
+    Ok(Token {
+        value: Secret::new(access_token),
+        expires_at: sent_at + lifetime,
+        lifetime,
+        generation: 0,
+    })
+}
+
+/// An HTTP client for the token endpoint: rustls with the aws-lc-rs provider (the only one in
+/// the graph), no redirects (the form carries the secret), bounded timeouts.
+pub fn http_client() -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(30))
+        .user_agent(concat!("mailbridge/", env!("CARGO_PKG_VERSION")))
+        .build()
+}
