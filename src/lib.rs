@@ -15,11 +15,14 @@
 //!
 //! - [`config`]: YAML file + environment overrides, validated into [`config::Config`].
 //! - [`smtp`]: protocol vocabulary without I/O: replies, the DATA decoder, headers.
-//! - [`inbound`]: listeners and sessions (untrusted input).
+//! - [`inbound`]: listeners and sessions (untrusted input), LAN-side TLS (`inbound::tls`),
+//!   AUTH PLAIN/LOGIN for local users (`inbound::auth`).
 //! - [`spool`]: the only code that touches spool files.
 //! - [`scheduler`]: due times, worker slots.
 //! - [`delivery`]: one attempt: spool → upstream → per-recipient outcomes → spool.
 //! - [`upstream`]: the `Upstream` trait and its implementations.
+//! - [`token`]: OAuth client-credentials tokens for Exchange Online (not wired in yet).
+//! - [`secret`]: the redacting type every password, hash and token lives in.
 //! - [`daemon`]: wiring, signals, ordered shutdown. [`cli`]: commands and exit codes.
 
 pub mod cli;
