@@ -243,3 +243,104 @@ fn openssl_tls11_is_refused_tls12_accepted_c37() {
         "TLS 1.2 must work:\n{text}"
     );
 }
+
+/// `tls.key_file` may hold a PKCS#8, PKCS#1 (RSA) or SEC1 (EC) key: made by openssl here and
+/// loaded by `check-config`, which builds the same TLS configuration as `serve`.
+#[test]
+fn key_files_in_pkcs8_pkcs1_and_sec1_are_accepted() {
+    let Some(openssl) = require("openssl", "openssl") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str], name: &str| {
+        let f = run_with_timeout(
+            Command::new(&openssl).args(args).current_dir(dir.path()),
+            dir.path(),
+            name,
+            SHORT,
+        );
+        assert!(f.status.success(), "openssl {args:?}: {}", f.stderr);
+    };
+    run(
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "sec1.pem",
+        ],
+        "ec",
+    );
+    run(
+        &["genrsa", "-traditional", "-out", "pkcs1.pem", "2048"],
+        "rsa",
+    );
+    run(
+        &[
+            "pkcs8",
+            "-topk8",
+            "-nocrypt",
+            "-in",
+            "sec1.pem",
+            "-out",
+            "pkcs8.pem",
+        ],
+        "p8",
+    );
+    for (key, marker) in [
+        ("sec1.pem", "BEGIN EC PRIVATE KEY"),
+        ("pkcs1.pem", "BEGIN RSA PRIVATE KEY"),
+        ("pkcs8.pem", "BEGIN PRIVATE KEY"),
+    ] {
+        let text = std::fs::read_to_string(dir.path().join(key)).unwrap();
+        assert!(text.contains(marker), "{key} is not in the expected form");
+        let cert = format!("{key}.crt");
+        run(
+            &[
+                "req",
+                "-x509",
+                "-new",
+                "-key",
+                key,
+                "-subj",
+                "/CN=relay.test",
+                "-days",
+                "2",
+                "-out",
+                &cert,
+            ],
+            &format!("{key}-req"),
+        );
+        std::fs::set_permissions(
+            dir.path().join(key),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        let yaml = dir.path().join(format!("{key}.yaml"));
+        std::fs::write(
+            &yaml,
+            format!(
+                "upstreams: [{{name: o, type: outbox, path: {d}/o}}]\nlisteners:\n  - address: \"127.0.0.1:0\"\n    tls: starttls\ntls:\n  cert_file: {d}/{cert}\n  key_file: {d}/{key}\n",
+                d = dir.path().display()
+            ),
+        )
+        .unwrap();
+        let f = run_with_timeout(
+            crate::daemon::mailbridge_cmd()
+                .arg("check-config")
+                .arg("-c")
+                .arg(&yaml),
+            dir.path(),
+            &format!("{key}-check"),
+            SHORT,
+        );
+        assert!(
+            f.status.success() && f.stdout.trim() == "ok",
+            "{key}: {} {}",
+            f.stdout,
+            f.stderr
+        );
+    }
+}
