@@ -31,6 +31,9 @@ pub enum TokenError {
     /// A success status with a body that is not a usable token response.
     #[error("token endpoint answered HTTP {status} but {reason}")]
     BadResponse { status: u16, reason: &'static str },
+    /// The client assertion (certificate credentials) could not be built; nothing was sent.
+    #[error("could not build the client assertion: {0}")]
+    Assertion(String),
 }
 
 fn fmt_error(error: &Option<String>) -> String {
@@ -63,6 +66,7 @@ impl TokenError {
                 Some(*status)
             }
             TokenError::Transport(e) => e.status().map(|s| s.as_u16()),
+            TokenError::Assertion(_) => None,
         }
     }
 
@@ -80,6 +84,7 @@ impl TokenError {
     pub fn is_temporary(&self) -> bool {
         match self {
             TokenError::Transport(_) => true,
+            TokenError::Assertion(_) => false,
             TokenError::Endpoint { status, .. } | TokenError::BadResponse { status, .. } => {
                 *status == 408 || *status == 429 || *status >= 500
             }
@@ -96,6 +101,7 @@ impl TokenError {
             Some(700027) => "client assertion rejected (certificate not uploaded or bad signature)",
             _ => match self {
                 TokenError::Transport(_) => "the token endpoint could not be reached",
+                TokenError::Assertion(_) => "the client assertion could not be signed",
                 TokenError::BadResponse { .. } => "the token endpoint sent an unusable response",
                 TokenError::Endpoint { status: 429, .. } => "throttled by the token endpoint",
                 TokenError::Endpoint { status, .. } if *status >= 500 => {
@@ -137,6 +143,10 @@ impl TokenError {
                 TokenError::Transport(_) => {
                     "temporary, retried automatically; if it persists check DNS, proxy and \
                      firewall for HTTPS to the token_url host (login.microsoftonline.com)"
+                }
+                TokenError::Assertion(_) => {
+                    "check the configured certificate and private key (an unencrypted RSA key of \
+                     at least 2048 bits, PEM) and the system clock"
                 }
                 e if e.is_temporary() => {
                     "temporary (throttling or an outage at the token endpoint): retried \
@@ -196,7 +206,7 @@ fn scrub(text: &str, creds: &ClientCredentials) -> String {
         ClientSecret::Secret(secret) if !secret.expose().is_empty() => {
             text = text.replace(secret.expose(), "[redacted]");
         }
-        ClientSecret::Secret(_) => {}
+        ClientSecret::Secret(_) | ClientSecret::Certificate(_) => {}
     }
     if text.len() > MAX_DESCRIPTION {
         let mut end = MAX_DESCRIPTION;

@@ -1,15 +1,18 @@
 //! OAuth 2.0 client-credentials tokens for Exchange Online (SASL XOAUTH2).
 //!
-//! - [`fetch`]: one token request (form POST, client secret in the body, never HTTP Basic).
+//! - [`fetch`]: one token request (form POST, client secret in the body, never HTTP Basic; or,
+//!   for a certificate, a fresh PS256-signed JWT client assertion, see [`CertificateCredential`]).
 //! - [`TokenError`]: what the token endpoint or the network said, with the AADSTS code and a remedy.
 //! - [`refresh_at`]: when a token of a given lifetime is renewed (exchange-online.md).
 //! - [`TokenHandle`]: the shared, lock-free view of the current token, plus a single-flight forced
 //!   refresh (a `535` on AUTH from N workers causes one token request).
 //! - [`Refresher`]: the background task that keeps a handle's token fresh.
 //!
-//! Neither a client secret nor a token ever reaches a `Debug`, `Display` or log line: both are
-//! [`Secret`]s, and error texts are built from the status, the Entra error fields and our own words.
+//! Neither a client secret, a private key nor a token ever reaches a `Debug`, `Display` or log
+//! line: secrets and tokens are [`Secret`]s, a key is held inside [`CertificateCredential`], and
+//! error texts are built from the status, the Entra error fields and our own words.
 
+mod assertion;
 mod error;
 mod handle;
 
@@ -22,6 +25,7 @@ use tokio::time::Instant;
 
 use crate::secret::Secret;
 
+pub use assertion::{ASSERTION_TYPE, CertificateCredential};
 pub use error::TokenError;
 pub use handle::{RefreshPolicy, Refresher, TokenHandle};
 
@@ -40,16 +44,25 @@ pub struct ClientCredentials {
     pub secret: ClientSecret,
 }
 
-/// How the application proves its identity.
-///
-/// Only a client secret exists so far. Certificate credentials (a JWT client assertion signed with
-/// the app's private key: `client_assertion_type=urn:ietf:params:oauth:client-assertion-type:jwt-bearer`
-/// and `client_assertion=<JWT>` instead of `client_secret`) become a second variant here; [`fetch`]
-/// builds the form per variant, nothing else depends on the kind of credential.
+/// How the application proves its identity. [`fetch`] builds the form per variant, nothing else
+/// depends on the kind of credential. `Debug` never shows a secret or key material.
 #[derive(Clone, Debug)]
 pub enum ClientSecret {
     /// A client secret's *value* (not its Secret ID), sent as `client_secret` in the form body.
     Secret(Secret),
+    /// A certificate and its private key: each request carries a fresh PS256-signed JWT as
+    /// `client_assertion` (with `client_assertion_type=urn:ietf:params:oauth:client-assertion-type:jwt-bearer`)
+    /// instead of `client_secret`. Built by [`ClientSecret::certificate_from_pem`].
+    Certificate(CertificateCredential),
+}
+
+impl ClientSecret {
+    /// Certificate credentials from PEM: the certificate (`BEGIN CERTIFICATE`, the first one is
+    /// used) and its RSA private key (`BEGIN RSA PRIVATE KEY` or `BEGIN PRIVATE KEY`,
+    /// unencrypted). The error text never quotes the input.
+    pub fn certificate_from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<ClientSecret, String> {
+        CertificateCredential::from_pem(cert_pem, key_pem).map(ClientSecret::Certificate)
+    }
 }
 
 /// An access token. `Debug` shows how long it is still valid, never its value.
@@ -107,7 +120,8 @@ pub fn refresh_at(lifetime: Duration) -> Duration {
 }
 
 /// Requests one token: `POST token_url` with the form
-/// `grant_type=client_credentials&client_id=..&client_secret=..&scope=..`.
+/// `grant_type=client_credentials&client_id=..&client_secret=..&scope=..`, or with
+/// `client_assertion_type=..&client_assertion=<JWT>` instead of `client_secret` for a certificate.
 ///
 /// The client should not follow redirects (see [`http_client`]): a 307/308 would resend the
 /// form, secret included, to wherever it points.
@@ -118,8 +132,16 @@ pub async fn fetch(http: &reqwest::Client, creds: &ClientCredentials) -> Result<
         ("client_id", &creds.client_id),
         ("scope", &creds.scope),
     ];
+    let assertion;
     match &creds.secret {
         ClientSecret::Secret(secret) => form.push(("client_secret", secret.expose())),
+        ClientSecret::Certificate(cert) => {
+            assertion = cert
+                .assertion(&creds.token_url, &creds.client_id)
+                .map_err(TokenError::Assertion)?;
+            form.push(("client_assertion_type", ASSERTION_TYPE));
+            form.push(("client_assertion", &assertion));
+        }
     }
     let mut response = http
         .post(&creds.token_url)

@@ -685,3 +685,212 @@ async fn logs_explain_failures_once_and_never_show_secrets() {
     assert!(!logs.contains(SECRET) && !logs.contains("tok-"), "{logs}");
     assert!(!format!("{handle:?}").contains(token.value.expose()));
 }
+
+/// A self-signed RSA-2048 certificate and its private key (PKCS#8), both PEM.
+fn rsa_certificate() -> (String, String, Vec<u8>) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+    let params = rcgen::CertificateParams::new(vec!["mailbridge.test".to_string()]).unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    (cert.pem(), key.serialize_pem(), key.serialize_der())
+}
+
+fn certificate_creds(endpoint: &FakeEndpoint, secret: ClientSecret) -> ClientCredentials {
+    ClientCredentials {
+        secret,
+        ..endpoint.creds()
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct AssertionClaims {
+    aud: String,
+    iss: String,
+    sub: String,
+    jti: String,
+    nbf: u64,
+    iat: u64,
+    exp: u64,
+}
+
+/// Checks one recorded request's assertion; returns its `jti`.
+fn check_assertion(request: &Request, url: &str, cert_pem: &str) -> String {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject as _;
+    use sha2::{Digest as _, Sha256};
+
+    let form = decode_form(&request.body);
+    let get = |k: &str| {
+        form.iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+    };
+    assert_eq!(get("grant_type"), Some("client_credentials"));
+    assert_eq!(
+        get("client_id"),
+        Some("11111111-1111-1111-1111-111111111111")
+    );
+    assert_eq!(get("scope"), Some("https://outlook.office365.com/.default"));
+    assert_eq!(get("client_secret"), None, "{}", request.body);
+    assert_eq!(
+        get("client_assertion_type"),
+        Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+    );
+    let jwt = get("client_assertion").expect("client_assertion");
+    assert!(!request.body.contains("PRIVATE KEY"));
+
+    let header = jsonwebtoken::decode_header(jwt).unwrap();
+    assert_eq!(header.alg, Algorithm::PS256);
+    assert_eq!(header.typ.as_deref(), Some("JWT"));
+    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
+    assert_eq!(
+        header.x5t_s256.as_deref(),
+        Some(
+            URL_SAFE_NO_PAD
+                .encode(Sha256::digest(der.as_ref()))
+                .as_str()
+        )
+    );
+    let sha1 = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY, &der);
+    let x5t = header.x5t.as_deref().unwrap();
+    assert_eq!(x5t, URL_SAFE_NO_PAD.encode(sha1.as_ref()));
+    assert_eq!(URL_SAFE_NO_PAD.decode(x5t).unwrap().len(), 20);
+
+    // The signature verifies with the certificate's public key; aud, exp and nbf are checked.
+    let key = DecodingKey::from_rsa_pem(cert_pem.as_bytes()).unwrap();
+    let mut validation = Validation::new(Algorithm::PS256);
+    validation.set_audience(&[url]);
+    validation.set_issuer(&["11111111-1111-1111-1111-111111111111"]);
+    validation.validate_nbf = true;
+    validation.leeway = 0;
+    validation.set_required_spec_claims(&["exp", "nbf", "aud", "iss", "sub"]);
+    let claims = jsonwebtoken::decode::<AssertionClaims>(jwt, &key, &validation)
+        .unwrap()
+        .claims;
+    assert_eq!(claims.aud, url);
+    assert_eq!(claims.iss, "11111111-1111-1111-1111-111111111111");
+    assert_eq!(claims.sub, claims.iss);
+    assert!(uuid::Uuid::parse_str(&claims.jti).is_ok(), "{}", claims.jti);
+    let now = jsonwebtoken::get_current_timestamp();
+    assert!(
+        claims.nbf <= now && claims.nbf + 60 >= now,
+        "{}",
+        claims.nbf
+    );
+    assert_eq!(claims.iat, claims.nbf);
+    assert_eq!(claims.exp, claims.nbf + 600);
+
+    // A different key does not verify it.
+    let (other_pem, _, _) = rsa_certificate();
+    let other = DecodingKey::from_rsa_pem(other_pem.as_bytes()).unwrap();
+    assert!(jsonwebtoken::decode::<AssertionClaims>(jwt, &other, &validation).is_err());
+    claims.jti
+}
+
+#[tokio::test]
+async fn certificate_sends_a_signed_client_assertion() {
+    let (cert_pem, key_pem, _) = rsa_certificate();
+    let secret =
+        ClientSecret::certificate_from_pem(cert_pem.as_bytes(), key_pem.as_bytes()).unwrap();
+    let endpoint = FakeEndpoint::start(vec![], 3599, Duration::ZERO).await;
+    let creds = certificate_creds(&endpoint, secret);
+    let token = fetch(&client(), &creds).await.unwrap();
+    assert_eq!(token.value.expose(), "tok-1");
+    fetch(&client(), &creds).await.unwrap();
+
+    let state = endpoint.state.lock().unwrap();
+    assert_eq!(state.requests.len(), 2);
+    assert!(
+        !state.requests[0]
+            .head
+            .to_ascii_lowercase()
+            .contains("authorization:")
+    );
+    let first = check_assertion(&state.requests[0], &endpoint.url, &cert_pem);
+    let second = check_assertion(&state.requests[1], &endpoint.url, &cert_pem);
+    assert_ne!(first, second, "a fresh jti per request");
+}
+
+#[tokio::test]
+async fn certificate_accepts_a_pkcs1_key() {
+    let (cert_pem, _, pkcs8) = rsa_certificate();
+    // PKCS#8 of an RSA-2048 key: SEQUENCE { version, AlgorithmIdentifier, OCTET STRING (82 len)
+    // { PKCS#1 RSAPrivateKey } }; the PKCS#1 key starts at byte 26.
+    assert_eq!(&pkcs8[22..24], &[0x04, 0x82]);
+    let pkcs1 = &pkcs8[26..];
+    let pem = {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(pkcs1);
+        let lines: Vec<&str> = b64
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect();
+        format!(
+            "-----BEGIN RSA PRIVATE KEY-----\n{}\n-----END RSA PRIVATE KEY-----\n",
+            lines.join("\n")
+        )
+    };
+    let secret = ClientSecret::certificate_from_pem(cert_pem.as_bytes(), pem.as_bytes()).unwrap();
+    let endpoint = FakeEndpoint::start(vec![], 3599, Duration::ZERO).await;
+    fetch(&client(), &certificate_creds(&endpoint, secret))
+        .await
+        .unwrap();
+    let state = endpoint.state.lock().unwrap();
+    check_assertion(&state.requests[0], &endpoint.url, &cert_pem);
+}
+
+#[test]
+fn certificate_debug_and_errors_show_no_key_material() {
+    let (cert_pem, key_pem, _) = rsa_certificate();
+    let secret =
+        ClientSecret::certificate_from_pem(cert_pem.as_bytes(), key_pem.as_bytes()).unwrap();
+    let creds = ClientCredentials {
+        token_url: "http://unused".into(),
+        client_id: "c".into(),
+        scope: "s".into(),
+        secret,
+    };
+    let debug = format!("{creds:?} {:#?}", creds.secret);
+    let key_body: String = key_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    let cert_body: String = cert_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    assert!(
+        !debug.contains("PRIVATE") && !debug.contains("BEGIN"),
+        "{debug}"
+    );
+    for line in key_pem.lines().chain(cert_pem.lines()) {
+        assert!(!debug.contains(line), "{debug}");
+    }
+    assert!(!debug.contains(&key_body[..40]) && !debug.contains(&cert_body[..40]));
+    assert!(debug.contains("[redacted]"), "{debug}");
+
+    // Bad input is refused at load time, without quoting it.
+    let garbage = "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n";
+    for (cert, key) in [
+        (cert_pem.as_str(), garbage),
+        (cert_pem.as_str(), ""),
+        ("", key_pem.as_str()),
+        (key_pem.as_str(), cert_pem.as_str()),
+    ] {
+        let error =
+            ClientSecret::certificate_from_pem(cert.as_bytes(), key.as_bytes()).unwrap_err();
+        assert!(
+            !error.contains("bm90") && !error.contains(&key_body[..40]),
+            "{error}"
+        );
+    }
+    // An EC key is not an RSA key.
+    let ec = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    assert!(
+        ClientSecret::certificate_from_pem(cert_pem.as_bytes(), ec.serialize_pem().as_bytes())
+            .is_err()
+    );
+}
