@@ -10,11 +10,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use base64::Engine as _;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 use tokio::task::JoinHandle;
-use tokio_rustls::TlsConnector;
 
 use crate::common::{Harness, QueuedMessage};
 
@@ -66,21 +64,6 @@ fn harness(listener_opts: &str, access: &str) -> Harness {
     Harness::new(&format!(
         "listeners:\n  - address: \"127.0.0.1:0\"\n{listener_opts}{access}users:\n  - username: {PRINTER}\n    password_hash: \"{printer_hash}\"\n    allowed_senders: [\"scanner@contoso.com\", \"*@scans.contoso.com\"]\n  - username: {ERP}\n    password_hash: \"{erp_hash}\"\n    allowed_senders: [\"*\"]\n"
     ))
-}
-
-fn connector(h: &Harness) -> TlsConnector {
-    let pem = h.dir.path().join("state/tls/selfsigned-cert.pem");
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(&pem).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    TlsConnector::from(Arc::new(cfg))
 }
 
 /// Starts a session from `peer` and returns the client end and the session task.
@@ -165,7 +148,7 @@ async fn starttls_session(
     expect(&mut c, "EHLO printer.lan", "250").await;
     expect(&mut c, "STARTTLS", "220 2.0.0").await;
     let name = ServerName::try_from("relay.test").unwrap();
-    let mut t = connector(h).connect(name, c).await.expect("handshake");
+    let mut t = h.tls_connector().connect(name, c).await.expect("handshake");
     let ehlo = expect(&mut t, "EHLO printer.lan", "250").await;
     (t, ehlo)
 }
@@ -426,7 +409,7 @@ async fn auth_plain_after_the_empty_challenge_inside_implicit_tls() {
     let h = harness(IMPLICIT, "");
     let (c, _task) = start(&h, LAN_PEER);
     let name = ServerName::try_from("relay.test").unwrap();
-    let mut t = connector(&h).connect(name, c).await.expect("handshake");
+    let mut t = h.tls_connector().connect(name, c).await.expect("handshake");
     assert!(reply(&mut t).await.starts_with("220 relay.test"));
     let ehlo = expect(&mut t, "EHLO printer.lan", "250").await;
     assert!(ehlo.contains("AUTH PLAIN LOGIN\r\n"), "{ehlo}");
@@ -504,7 +487,7 @@ async fn c32_starttls_listener_offers_auth_only_inside_tls() {
 
     expect(&mut c, "STARTTLS", "220 2.0.0").await;
     let name = ServerName::try_from("relay.test").unwrap();
-    let mut t = connector(&h).connect(name, c).await.expect("handshake");
+    let mut t = h.tls_connector().connect(name, c).await.expect("handshake");
     let ehlo = expect(&mut t, "EHLO printer.lan", "250").await;
     assert!(
         ehlo.contains("250-AUTH PLAIN LOGIN\r\n") || ehlo.contains("250 AUTH PLAIN LOGIN\r\n"),

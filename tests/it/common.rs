@@ -62,6 +62,25 @@ impl Harness {
         Harness { dir, ctx, spool }
     }
 
+    /// A rustls client that trusts the self-signed certificate a TLS listener generated in
+    /// this harness's `state/tls/`.
+    pub fn tls_connector(&self) -> tokio_rustls::TlsConnector {
+        use rustls_pki_types::CertificateDer;
+        use rustls_pki_types::pem::PemObject;
+        let pem = self.dir.path().join("state/tls/selfsigned-cert.pem");
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(&pem).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    }
+
     /// Files in `spool/queue/` ending in `.msg`.
     pub fn queued(&self) -> Vec<std::path::PathBuf> {
         let mut v: Vec<_> = std::fs::read_dir(self.dir.path().join("spool/queue"))

@@ -2,31 +2,13 @@
 //! implicit TLS (RFC 8314), and behaviour.md B12, B27 and C38.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
-use tokio_rustls::TlsConnector;
 
 use crate::common::Harness;
 
 const PEER: &str = "127.0.0.1:40000";
-
-fn connector(h: &Harness) -> TlsConnector {
-    let pem = h.dir.path().join("state/tls/selfsigned-cert.pem");
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(&pem).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    TlsConnector::from(Arc::new(cfg))
-}
 
 fn start(h: &Harness) -> DuplexStream {
     let (client, server) = tokio::io::duplex(1 << 16);
@@ -83,7 +65,7 @@ async fn starttls_then_mail_is_accepted_b12_b27() {
     assert!(!ehlo.contains("AUTH"), "no AUTH before TLS: {ehlo}");
     assert!(cmd(&mut c, "STARTTLS").await.starts_with("220 2.0.0"));
     let name = ServerName::try_from("relay.test").unwrap();
-    let mut t = connector(&h).connect(name, c).await.expect("handshake");
+    let mut t = h.tls_connector().connect(name, c).await.expect("handshake");
     // B27: the state is reset; MAIL before a new EHLO is out of sequence.
     assert!(
         cmd(&mut t, "MAIL FROM:<a@lan.example>")
@@ -130,7 +112,7 @@ async fn plaintext_pipelined_after_starttls_is_discarded_c38() {
     assert!(reply(&mut c).await.starts_with("250-"));
     assert!(reply(&mut c).await.starts_with("220 2.0.0"));
     let name = ServerName::try_from("localhost").unwrap();
-    let mut t = connector(&h).connect(name, c).await.expect("handshake");
+    let mut t = h.tls_connector().connect(name, c).await.expect("handshake");
     // The first reply inside TLS answers our EHLO, not the injected RSET.
     let first = cmd(&mut t, "EHLO x").await;
     assert!(first.starts_with("250-relay.test"), "{first}");
@@ -150,7 +132,7 @@ async fn implicit_tls_greets_inside_tls() {
     let h = Harness::new("listeners:\n  - address: \"127.0.0.1:0\"\n    tls: implicit\n");
     let c = start(&h);
     let name = ServerName::try_from("relay.test").unwrap();
-    let mut t = connector(&h).connect(name, c).await.expect("handshake");
+    let mut t = h.tls_connector().connect(name, c).await.expect("handshake");
     assert!(reply(&mut t).await.starts_with("220 relay.test"));
     let ehlo = cmd(&mut t, "EHLO x").await;
     assert!(!ehlo.contains("STARTTLS"), "{ehlo}");
