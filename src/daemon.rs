@@ -51,22 +51,22 @@ impl Daemon {
             tracing::warn!(queue_id = %id, "possible duplicate: a delivery attempt was interrupted; the message will be sent again");
         }
 
-        let up = &config.upstreams[0];
-        if config.upstreams.len() > 1 {
-            tracing::warn!(upstream = %up.name, "several upstreams are configured; this version delivers everything through the first one");
-        }
-        let upstream: Arc<dyn Upstream> = match &up.kind {
-            UpstreamKind::Outbox { path } => {
-                Arc::new(Outbox::new(&up.name, path).with_context(|| {
-                    format!(
-                        "upstream {}: cannot create outbox directory {}",
-                        up.name,
-                        path.display()
-                    )
-                })?)
-            }
-        };
-        let delivery = Arc::new(Delivery::new(spool.clone(), upstream, config.queue.clone()));
+        // Background tasks that live as long as the daemon: token refreshers, connection
+        // reapers. Cancelled last, after delivery attempts have ended.
+        let background = CancellationToken::new();
+        let (alert_tx, mut alert_rx) = tokio::sync::mpsc::unbounded_channel();
+        let upstreams = build_upstreams(&config, &background, alert_tx)?;
+        let routing = config.clone();
+        let router: crate::delivery::Router = Arc::new(move |env: &crate::spool::Envelope| {
+            routing.route(&env.sender, env.auth_user.as_deref())
+        });
+        let delivery = Arc::new(Delivery::with_upstreams(
+            spool.clone(),
+            upstreams,
+            router,
+            config.queue.clone(),
+            &config.hostname,
+        ));
         let max_delay = config
             .queue
             .retry
@@ -74,7 +74,24 @@ impl Daemon {
             .max()
             .copied()
             .unwrap_or(Duration::from_secs(3600));
-        let (scheduler, handle) = Scheduler::new(delivery, config.queue.workers, max_delay);
+        let (scheduler, handle) = Scheduler::new(delivery.clone(), config.queue.workers, max_delay);
+        delivery.set_scheduler(handle.clone());
+        {
+            let delivery = delivery.clone();
+            let background = background.clone();
+            tokio::spawn(async move {
+                loop {
+                    let alert = tokio::select! {
+                        _ = background.cancelled() => return,
+                        a = alert_rx.recv() => match a { Some(a) => a, None => return },
+                    };
+                    let alert: crate::upstream::exchange::Alert = alert;
+                    delivery
+                        .alert(&alert.upstream, &alert.subject, &alert.body)
+                        .await;
+                }
+            });
+        }
         for q in recovered.queued {
             handle.queued(q);
         }
@@ -175,6 +192,9 @@ impl Daemon {
                     "delivery attempts still running after the grace period: exiting without them"
                 );
             }
+            background.cancel();
+            // Let the reapers close idle upstream connections and save counters.
+            tokio::time::sleep(Duration::from_millis(200)).await;
             drop(spool);
             tracing::info!("stopped");
         });
@@ -186,6 +206,78 @@ impl Daemon {
         self.stop.cancel();
         let _ = self.done.await;
     }
+}
+
+/// One [`Upstream`] per configured upstream; Exchange upstreams share one token refresher per
+/// distinct (token URL, client id, scope).
+fn build_upstreams(
+    config: &Config,
+    background: &CancellationToken,
+    alerts: tokio::sync::mpsc::UnboundedSender<crate::upstream::exchange::Alert>,
+) -> anyhow::Result<Vec<Arc<dyn Upstream>>> {
+    let mut out: Vec<Arc<dyn Upstream>> = Vec::new();
+    let mut refreshers: Vec<((String, String, String), crate::token::TokenHandle)> = Vec::new();
+    let http = crate::token::http_client()
+        .context("cannot set up the HTTPS client for the token endpoint")?;
+    for up in &config.upstreams {
+        match &up.kind {
+            UpstreamKind::Outbox { path } => {
+                out.push(Arc::new(Outbox::new(&up.name, path).with_context(
+                    || {
+                        format!(
+                            "upstream {}: cannot create outbox directory {}",
+                            up.name,
+                            path.display()
+                        )
+                    },
+                )?));
+            }
+            UpstreamKind::ExchangeOnline(x) => {
+                let c = &x.credentials;
+                let key = (c.token_url.clone(), c.client_id.clone(), c.scope.clone());
+                let tokens = match refreshers.iter().find(|(k, _)| *k == key) {
+                    Some((_, h)) => h.clone(),
+                    None => {
+                        let h = crate::token::Refresher::spawn(
+                            http.clone(),
+                            c.clone(),
+                            background.clone(),
+                        );
+                        refreshers.push((key, h.clone()));
+                        h
+                    }
+                };
+                let counter = config
+                    .state_dir
+                    .join("upstreams")
+                    .join(format!("{}.recipients.json", up.name));
+                let ex = crate::upstream::exchange::Exchange::start(
+                    &up.name,
+                    (**x).clone(),
+                    tokens,
+                    counter,
+                    config.queue.retry.clone(),
+                    Some(alerts.clone()),
+                    background.clone(),
+                )
+                .map_err(|e| anyhow::anyhow!("upstream {}: {e}", up.name))?;
+                tracing::info!(
+                    upstream = %up.name,
+                    host = %x.host,
+                    port = x.port,
+                    mailbox = %x.mailbox,
+                    client_id = %c.client_id,
+                    credential = %x.credential_source,
+                    connections = x.limits.connections,
+                    messages_per_minute = x.limits.messages_per_minute,
+                    recipients_per_day = x.limits.recipients_per_day,
+                    "Exchange Online upstream ready"
+                );
+                out.push(ex);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// `mailbridge serve`: runs until SIGTERM or SIGINT.

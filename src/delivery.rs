@@ -1,20 +1,30 @@
 //! Delivery workers: claim one message, record the next attempt time, hand it to the
-//! upstream, and write the per-recipient outcomes back through the spool.
+//! upstream the message is routed to, and write the per-recipient outcomes back through the
+//! spool. When a message ends with failed recipients it stays in `failed/`, and a DSN
+//! (RFC 3464) goes to its sender (or to `queue.postmaster` for a null sender) through the
+//! same upstream, as a new queued message.
 //!
 //! The next attempt time (and an in-flight mark) is written *before* the upstream is called,
 //! so a crash during an attempt can never turn into a hot retry loop; an attempt found
 //! in flight at start-up is logged as a possible duplicate (behaviour.md A4).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::config::QueueConfig;
-use crate::spool::{RcptStatus, Spool, SpoolError, Stored, now_ms};
+use crate::scheduler::SchedulerHandle;
+use crate::spool::{Envelope, RcptStatus, Recipient, Spool, SpoolError, Stored, new_id, now_ms};
 use crate::upstream::{Attempt, RcptOutcome, Upstream};
+
+/// Picks the upstream (index) for a message: routes, the user's upstream, else the first.
+pub type Router = Arc<dyn Fn(&Envelope) -> usize + Send + Sync>;
 
 pub struct Delivery {
     spool: Spool,
-    upstream: Arc<dyn Upstream>,
+    upstreams: Vec<Arc<dyn Upstream>>,
+    router: Router,
     queue: QueueConfig,
+    hostname: String,
+    scheduler: OnceLock<SchedulerHandle>,
 }
 
 /// Runs blocking spool work off the async threads.
@@ -26,13 +36,46 @@ async fn blocking<T: Send + 'static>(
         .unwrap_or(Err(SpoolError::WriterGone))
 }
 
+/// The largest part of the original message's header section copied into a DSN.
+const DSN_HEADERS_MAX: usize = 64 * 1024;
+
 impl Delivery {
+    /// Everything through one upstream.
     pub fn new(spool: Spool, upstream: Arc<dyn Upstream>, queue: QueueConfig) -> Delivery {
+        Delivery::with_upstreams(spool, vec![upstream], Arc::new(|_| 0), queue, "localhost")
+    }
+
+    pub fn with_upstreams(
+        spool: Spool,
+        upstreams: Vec<Arc<dyn Upstream>>,
+        router: Router,
+        queue: QueueConfig,
+        hostname: &str,
+    ) -> Delivery {
+        assert!(!upstreams.is_empty(), "at least one upstream");
         Delivery {
             spool,
-            upstream,
+            upstreams,
+            router,
             queue,
+            hostname: hostname.to_string(),
+            scheduler: OnceLock::new(),
         }
+    }
+
+    /// Where reports (DSNs, alerts) are announced once queued.
+    pub fn set_scheduler(&self, handle: SchedulerHandle) {
+        let _ = self.scheduler.set(handle);
+    }
+
+    fn upstream_for(&self, env: &Envelope) -> &Arc<dyn Upstream> {
+        if let Some(name) = &env.upstream
+            && let Some(u) = self.upstreams.iter().find(|u| u.name() == name)
+        {
+            return u;
+        }
+        let i = (self.router)(env);
+        &self.upstreams[i.min(self.upstreams.len() - 1)]
     }
 
     /// One attempt for message `id`. Returns when the next attempt is due, or `None` when the
@@ -94,16 +137,24 @@ impl Delivery {
         }
 
         let stored = Arc::new(stored);
-        let outcomes = self
-            .upstream
+        let upstream = self.upstream_for(&stored.envelope).clone();
+        let report = upstream
             .deliver(Attempt {
                 spool: self.spool.clone(),
                 stored: stored.clone(),
                 recipients: pending.clone(),
             })
             .await;
+        let outcomes = report.outcomes;
         let mut stored = Arc::unwrap_or_clone(stored);
         stored.state.in_flight = false;
+        // The upstream knows better when it can take the message again (paused, held,
+        // pacing): its hint replaces the schedule for this deferral.
+        let next = match report.retry_in {
+            Some(d) => now_ms() + d.as_millis() as u64,
+            None => next,
+        };
+        stored.state.next_attempt_ms = next;
 
         let (mut delivered, mut failed, mut deferred) = (0, 0, 0);
         for (k, &i) in pending.iter().enumerate() {
@@ -130,7 +181,7 @@ impl Delivery {
                 }
             }
         }
-        let upstream = self.upstream.name();
+        let upstream = upstream.name();
         if delivered > 0 {
             tracing::info!(queue_id = %id, upstream, recipients = delivered, attempt = stored.state.attempts, "delivered");
         }
@@ -172,7 +223,12 @@ impl Delivery {
             .recipients
             .iter()
             .any(|r| r.status == RcptStatus::Failed);
-        let state = stored.state;
+        // The report is queued before the message leaves the queue: a crash in between
+        // repeats the report (a duplicate) rather than losing it.
+        if any_failed {
+            self.bounce(&stored).await;
+        }
+        let state = stored.state.clone();
         let res = if any_failed {
             let reason = state.last_error.clone().unwrap_or_default();
             tracing::warn!(queue_id = %id, reason, "message moved to failed/");
@@ -184,6 +240,170 @@ impl Delivery {
             tracing::error!(queue_id = %stored.envelope.id, error = %e, "cannot update the spool after delivery");
         }
     }
+
+    /// Sends a DSN for the failed recipients of `stored` (already in `failed/`): to the
+    /// envelope sender, or to `queue.postmaster` for a null sender; never for a report.
+    async fn bounce(&self, stored: &Stored) {
+        let env = &stored.envelope;
+        if !self.queue.bounce || env.report {
+            return;
+        }
+        let to = if env.sender.is_empty() {
+            match &self.queue.postmaster {
+                Some(p) => p.clone(),
+                None => {
+                    tracing::warn!(queue_id = %env.id, "failed message had a null sender and queue.postmaster is not set: no report sent");
+                    return;
+                }
+            }
+        } else {
+            env.sender.clone()
+        };
+        let upstream = self.upstream_for(env).clone();
+        let from = upstream
+            .sender_address()
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("MAILER-DAEMON@{}", self.hostname));
+        let recipients: Vec<crate::dsn::DsnRecipient> = env
+            .recipients
+            .iter()
+            .zip(&stored.state.recipients)
+            .filter(|(_, r)| r.status == RcptStatus::Failed)
+            .map(|(a, r)| crate::dsn::DsnRecipient {
+                address: a.address.clone(),
+                action: crate::dsn::Action::Failed,
+                reply: r
+                    .reply
+                    .clone()
+                    .unwrap_or_else(|| "5.0.0 delivery failed".into()),
+                remote_mta: None,
+            })
+            .collect();
+        let explanation = explain(&recipients);
+        let spool = self.spool.clone();
+        let owned = stored.clone();
+        let headers = tokio::task::spawn_blocking(move || {
+            let mut f = spool.open_content(&owned).map_err(std::io::Error::other)?;
+            crate::dsn::read_header_section(&mut f, DSN_HEADERS_MAX)
+        })
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
+        let message_id = format!("<{}.dsn@{}>", new_id(), self.hostname);
+        let content = crate::dsn::build(&crate::dsn::Dsn {
+            reporting_mta: &self.hostname,
+            from: &from,
+            to: &to,
+            queue_id: &env.id,
+            original_sender: &env.sender,
+            arrival_ms: env.arrival_ms,
+            now_ms: now_ms(),
+            will_retry_until_ms: None,
+            recipients,
+            explanation: &explanation,
+            original_headers: &headers,
+            message_id: &message_id,
+        });
+        match self.queue_report(&to, upstream.name(), &content).await {
+            Ok(id) => {
+                tracing::info!(queue_id = %env.id, report_id = %id, to = %to, "delivery status notification queued")
+            }
+            Err(e) => {
+                tracing::error!(queue_id = %env.id, error = %e, "cannot queue the delivery status notification")
+            }
+        }
+    }
+
+    /// Queues an alert for `queue.postmaster` (plain text), through `via` if that upstream
+    /// is not the one the alert is about, else through the first other upstream.
+    pub async fn alert(&self, about: &str, subject: &str, body: &str) {
+        let Some(to) = self.queue.postmaster.clone() else {
+            return;
+        };
+        let via = self
+            .upstreams
+            .iter()
+            .find(|u| u.name() != about)
+            .unwrap_or(&self.upstreams[0])
+            .clone();
+        let from = via
+            .sender_address()
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("MAILER-DAEMON@{}", self.hostname));
+        let date = crate::smtp::headers::rfc5322_date(std::time::SystemTime::now());
+        let subject: String = subject.chars().filter(|c| !c.is_control()).collect();
+        let mut content = format!(
+            "From: mailbridge <{from}>\r\nTo: <{to}>\r\nSubject: {subject}\r\nDate: {date}\r\nMessage-ID: <{}.alert@{}>\r\nAuto-Submitted: auto-generated\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n",
+            new_id(),
+            self.hostname
+        );
+        for line in body.lines() {
+            let line = line.trim_end_matches('\r');
+            content.push_str(if line == "." { ".." } else { line });
+            content.push_str("\r\n");
+        }
+        match self.queue_report(&to, via.name(), content.as_bytes()).await {
+            Ok(id) => {
+                tracing::info!(report_id = %id, to = %to, upstream = %about, "alert queued for the postmaster")
+            }
+            Err(e) => tracing::error!(error = %e, "cannot queue an alert for the postmaster"),
+        }
+    }
+
+    /// Stores a report as a new message (null sender, pinned to `upstream`) and announces it.
+    async fn queue_report(
+        &self,
+        to: &str,
+        upstream: &str,
+        content: &[u8],
+    ) -> Result<String, SpoolError> {
+        let env = Envelope {
+            id: new_id(),
+            sender: String::new(),
+            recipients: vec![Recipient {
+                address: to.to_string(),
+            }],
+            client_ip: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            helo: self.hostname.clone(),
+            auth_user: None,
+            arrival_ms: now_ms(),
+            body: Some("8BITMIME".into()),
+            smtputf8: false,
+            upstream: Some(upstream.to_string()),
+            report: true,
+        };
+        let mut inc = self.spool.begin(&env);
+        inc.write(content).await;
+        let q = inc.commit().await?;
+        let id = q.id.clone();
+        if let Some(h) = self.scheduler.get() {
+            h.queued(q);
+        }
+        Ok(id)
+    }
+}
+
+/// The human part of a DSN: what happened and, when the reply is one we know, the remedy.
+fn explain(recipients: &[crate::dsn::DsnRecipient]) -> String {
+    use crate::upstream::exchange::classify::{Step, Verdict, classify};
+    let mut text = String::from(
+        "Your message could not be delivered to one or more recipients. mailbridge will not try again.\n",
+    );
+    for r in recipients {
+        let (code, rest) = r.reply.split_at(r.reply.len().min(3));
+        if let Ok(code) = code.parse::<u16>()
+            && let Verdict::Fail { problem: Some(p) } = classify(Step::Dot, code, rest.trim(), true)
+        {
+            text.push_str(&format!(
+                "\nCause: {}.\nFor the mail administrator: {}\n",
+                p.meaning(),
+                p.remedy("<the relay mailbox>", "<the app's client id>")
+            ));
+            break;
+        }
+    }
+    text
 }
 
 #[cfg(test)]
@@ -224,7 +444,7 @@ mod tests {
         fn name(&self) -> &str {
             "scripted"
         }
-        fn deliver(&self, attempt: Attempt) -> BoxFuture<'_, Vec<RcptOutcome>> {
+        fn deliver(&self, attempt: Attempt) -> BoxFuture<'_, crate::upstream::Report> {
             Box::pin(async move {
                 let n = self.running.fetch_add(1, Ordering::SeqCst) + 1;
                 self.max_running.fetch_max(n, Ordering::SeqCst);
@@ -247,9 +467,9 @@ mod tests {
                 // The script applies to messages for a@x; everything else is delivered.
                 let scripted = attempt.stored.envelope.recipients[0].address == "a@x";
                 if s.is_empty() || !scripted {
-                    vec![RcptOutcome::Delivered("250 ok".into()); attempt.recipients.len()]
+                    vec![RcptOutcome::Delivered("250 ok".into()); attempt.recipients.len()].into()
                 } else {
-                    s.remove(0)
+                    s.remove(0).into()
                 }
             })
         }
@@ -260,6 +480,8 @@ mod tests {
             retry: retry.iter().map(|&s| Duration::from_secs(s)).collect(),
             max_age,
             workers,
+            bounce: false,
+            postmaster: None,
         }
     }
 
@@ -279,6 +501,8 @@ mod tests {
             arrival_ms,
             body: None,
             smtputf8: false,
+            upstream: None,
+            report: false,
         };
         let mut inc = spool.begin(&env);
         inc.write(b"Subject: t\r\n\r\nx\r\n").await;

@@ -29,6 +29,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod delivery;
+pub mod dsn;
 pub mod inbound;
 pub mod logging;
 pub mod scheduler;

@@ -2,6 +2,7 @@
 //! then validate it into a typed [`Config`]. Validation reports every error at once, each with
 //! its key path, so `mailbridge check-config` shows the whole list in one run.
 
+pub mod exchange;
 pub mod raw;
 
 use std::fmt;
@@ -27,8 +28,30 @@ pub struct Config {
     pub limits: Limits,
     pub spool: SpoolConfig,
     pub upstreams: Vec<UpstreamConfig>,
+    /// Sender pattern -> index into `upstreams`; first match wins.
+    pub routes: Vec<Route>,
     pub queue: QueueConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub sender: SenderPattern,
+    pub upstream: usize,
+}
+
+impl Config {
+    /// The upstream a message goes through: the first route whose pattern matches the sender,
+    /// else the authenticated user's `upstream`, else the first upstream.
+    pub fn route(&self, sender: &str, auth_user: Option<&str>) -> usize {
+        if let Some(r) = self.routes.iter().find(|r| r.sender.matches(sender)) {
+            return r.upstream;
+        }
+        auth_user
+            .and_then(|u| self.users.iter().find(|x| x.username == u))
+            .and_then(|u| u.upstream)
+            .unwrap_or(0)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +78,8 @@ pub struct User {
     /// argon2id PHC string.
     pub password_hash: crate::secret::Secret,
     pub allowed_senders: Vec<SenderPattern>,
+    /// Index into `Config::upstreams` for this user's mail when no route matches.
+    pub upstream: Option<usize>,
 }
 
 /// Who may be used as a sender: an exact address, any address of a domain, or anyone.
@@ -183,6 +208,7 @@ pub struct SpoolConfig {
 #[derive(Debug, Clone)]
 pub enum UpstreamKind {
     Outbox { path: PathBuf },
+    ExchangeOnline(Box<exchange::ExchangeConfig>),
 }
 
 #[derive(Debug, Clone)]
@@ -196,6 +222,10 @@ pub struct QueueConfig {
     pub retry: Vec<Duration>,
     pub max_age: Duration,
     pub workers: usize,
+    /// Send a DSN to the envelope sender on permanent failure.
+    pub bounce: bool,
+    /// Gets DSNs for null-sender mail and alerts.
+    pub postmaster: Option<String>,
 }
 
 impl QueueConfig {
@@ -432,6 +462,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             .allowed_senders
             .unwrap_or_else(|| vec!["*".to_string()]),
     );
+    let user_upstreams: Vec<Option<String>> =
+        raw.users.iter().map(|u| u.upstream.clone()).collect();
     let users = users(&mut errs, raw.users);
     let tls = match (raw.tls.cert_file, raw.tls.key_file) {
         (Some(c), Some(k)) => TlsConfig {
@@ -530,11 +562,54 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
                     },
                 });
             }
+            RawUpstream::ExchangeOnline(x) => {
+                if x.name.is_empty() {
+                    errs.push(format!("upstreams[{i}].name: must not be empty"));
+                }
+                let name = x.name.clone();
+                let cfg = exchange::validate(&mut errs, &format!("upstreams[{i}]"), *x, &hostname);
+                upstreams.push(UpstreamConfig {
+                    name,
+                    kind: UpstreamKind::ExchangeOnline(Box::new(cfg)),
+                });
+            }
         }
     }
     for (i, u) in upstreams.iter().enumerate() {
         if upstreams[..i].iter().any(|o| o.name == u.name) {
             errs.push(format!("upstreams[{i}].name: {:?} is used twice", u.name));
+        }
+    }
+    let find_upstream = |errs: &mut Vec<String>, key: &str, name: &str| -> Option<usize> {
+        let found = upstreams.iter().position(|u| u.name == name);
+        if found.is_none() && !upstreams.is_empty() {
+            let names: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
+            errs.push(format!(
+                "{key}: no upstream is named {name:?} (upstreams: {})",
+                names.join(", ")
+            ));
+        }
+        found
+    };
+    let mut routes = Vec::new();
+    for (i, r) in raw.routes.iter().enumerate() {
+        let key = format!("routes[{i}]");
+        let pattern = SenderPattern::parse(&r.sender);
+        if pattern.is_none() {
+            errs.push(format!(
+                "{key}.sender: invalid sender pattern {:?} (expected an address, \"*@domain\" or \"*\")",
+                r.sender
+            ));
+        }
+        let up = find_upstream(&mut errs, &format!("{key}.upstream"), &r.upstream);
+        if let (Some(sender), Some(upstream)) = (pattern, up) {
+            routes.push(Route { sender, upstream });
+        }
+    }
+    let mut users = users;
+    for (i, (u, name)) in users.iter_mut().zip(user_upstreams).enumerate() {
+        if let Some(name) = name {
+            u.upstream = find_upstream(&mut errs, &format!("users[{i}].upstream"), &name);
         }
     }
 
@@ -556,6 +631,15 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         raw.queue.max_age.as_deref(),
         "5d",
     );
+
+    let postmaster = raw.queue.postmaster.clone();
+    if let Some(p) = &postmaster
+        && !exchange::is_plain_address(p)
+    {
+        errs.push(format!(
+            "queue.postmaster: {p:?} is not an address like admin@contoso.com"
+        ));
+    }
 
     let level = raw.log.level.unwrap_or_else(|| "info".into());
     if !["error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
@@ -603,8 +687,11 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             retry,
             max_age,
             workers,
+            bounce: raw.queue.bounce.unwrap_or(true),
+            postmaster,
         },
         log: LogConfig { level, format },
+        routes,
     })
 }
 
@@ -697,6 +784,7 @@ fn users(errs: &mut Vec<String>, raw: Vec<raw::RawUser>) -> Vec<User> {
             username: u.username,
             password_hash: crate::secret::Secret::new(hash.unwrap_or_default()),
             allowed_senders: senders,
+            upstream: None,
         });
     }
     out

@@ -29,6 +29,16 @@ pub struct RawConfig {
     pub state_dir: Option<String>,
     #[serde(default)]
     pub users: Vec<RawUser>,
+    /// Sender pattern -> upstream; first match wins.
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub sender: String,
+    pub upstream: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -46,6 +56,8 @@ pub struct RawUser {
     pub password_hash_file: Option<String>,
     #[serde(default)]
     pub allowed_senders: Vec<String>,
+    /// The upstream this user's mail goes through when no route matches.
+    pub upstream: Option<String>,
 }
 
 impl std::fmt::Debug for RawUser {
@@ -58,6 +70,7 @@ impl std::fmt::Debug for RawUser {
             )
             .field("password_hash_file", &self.password_hash_file)
             .field("allowed_senders", &self.allowed_senders)
+            .field("upstream", &self.upstream)
             .finish()
     }
 }
@@ -116,6 +129,69 @@ pub struct RawSpool {
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum RawUpstream {
     Outbox(RawOutbox),
+    ExchangeOnline(Box<RawExchange>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawExchange {
+    pub name: String,
+    pub mailbox: Option<String>,
+    pub tenant_id: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret: Option<String>,
+    pub client_secret_file: Option<String>,
+    pub certificate: Option<RawCertificate>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub token_url: Option<String>,
+    pub scope: Option<String>,
+    pub ca_file: Option<String>,
+    pub helo_name: Option<String>,
+    pub sender_rewrite: Option<String>,
+    #[serde(default)]
+    pub limits: RawExchangeLimits,
+}
+
+impl std::fmt::Debug for RawExchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawExchange")
+            .field("name", &self.name)
+            .field("mailbox", &self.mailbox)
+            .field("tenant_id", &self.tenant_id)
+            .field("client_id", &self.client_id)
+            .field(
+                "client_secret",
+                &self.client_secret.as_ref().map(|_| "[redacted]"),
+            )
+            .field("client_secret_file", &self.client_secret_file)
+            .field("certificate", &self.certificate)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("token_url", &self.token_url)
+            .field("scope", &self.scope)
+            .field("ca_file", &self.ca_file)
+            .field("helo_name", &self.helo_name)
+            .field("sender_rewrite", &self.sender_rewrite)
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertificate {
+    pub cert_file: String,
+    pub key_file: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawExchangeLimits {
+    pub connections: Option<u64>,
+    pub messages_per_minute: Option<u64>,
+    pub recipients_per_day: Option<u64>,
+    pub recipients_per_message: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -131,6 +207,10 @@ pub struct RawQueue {
     pub retry: Option<Vec<String>>,
     pub max_age: Option<String>,
     pub workers: Option<u64>,
+    /// DSN to the envelope sender on permanent failure (default true).
+    pub bounce: Option<bool>,
+    /// Gets failures of null-sender mail and token/tenant alerts.
+    pub postmaster: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

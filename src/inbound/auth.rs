@@ -802,6 +802,7 @@ mod tests {
             username: name.to_string(),
             password_hash: cheap_hash(password),
             allowed_senders: vec![crate::config::SenderPattern::Any],
+            upstream: None,
         }
     }
 

@@ -753,6 +753,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             arrival_ms: now_ms(),
             body: tx.body,
             smtputf8: tx.smtputf8,
+            upstream: None,
+            report: false,
         };
         let mut incoming = self.ctx.spool.begin(&envelope);
         let mut decoder = DataDecoder::new(cfg.limits.max_message_size);

@@ -92,6 +92,13 @@ pub struct Envelope {
     pub body: Option<String>,
     #[serde(default)]
     pub smtputf8: bool,
+    /// Deliver through this upstream regardless of routes (our own reports go back through
+    /// the upstream that failed the message).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    /// A report mailbridge generated (DSN or alert): never answered with another report.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub report: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -346,6 +353,8 @@ mod tests {
             arrival_ms: 1,
             body: None,
             smtputf8: false,
+            upstream: None,
+            report: false,
         }
     }
 

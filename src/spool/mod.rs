@@ -616,6 +616,8 @@ mod tests {
             arrival_ms: now_ms(),
             body: None,
             smtputf8: false,
+            upstream: None,
+            report: false,
         }
     }
 

@@ -13,6 +13,7 @@
 //! error texts are built from the status, the Entra error fields and our own words.
 
 mod assertion;
+pub mod claims;
 mod error;
 mod handle;
 

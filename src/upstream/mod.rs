@@ -1,7 +1,10 @@
 //! Upstreams: where delivery hands a message. One trait, one implementation per kind
-//! (`outbox` here; Exchange Online comes next). An upstream reports a result per recipient and
-//! never touches the queue: the delivery worker records outcomes through the spool.
+//! (`outbox` for tests and demos, `exchange` for Exchange Online). An upstream reports a
+//! result per recipient and never touches the queue: the delivery worker records outcomes
+//! through the spool.
 
+pub mod exchange;
+pub mod limits;
 pub mod outbox;
 
 use std::future::Future;
@@ -32,9 +35,34 @@ pub struct Attempt {
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// What an attempt produced.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// One outcome per entry of `attempt.recipients`, in order.
+    pub outcomes: Vec<RcptOutcome>,
+    /// For deferrals: when the upstream can take the message again (a paused or held
+    /// upstream, a pacing slot), overriding the retry schedule.
+    pub retry_in: Option<std::time::Duration>,
+}
+
+impl From<Vec<RcptOutcome>> for Report {
+    fn from(outcomes: Vec<RcptOutcome>) -> Report {
+        Report {
+            outcomes,
+            retry_in: None,
+        }
+    }
+}
+
 pub trait Upstream: Send + Sync {
     fn name(&self) -> &str;
 
+    /// The address reports (DSNs, alerts) are sent from through this upstream, if it has
+    /// one (Exchange: the mailbox, which may always send as itself).
+    fn sender_address(&self) -> Option<&str> {
+        None
+    }
+
     /// Tries to deliver; returns one outcome per entry of `attempt.recipients`, in order.
-    fn deliver(&self, attempt: Attempt) -> BoxFuture<'_, Vec<RcptOutcome>>;
+    fn deliver(&self, attempt: Attempt) -> BoxFuture<'_, Report>;
 }

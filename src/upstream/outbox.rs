@@ -11,7 +11,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use super::{Attempt, BoxFuture, RcptOutcome, Upstream};
+use super::{Attempt, BoxFuture, RcptOutcome, Report, Upstream};
 
 pub struct Outbox {
     name: String,
@@ -69,7 +69,7 @@ impl Upstream for Outbox {
         &self.name
     }
 
-    fn deliver(&self, attempt: Attempt) -> BoxFuture<'_, Vec<RcptOutcome>> {
+    fn deliver(&self, attempt: Attempt) -> BoxFuture<'_, Report> {
         Box::pin(async move {
             let n = attempt.recipients.len();
             let path = self.path.clone();
@@ -84,7 +84,7 @@ impl Upstream for Outbox {
                     self.path.display()
                 )),
             };
-            vec![outcome; n]
+            vec![outcome; n].into()
         })
     }
 }

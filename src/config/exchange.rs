@@ -1,0 +1,300 @@
+//! Validation of `type: exchange-online` upstreams: defaults from exchange-online.md, the
+//! client credential (secret, secret file or certificate) loaded and checked here so that
+//! `check-config` reports a bad key file before the daemon starts.
+
+use std::path::{Path, PathBuf};
+
+use super::raw::RawExchange;
+use super::read_secret_file;
+use crate::secret::Secret;
+use crate::token::{ClientCredentials, ClientSecret};
+
+pub const DEFAULT_HOST: &str = "smtp.office365.com";
+pub const DEFAULT_PORT: u16 = 587;
+pub const DEFAULT_TOKEN_URL: &str =
+    "https://login.microsoftonline.com/{tenant_id}/oauth2/v2.0/token";
+pub const DEFAULT_SCOPE: &str = "https://outlook.office365.com/.default";
+
+/// What to do with the sender before submission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SenderRewrite {
+    /// Send as the client sent it (needs SendAs rights for addresses other than `mailbox`).
+    None,
+    /// Envelope and header From become `mailbox`; the original From moves to Reply-To.
+    Mailbox,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExchangeLimits {
+    pub connections: usize,
+    pub messages_per_minute: u32,
+    pub recipients_per_day: u64,
+    pub recipients_per_message: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExchangeConfig {
+    pub mailbox: String,
+    pub tenant_id: String,
+    pub host: String,
+    pub port: u16,
+    pub ca_file: Option<PathBuf>,
+    /// EHLO name (default: `hostname`).
+    pub helo_name: String,
+    pub sender_rewrite: SenderRewrite,
+    pub limits: ExchangeLimits,
+    /// Token URL (with the tenant filled in), client id, scope and the secret or certificate.
+    /// `Debug` shows no secret.
+    pub credentials: ClientCredentials,
+    /// Which credential key was used, for messages (`client_secret_file`, `certificate`, ...).
+    pub credential_source: String,
+}
+
+fn is_guid(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    parts.len() == 5
+        && parts
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(p, n)| p.len() == n && p.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+fn is_domain(s: &str) -> bool {
+    s.contains('.')
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
+}
+
+/// A plain address `local@domain` (what Exchange accepts as `user=` and as a sender).
+pub fn is_plain_address(s: &str) -> bool {
+    match s.rsplit_once('@') {
+        Some((l, d)) => {
+            !l.is_empty()
+                && !s
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control() || "<>\"".contains(c))
+                && is_domain(d)
+        }
+        None => false,
+    }
+}
+
+/// Loopback token/SMTP endpoints may use plain http (tests, local proxies); anything else
+/// must be https.
+fn token_url_ok(url: &str) -> bool {
+    if url.starts_with("https://") {
+        return true;
+    }
+    let Some(rest) = url.strip_prefix("http://") else {
+        return false;
+    };
+    let host = rest.split(['/', '?']).next().unwrap_or("");
+    let host = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
+    host == "localhost" || host == "[::1]" || host.starts_with("127.")
+}
+
+pub(super) fn validate(
+    errs: &mut Vec<String>,
+    key: &str,
+    raw: RawExchange,
+    hostname: &str,
+) -> ExchangeConfig {
+    let mut required = |field: &str, v: Option<String>, example: &str| -> String {
+        match v {
+            Some(s) if !s.trim().is_empty() => s.trim().to_string(),
+            _ => {
+                errs.push(format!("{key}.{field}: required ({example})"));
+                String::new()
+            }
+        }
+    };
+    let mailbox = required(
+        "mailbox",
+        raw.mailbox,
+        "the licensed mailbox mail is sent as, e.g. relay@contoso.com",
+    );
+    let tenant_id = required(
+        "tenant_id",
+        raw.tenant_id,
+        "Entra admin center > Overview > Tenant ID, or a verified domain such as contoso.com",
+    );
+    let client_id = required(
+        "client_id",
+        raw.client_id,
+        "Entra admin center > App registrations > your app > Application (client) ID",
+    );
+    if !mailbox.is_empty() && !is_plain_address(&mailbox) {
+        errs.push(format!(
+            "{key}.mailbox: {mailbox:?} is not an address like relay@contoso.com"
+        ));
+    }
+    if !tenant_id.is_empty() && !is_guid(&tenant_id) && !is_domain(&tenant_id) {
+        errs.push(format!(
+            "{key}.tenant_id: {tenant_id:?} is neither a GUID nor a domain name"
+        ));
+    }
+    if !client_id.is_empty() && !is_guid(&client_id) {
+        errs.push(format!(
+            "{key}.client_id: {client_id:?} is not a GUID (the Application (client) ID, not the secret ID or the object ID)"
+        ));
+    }
+
+    let secret = match (raw.client_secret, raw.client_secret_file, raw.certificate) {
+        (Some(s), None, None) => {
+            if s.trim().is_empty() {
+                errs.push(format!("{key}.client_secret: must not be empty"));
+            }
+            Some((
+                ClientSecret::Secret(Secret::new(s.trim().to_string())),
+                "client_secret".to_string(),
+            ))
+        }
+        (None, Some(f), None) => match read_secret_file(Path::new(&f)) {
+            Ok(s) if s.trim().is_empty() => {
+                errs.push(format!("{key}.client_secret_file: {f} is empty"));
+                None
+            }
+            Ok(s) => Some((
+                ClientSecret::Secret(Secret::new(s.trim().to_string())),
+                format!("client_secret_file {f}"),
+            )),
+            Err(e) => {
+                errs.push(format!("{key}.client_secret_file: {e}"));
+                None
+            }
+        },
+        (None, None, Some(c)) => {
+            let cert = std::fs::read(&c.cert_file).map_err(|e| {
+                errs.push(format!(
+                    "{key}.certificate.cert_file: cannot read {}: {e}",
+                    c.cert_file
+                ))
+            });
+            let k = read_secret_file(Path::new(&c.key_file)).map_err(|e| {
+                errs.push(format!("{key}.certificate.key_file: {e}"));
+            });
+            match (cert, k) {
+                (Ok(cert), Ok(k)) => {
+                    match ClientSecret::certificate_from_pem(&cert, k.as_bytes()) {
+                        Ok(cs) => Some((cs, format!("certificate {}", c.cert_file))),
+                        Err(e) => {
+                            errs.push(format!("{key}.certificate: {e}"));
+                            None
+                        }
+                    }
+                }
+                _ => None,
+            }
+        }
+        (None, None, None) => {
+            errs.push(format!(
+                "{key}: a client credential is required: client_secret_file (recommended: a file with mode 600), client_secret, or certificate {{cert_file, key_file}}"
+            ));
+            None
+        }
+        _ => {
+            errs.push(format!(
+                "{key}: set only one of client_secret, client_secret_file and certificate"
+            ));
+            None
+        }
+    };
+
+    let host = raw.host.unwrap_or_else(|| DEFAULT_HOST.into());
+    if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c == '/') {
+        errs.push(format!("{key}.host: invalid host name {host:?}"));
+    }
+    let port = raw.port.unwrap_or(DEFAULT_PORT);
+    if port == 0 {
+        errs.push(format!("{key}.port: must be 1-65535"));
+    }
+    let token_url = raw
+        .token_url
+        .unwrap_or_else(|| DEFAULT_TOKEN_URL.into())
+        .replace("{tenant_id}", &tenant_id);
+    if !token_url_ok(&token_url) {
+        errs.push(format!(
+            "{key}.token_url: {token_url:?} must be an https:// URL (plain http only on loopback)"
+        ));
+    }
+    let scope = raw.scope.unwrap_or_else(|| DEFAULT_SCOPE.into());
+    if scope.trim().is_empty() {
+        errs.push(format!("{key}.scope: must not be empty"));
+    }
+    let ca_file = raw.ca_file.map(PathBuf::from);
+    if let Some(f) = &ca_file
+        && let Err(e) = std::fs::metadata(f)
+    {
+        errs.push(format!("{key}.ca_file: cannot read {}: {e}", f.display()));
+    }
+    let helo_name = raw.helo_name.unwrap_or_else(|| hostname.to_string());
+    if helo_name.is_empty()
+        || !helo_name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+    {
+        errs.push(format!(
+            "{key}.helo_name: invalid host name {helo_name:?} (letters, digits, '.' and '-' only)"
+        ));
+    }
+    let sender_rewrite = match raw.sender_rewrite.as_deref().unwrap_or("none") {
+        "none" => SenderRewrite::None,
+        "mailbox" => SenderRewrite::Mailbox,
+        other => {
+            errs.push(format!(
+                "{key}.sender_rewrite: unknown value {other:?} (expected none or mailbox)"
+            ));
+            SenderRewrite::None
+        }
+    };
+    let l = &raw.limits;
+    let mut positive = |field: &str, v: Option<u64>, default: u64, max: u64| -> u64 {
+        match v {
+            None => default,
+            Some(n) if n >= 1 && n <= max => n,
+            Some(_) => {
+                errs.push(format!("{key}.limits.{field}: must be 1-{max}"));
+                default
+            }
+        }
+    };
+    let limits = ExchangeLimits {
+        connections: positive("connections", l.connections, 3, 64) as usize,
+        messages_per_minute: positive("messages_per_minute", l.messages_per_minute, 30, 1_000_000)
+            as u32,
+        recipients_per_day: positive("recipients_per_day", l.recipients_per_day, 10_000, u64::MAX),
+        recipients_per_message: positive(
+            "recipients_per_message",
+            l.recipients_per_message,
+            500,
+            100_000,
+        ) as usize,
+    };
+
+    let (secret, credential_source) = secret.unwrap_or((
+        ClientSecret::Secret(Secret::new(String::new())),
+        String::new(),
+    ));
+    ExchangeConfig {
+        mailbox,
+        tenant_id,
+        host,
+        port,
+        ca_file,
+        helo_name,
+        sender_rewrite,
+        limits,
+        credentials: ClientCredentials {
+            token_url,
+            client_id,
+            scope,
+            secret,
+        },
+        credential_source,
+    }
+}

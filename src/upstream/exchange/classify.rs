@@ -1,0 +1,547 @@
+//! The one place that decides what an upstream reply means (exchange-online.md, "Replies and
+//! what they mean"). Every result of every step goes through [`classify`]; the caller applies
+//! the verdict to one recipient (RCPT) or to the whole transaction (every other step).
+//!
+//! Each [`Problem`] carries its meaning and the remedy for the admin (PowerShell command,
+//! portal step or config key). They are logged once per state change by the upstream.
+
+use std::time::Duration;
+
+/// Where in the session a reply (or error) happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Connect,
+    Greeting,
+    Ehlo,
+    StartTls,
+    Auth,
+    Mail,
+    Rcpt,
+    Data,
+    /// The reply to the final dot.
+    Dot,
+}
+
+impl Step {
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Connect => "connect",
+            Step::Greeting => "greeting",
+            Step::Ehlo => "EHLO",
+            Step::StartTls => "STARTTLS",
+            Step::Auth => "AUTH XOAUTH2",
+            Step::Mail => "MAIL FROM",
+            Step::Rcpt => "RCPT TO",
+            Step::Data => "DATA",
+            Step::Dot => "end of data",
+        }
+    }
+}
+
+/// A diagnosed condition with a known cause and remedy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    /// `535 5.7.3` even with a freshly issued token.
+    AuthRejected,
+    /// `535 5.7.139`: SMTP AUTH disabled for the tenant (or security defaults).
+    SmtpAuthDisabled,
+    /// `550 5.7.30`: a password was used instead of a token.
+    BasicAuthRejected,
+    /// `430 4.2.0 STOREDRV; mailbox logon failure`.
+    MailboxLogonFailure,
+    /// `550 5.7.60`, `5.2.252 SendAsDenied`, `SendAsDeniedException`.
+    SendAsDenied,
+    /// `554 5.2.0 ... SubmissionQuotaExceededException`.
+    QuotaExceeded,
+    /// `432 4.3.2`: too many concurrent connections.
+    TooManyConnections,
+    /// `530 5.7.57`: MAIL before AUTH.
+    NotAuthenticated,
+    /// `501 5.5.124` / `5.5.127`: the XOAUTH2 string was refused.
+    XoauthInvalid,
+    /// The server does not offer STARTTLS (or AUTH XOAUTH2 after it).
+    NoStartTls,
+    NoXoauth2,
+    /// The TLS handshake failed or timed out.
+    Tls(String),
+    /// TCP connect failed (refused, unreachable, DNS).
+    Unreachable(String),
+    /// The token endpoint refused or failed; the text has its own meaning and remedy.
+    Token {
+        meaning: String,
+        remedy: String,
+        temporary: bool,
+    },
+}
+
+impl Problem {
+    /// A short stable key (for logs, metrics and "state changed" checks).
+    pub fn key(&self) -> &'static str {
+        match self {
+            Problem::AuthRejected => "auth_rejected",
+            Problem::SmtpAuthDisabled => "smtp_auth_disabled",
+            Problem::BasicAuthRejected => "basic_auth_rejected",
+            Problem::MailboxLogonFailure => "mailbox_logon_failure",
+            Problem::SendAsDenied => "send_as_denied",
+            Problem::QuotaExceeded => "recipient_quota_exceeded",
+            Problem::TooManyConnections => "too_many_connections",
+            Problem::NotAuthenticated => "not_authenticated",
+            Problem::XoauthInvalid => "xoauth2_invalid",
+            Problem::NoStartTls => "no_starttls",
+            Problem::NoXoauth2 => "no_xoauth2",
+            Problem::Tls(_) => "tls_failed",
+            Problem::Unreachable(_) => "unreachable",
+            Problem::Token { .. } => "token",
+        }
+    }
+
+    pub fn meaning(&self) -> String {
+        match self {
+            Problem::AuthRejected => "Exchange Online refused the OAuth token (535 5.7.3) even right after a new one was fetched: the app is not allowed to send as this mailbox".into(),
+            Problem::SmtpAuthDisabled => "SMTP AUTH (client submission) is disabled for the tenant, or security defaults block it (535 5.7.139)".into(),
+            Problem::BasicAuthRejected => "Exchange Online saw a password instead of an OAuth token (5.7.30)".into(),
+            Problem::MailboxLogonFailure => "the app cannot open the sending mailbox (430 4.2.0 mailbox logon failure): it lacks the mailbox permission".into(),
+            Problem::SendAsDenied => "the mailbox may not send as this message's sender (5.7.60 / SendAsDenied): the header From is not the authenticated mailbox and no SendAs right exists".into(),
+            Problem::QuotaExceeded => "the mailbox reached Exchange Online's limit of recipients per rolling 24 hours (554 5.2.0 SubmissionQuotaExceeded)".into(),
+            Problem::TooManyConnections => "Exchange Online refused another concurrent connection for this mailbox (432 4.3.2)".into(),
+            Problem::NotAuthenticated => "Exchange Online says the session is not authenticated (530 5.7.57); this is a bug in mailbridge or a proxy in between".into(),
+            Problem::XoauthInvalid => "Exchange Online refused the XOAUTH2 string (501 5.5.124/5.5.127): malformed or the token was about to expire".into(),
+            Problem::NoStartTls => "the upstream server does not offer STARTTLS; mailbridge never sends mail or tokens in plaintext".into(),
+            Problem::NoXoauth2 => "the upstream server does not offer AUTH XOAUTH2 after STARTTLS".into(),
+            Problem::Tls(e) => format!("the TLS handshake with the upstream failed: {e}"),
+            Problem::Unreachable(e) => format!("cannot connect to the upstream: {e}"),
+            Problem::Token { meaning, .. } => meaning.clone(),
+        }
+    }
+
+    /// What the admin should do. `mailbox` and `client_id` make the commands copy-pasteable.
+    pub fn remedy(&self, mailbox: &str, client_id: &str) -> String {
+        match self {
+            Problem::AuthRejected => format!(
+                "check, in this order: 1) Entra admin center > App registrations > app {client_id} > API permissions: Office 365 Exchange Online > SMTP.SendAsApp (Application) with admin consent granted (`mailbridge token` shows the token's roles); \
+                 2) Exchange Online PowerShell: `New-ServicePrincipal -AppId {client_id} -ObjectId <Enterprise applications > app > Object ID>`; \
+                 3) `Add-MailboxPermission -Identity {mailbox} -User <service principal id> -AccessRights FullAccess`; \
+                 4) `Set-CASMailbox -Identity {mailbox} -SmtpClientAuthenticationDisabled $false`. Changes can take up to an hour to apply; mailbridge retries by itself"
+            ),
+            Problem::SmtpAuthDisabled => format!(
+                "`Set-TransportConfig -SmtpClientAuthenticationDisabled $false` and `Set-CASMailbox -Identity {mailbox} -SmtpClientAuthenticationDisabled $false`; if security defaults are on (Entra admin center > Overview > Properties > Manage security defaults), they block SMTP AUTH: turn them off and use Conditional Access instead"
+            ),
+            Problem::BasicAuthRejected => "check that the upstream's `type` is `exchange-online` and that nothing between mailbridge and Exchange (a proxy) rewrites AUTH".into(),
+            Problem::MailboxLogonFailure => format!(
+                "`Add-MailboxPermission -Identity {mailbox} -User <service principal id of app {client_id}> -AccessRights FullAccess` (Exchange Online PowerShell)"
+            ),
+            Problem::SendAsDenied => format!(
+                "either grant the right: `Add-RecipientPermission -Identity <sender address> -Trustee <service principal id of app {client_id}> -AccessRights SendAs`, or set `sender_rewrite: mailbox` on the upstream so mail is sent as {mailbox} (the original From goes to Reply-To)"
+            ),
+            Problem::QuotaExceeded => "mailbridge holds this upstream's mail for about an hour and retries; lower `limits.recipients_per_day` if it happens again, or spread mail over several mailboxes (routes)".into(),
+            Problem::TooManyConnections => "mailbridge lowers its concurrency by itself; lower `limits.connections` if other programs use the same mailbox".into(),
+            Problem::NotAuthenticated => "check for a TLS-inspecting proxy between mailbridge and Exchange; otherwise report a bug with the log lines around this one".into(),
+            Problem::XoauthInvalid => format!("check that `mailbox` ({mailbox}) is the mailbox's primary address (UPN); run `mailbridge token` to inspect the token"),
+            Problem::NoStartTls | Problem::NoXoauth2 => "check `host` and `port` of the upstream: Exchange Online is smtp.office365.com port 587".into(),
+            Problem::Tls(_) => "allow outgoing TLS 1.2/1.3 to the upstream on port 587, exclude it from TLS inspection, or add the inspecting proxy's CA with `ca_file`".into(),
+            Problem::Unreachable(_) => "check DNS and that outgoing TCP port 587 to the upstream is open (firewall, proxy); `host` and `port` set the address".into(),
+            Problem::Token { remedy, .. } => remedy.clone(),
+        }
+    }
+}
+
+/// What to do with a step's result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Ok,
+    /// `535 5.7.3` on AUTH: drop the token, fetch a new one (single-flight), retry once.
+    RefreshAndRetry,
+    /// Try later. `pause`: stop using the upstream until a probe succeeds (configuration
+    /// problems: every message would fail the same way). `hold`: do not send through this
+    /// upstream for that long. `fewer_connections`: lower the concurrency cap.
+    Defer {
+        problem: Option<Problem>,
+        pause: bool,
+        hold: Option<Duration>,
+        fewer_connections: bool,
+    },
+    /// Permanent for this recipient or message (a DSN goes to the sender).
+    Fail {
+        problem: Option<Problem>,
+    },
+}
+
+impl Verdict {
+    fn defer() -> Verdict {
+        Verdict::Defer {
+            problem: None,
+            pause: false,
+            hold: None,
+            fewer_connections: false,
+        }
+    }
+    fn pause(p: Problem) -> Verdict {
+        Verdict::Defer {
+            problem: Some(p),
+            pause: true,
+            hold: None,
+            fewer_connections: false,
+        }
+    }
+}
+
+/// How long a `SubmissionQuotaExceeded` holds the upstream.
+pub const QUOTA_HOLD: Duration = Duration::from_secs(3600);
+
+/// The enhanced status code (`5.7.3`) at the start of a reply's text, if any.
+pub fn enhanced(text: &str) -> Option<&str> {
+    let first = text.split_whitespace().next()?;
+    let parts: Vec<&str> = first.split('.').collect();
+    (parts.len() == 3
+        && matches!(parts[0], "2" | "4" | "5")
+        && parts[1..]
+            .iter()
+            .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit())))
+    .then_some(first)
+}
+
+/// Classifies a reply `code` with `text` (the reply without its code) at `step`.
+/// `retried_auth`: a fresh token was already tried on this attempt.
+pub fn classify(step: Step, code: u16, text: &str, retried_auth: bool) -> Verdict {
+    if (200..400).contains(&code) {
+        return Verdict::Ok;
+    }
+    let lower = text.to_ascii_lowercase();
+    let esc = enhanced(text).unwrap_or("");
+    let has = |s: &str| lower.contains(&s.to_ascii_lowercase());
+
+    // Rows that mean the same wherever they appear.
+    if esc == "5.7.139" || has("smtpclientauthentication is disabled") || has("security defaults") {
+        return Verdict::pause(Problem::SmtpAuthDisabled);
+    }
+    if esc == "5.7.30" || has("basic authentication is not supported") {
+        return Verdict::pause(Problem::BasicAuthRejected);
+    }
+    if has("submissionquotaexceeded") {
+        return Verdict::Defer {
+            problem: Some(Problem::QuotaExceeded),
+            pause: false,
+            hold: Some(QUOTA_HOLD),
+            fewer_connections: false,
+        };
+    }
+    if esc == "5.7.60" || esc == "5.2.252" || has("sendasdenied") {
+        return Verdict::Fail {
+            problem: Some(Problem::SendAsDenied),
+        };
+    }
+    if code == 430 || (esc == "4.2.0" && has("logon failure")) || has("mailbox logon failure") {
+        return Verdict::pause(Problem::MailboxLogonFailure);
+    }
+    if code == 432 || (esc == "4.3.2" && (has("concurrent") || has("thread limit"))) {
+        return Verdict::Defer {
+            problem: Some(Problem::TooManyConnections),
+            pause: false,
+            hold: None,
+            fewer_connections: true,
+        };
+    }
+    if code == 530 && (esc == "5.7.57" || step != Step::Auth) && step != Step::Greeting {
+        return Verdict::Defer {
+            problem: Some(Problem::NotAuthenticated),
+            pause: false,
+            hold: None,
+            fewer_connections: false,
+        };
+    }
+
+    match step {
+        Step::Auth => {
+            if esc == "5.5.127" && !retried_auth {
+                return Verdict::RefreshAndRetry;
+            }
+            if esc == "5.5.124" || esc == "5.5.127" {
+                return Verdict::pause(Problem::XoauthInvalid);
+            }
+            if code == 535 || code == 534 {
+                return if retried_auth {
+                    Verdict::pause(Problem::AuthRejected)
+                } else {
+                    Verdict::RefreshAndRetry
+                };
+            }
+            if code >= 500 {
+                // Never bounce mail because of an authentication problem.
+                return Verdict::pause(Problem::AuthRejected);
+            }
+            Verdict::defer()
+        }
+        // Before a transaction nothing is permanent for a message: a 5xx greeting or EHLO
+        // reply says the server (or something in between) is not what we expect.
+        Step::Connect | Step::Greeting | Step::Ehlo | Step::StartTls => Verdict::defer(),
+        Step::Mail | Step::Rcpt | Step::Data | Step::Dot => {
+            if (400..500).contains(&code) {
+                Verdict::defer()
+            } else {
+                Verdict::Fail { problem: None }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pause_of(v: &Verdict) -> Option<&Problem> {
+        match v {
+            Verdict::Defer {
+                problem: Some(p),
+                pause: true,
+                ..
+            } => Some(p),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn the_exchange_table() {
+        // 535 5.7.3: one fresh token, then pause (never bounce).
+        assert_eq!(
+            classify(
+                Step::Auth,
+                535,
+                "5.7.3 Authentication unsuccessful [X]",
+                false
+            ),
+            Verdict::RefreshAndRetry
+        );
+        assert_eq!(
+            pause_of(&classify(
+                Step::Auth,
+                535,
+                "5.7.3 Authentication unsuccessful",
+                true
+            )),
+            Some(&Problem::AuthRejected)
+        );
+        assert_eq!(
+            pause_of(&classify(
+                Step::Auth,
+                535,
+                "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant.",
+                false
+            )),
+            Some(&Problem::SmtpAuthDisabled)
+        );
+        assert_eq!(
+            pause_of(&classify(
+                Step::Auth,
+                550,
+                "5.7.30 Basic authentication is not supported for Client Submission",
+                false
+            )),
+            Some(&Problem::BasicAuthRejected)
+        );
+        assert_eq!(
+            pause_of(&classify(
+                Step::Dot,
+                430,
+                "4.2.0 STOREDRV; mailbox logon failure",
+                false
+            )),
+            Some(&Problem::MailboxLogonFailure)
+        );
+        for (step, code, text) in [
+            (
+                Step::Dot,
+                550,
+                "5.7.60 SMTP; Client does not have permissions to send as this sender",
+            ),
+            (
+                Step::Dot,
+                554,
+                "5.2.252 SendAsDenied; relay@contoso.com not allowed to send as x@y",
+            ),
+            (
+                Step::Dot,
+                554,
+                "5.2.0 STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied",
+            ),
+            (
+                Step::Mail,
+                550,
+                "5.7.60 SMTP; Client does not have permissions to send as this sender",
+            ),
+        ] {
+            assert_eq!(
+                classify(step, code, text, false),
+                Verdict::Fail {
+                    problem: Some(Problem::SendAsDenied)
+                },
+                "{code} {text}"
+            );
+        }
+        match classify(
+            Step::Dot,
+            554,
+            "5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed to process message",
+            false,
+        ) {
+            Verdict::Defer {
+                problem: Some(Problem::QuotaExceeded),
+                hold: Some(h),
+                pause: false,
+                ..
+            } => {
+                assert_eq!(h, QUOTA_HOLD)
+            }
+            v => panic!("{v:?}"),
+        }
+        for text in [
+            "4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded",
+            "4.3.2 Concurrent connections limit exceeded",
+        ] {
+            for step in [Step::Greeting, Step::Mail, Step::Dot] {
+                assert!(matches!(
+                    classify(step, 432, text, false),
+                    Verdict::Defer {
+                        fewer_connections: true,
+                        pause: false,
+                        ..
+                    }
+                ));
+            }
+        }
+        assert!(matches!(
+            classify(
+                Step::Mail,
+                530,
+                "5.7.57 Client not authenticated to send mail",
+                false
+            ),
+            Verdict::Defer {
+                problem: Some(Problem::NotAuthenticated),
+                ..
+            }
+        ));
+        assert_eq!(
+            classify(
+                Step::Auth,
+                501,
+                "5.5.127 Invalid XOAUTH2 auth data - Token will expire soon",
+                false
+            ),
+            Verdict::RefreshAndRetry
+        );
+        assert_eq!(
+            pause_of(&classify(
+                Step::Auth,
+                501,
+                "5.5.124 Invalid XOAUTH2 auth data",
+                false
+            )),
+            Some(&Problem::XoauthInvalid)
+        );
+    }
+
+    #[test]
+    fn generic_codes() {
+        assert_eq!(
+            classify(Step::Rcpt, 250, "2.1.5 Recipient OK", false),
+            Verdict::Ok
+        );
+        assert_eq!(
+            classify(
+                Step::Rcpt,
+                550,
+                "5.1.10 RESOLVER.ADR.RecipientNotFound",
+                false
+            ),
+            Verdict::Fail { problem: None }
+        );
+        assert!(matches!(
+            classify(Step::Rcpt, 451, "4.4.0 try later", false),
+            Verdict::Defer { pause: false, .. }
+        ));
+        assert_eq!(
+            classify(
+                Step::Dot,
+                552,
+                "5.3.4 Message size exceeds fixed maximum message size",
+                false
+            ),
+            Verdict::Fail { problem: None }
+        );
+        // A 5xx before the transaction never bounces a message.
+        assert!(matches!(
+            classify(Step::Greeting, 554, "5.7.1 go away", false),
+            Verdict::Defer { .. }
+        ));
+        assert!(matches!(
+            classify(Step::Ehlo, 500, "what", false),
+            Verdict::Defer { .. }
+        ));
+        // Any other AUTH failure pauses, never fails the message.
+        assert!(
+            pause_of(&classify(
+                Step::Auth,
+                504,
+                "5.7.4 Unrecognized authentication type",
+                true
+            ))
+            .is_some()
+        );
+        assert!(matches!(
+            classify(Step::Auth, 454, "4.7.0 temporary", false),
+            Verdict::Defer { pause: false, .. }
+        ));
+    }
+
+    #[test]
+    fn enhanced_codes() {
+        assert_eq!(enhanced("5.7.3 Authentication unsuccessful"), Some("5.7.3"));
+        assert_eq!(enhanced("5.7.139 x"), Some("5.7.139"));
+        assert_eq!(enhanced("Authentication unsuccessful"), None);
+        assert_eq!(enhanced("3.1.1 x"), None);
+        assert_eq!(enhanced(""), None);
+    }
+
+    #[test]
+    fn every_problem_has_a_remedy_naming_the_mailbox_where_useful() {
+        let all = [
+            Problem::AuthRejected,
+            Problem::SmtpAuthDisabled,
+            Problem::BasicAuthRejected,
+            Problem::MailboxLogonFailure,
+            Problem::SendAsDenied,
+            Problem::QuotaExceeded,
+            Problem::TooManyConnections,
+            Problem::NotAuthenticated,
+            Problem::XoauthInvalid,
+            Problem::NoStartTls,
+            Problem::NoXoauth2,
+            Problem::Tls("handshake".into()),
+            Problem::Unreachable("refused".into()),
+        ];
+        for p in &all {
+            assert!(!p.meaning().is_empty());
+            assert!(p.remedy("relay@contoso.com", "app-id").len() > 20, "{p:?}");
+        }
+        assert!(
+            Problem::AuthRejected
+                .remedy("relay@contoso.com", "app-id")
+                .contains("Add-MailboxPermission -Identity relay@contoso.com")
+        );
+        assert!(
+            Problem::SmtpAuthDisabled
+                .remedy("m", "a")
+                .contains("Set-TransportConfig -SmtpClientAuthenticationDisabled $false")
+        );
+        assert!(
+            Problem::SendAsDenied
+                .remedy("m", "a")
+                .contains("Add-RecipientPermission")
+        );
+        assert!(
+            Problem::SendAsDenied
+                .remedy("m", "a")
+                .contains("sender_rewrite: mailbox")
+        );
+    }
+}

@@ -1,0 +1,482 @@
+//! One SMTP client session with Exchange Online, on lettre's low-level connection: TCP
+//! connect, greeting, EHLO, STARTTLS (required: no plaintext fallback, TLS 1.2+), EHLO again,
+//! AUTH XOAUTH2 in two steps, then transactions. Every step runs under its own timeout
+//! (RFC 5321 §4.5.3.2 client timeouts; lettre's own timeout covers only the TCP connect).
+//!
+//! lettre gets our own TCP stream wrapper ([`Guarded`]): the message content is streamed
+//! from the spool file in chunks, and if reading the file fails half-way the wrapper refuses
+//! every further write, so the final dot is never sent and the server discards the partial
+//! message instead of delivering it truncated.
+
+use std::io::Read;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use base64::Engine;
+use lettre::transport::smtp::client::{AsyncSmtpConnection, AsyncTokioStream, TlsParameters};
+use lettre::transport::smtp::extension::{ClientId, Extension};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::classify::{Problem, Step};
+use crate::secret::Secret;
+
+/// Client timeouts (RFC 5321 §4.5.3.2), shortened where Exchange answers fast.
+#[derive(Debug, Clone)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub greeting: Duration,
+    pub command: Duration,
+    pub mail: Duration,
+    pub rcpt: Duration,
+    pub data_init: Duration,
+    /// Writing the content: per chunk.
+    pub data_block: Duration,
+    /// The reply to the final dot: 10 minutes.
+    pub data_term: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Timeouts {
+        Timeouts {
+            connect: Duration::from_secs(30),
+            greeting: Duration::from_secs(5 * 60),
+            command: Duration::from_secs(2 * 60),
+            mail: Duration::from_secs(5 * 60),
+            rcpt: Duration::from_secs(5 * 60),
+            data_init: Duration::from_secs(2 * 60),
+            data_block: Duration::from_secs(3 * 60),
+            data_term: Duration::from_secs(10 * 60),
+        }
+    }
+}
+
+/// What went wrong in a step: a reply from the server, or no reply at all.
+#[derive(Debug, Clone)]
+pub enum StepError {
+    /// The server replied with a negative code; `text` is the reply without the code.
+    Reply { step: Step, code: u16, text: String },
+    /// Network, TLS or protocol error, or timeout; no usable reply.
+    Broken {
+        step: Step,
+        what: String,
+        problem: Option<Problem>,
+    },
+}
+
+impl StepError {
+    pub fn step(&self) -> Step {
+        match self {
+            StepError::Reply { step, .. } | StepError::Broken { step, .. } => *step,
+        }
+    }
+}
+
+impl std::fmt::Display for StepError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StepError::Reply { step, code, text } => {
+                write!(f, "{code} {text} (in reply to {})", step.name())
+            }
+            StepError::Broken { step, what, .. } => write!(f, "{what} (at {})", step.name()),
+        }
+    }
+}
+
+/// The TCP stream handed to lettre. Writes fail once `poisoned` is set.
+#[derive(Debug)]
+pub struct Guarded {
+    inner: TcpStream,
+    poisoned: Arc<AtomicBool>,
+}
+
+impl AsyncRead for Guarded {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.poisoned.load(Ordering::SeqCst) {
+            return Poll::Ready(Err(std::io::Error::other(
+                "message content could not be read from the spool; transaction abandoned",
+            )));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.poisoned.load(Ordering::SeqCst) {
+            return Poll::Ready(Err(std::io::Error::other("transaction abandoned")));
+        }
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl AsyncTokioStream for Guarded {
+    fn peer_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.inner.peer_addr()
+    }
+}
+
+/// A command line sent as is (MAIL, RCPT, AUTH): lettre's typed commands would re-validate
+/// addresses the inbound side already accepted, and its AUTH sends XOAUTH2 inline.
+struct Line(String);
+
+impl std::fmt::Display for Line {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)?;
+        f.write_str("\r\n")
+    }
+}
+
+/// Splits a lettre error into a reply (code + text) or a broken connection.
+fn step_error(step: Step, e: lettre::transport::smtp::Error) -> StepError {
+    if let Some(code) = e.status() {
+        let code: u16 = code.to_string().parse().unwrap_or(0);
+        let text = std::error::Error::source(&e)
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        return StepError::Reply { step, code, text };
+    }
+    let problem = if e.is_tls() || step == Step::StartTls {
+        Some(Problem::Tls(e.to_string()))
+    } else {
+        None
+    };
+    StepError::Broken {
+        step,
+        what: e.to_string(),
+        problem,
+    }
+}
+
+fn timed_out(step: Step, after: Duration) -> StepError {
+    StepError::Broken {
+        step,
+        what: format!(
+            "no reply within {} (timeout)",
+            humantime::format_duration(after)
+        ),
+        problem: (step == Step::StartTls).then(|| {
+            Problem::Tls(format!(
+                "TLS handshake timed out after {}",
+                humantime::format_duration(after)
+            ))
+        }),
+    }
+}
+
+async fn within<T>(
+    step: Step,
+    after: Duration,
+    f: impl std::future::Future<Output = Result<T, lettre::transport::smtp::Error>>,
+) -> Result<T, StepError> {
+    match tokio::time::timeout(after, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(step_error(step, e)),
+        Err(_) => Err(timed_out(step, after)),
+    }
+}
+
+/// Where and how to connect.
+#[derive(Clone)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+    pub helo: String,
+    pub tls: TlsParameters,
+    pub timeouts: Timeouts,
+}
+
+impl Endpoint {
+    /// TLS parameters: the platform verifier (system roots) plus the certificates in
+    /// `ca_file`, TLS 1.2 minimum (rustls speaks 1.2 and 1.3 only).
+    pub fn tls_parameters(
+        host: &str,
+        ca_file: Option<&std::path::Path>,
+    ) -> Result<TlsParameters, String> {
+        let mut b = TlsParameters::builder(host.to_string());
+        if let Some(path) = ca_file {
+            let pem = std::fs::read(path)
+                .map_err(|e| format!("cannot read ca_file {}: {e}", path.display()))?;
+            let certs: Vec<_> = rustls_pki_types::pem::PemObject::pem_slice_iter(&pem)
+                .collect::<Result<Vec<rustls_pki_types::CertificateDer>, _>>()
+                .map_err(|e| format!("ca_file {}: not PEM certificates: {e}", path.display()))?;
+            if certs.is_empty() {
+                return Err(format!("ca_file {}: no certificate found", path.display()));
+            }
+            for c in certs {
+                let cert = lettre::transport::smtp::client::Certificate::from_der(c.to_vec())
+                    .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+                b = b.add_root_certificate(cert);
+            }
+        }
+        b.build_rustls().map_err(|e| format!("TLS setup: {e}"))
+    }
+}
+
+/// An authenticated session, ready for transactions.
+pub struct Session {
+    conn: AsyncSmtpConnection,
+    poisoned: Arc<AtomicBool>,
+    timeouts: Timeouts,
+    pub eight_bit: bool,
+    pub smtputf8: bool,
+    /// Transactions sent on this session.
+    pub used: u32,
+}
+
+/// Connects, says EHLO, starts TLS and says EHLO again. Authentication is separate so a
+/// `535` can be retried with a fresh token on the same connection.
+pub async fn open(ep: &Endpoint) -> Result<Session, StepError> {
+    let t = &ep.timeouts;
+    let tcp = match tokio::time::timeout(t.connect, TcpStream::connect((ep.host.as_str(), ep.port)))
+        .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let what = format!("cannot connect to {}:{}: {e}", ep.host, ep.port);
+            return Err(StepError::Broken {
+                step: Step::Connect,
+                problem: Some(Problem::Unreachable(what.clone())),
+                what,
+            });
+        }
+        Err(_) => {
+            let what = format!(
+                "cannot connect to {}:{}: no answer within {}",
+                ep.host,
+                ep.port,
+                humantime::format_duration(t.connect)
+            );
+            return Err(StepError::Broken {
+                step: Step::Connect,
+                problem: Some(Problem::Unreachable(what.clone())),
+                what,
+            });
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    let poisoned = Arc::new(AtomicBool::new(false));
+    let stream = Box::new(Guarded {
+        inner: tcp,
+        poisoned: poisoned.clone(),
+    });
+    let helo = ClientId::Domain(ep.helo.clone());
+    // lettre reads the greeting and sends EHLO in one call.
+    let mut conn = within(
+        Step::Greeting,
+        t.greeting + t.command,
+        AsyncSmtpConnection::connect_with_transport(stream, &helo),
+    )
+    .await?;
+    if !conn.server_info().supports_feature(Extension::StartTls) {
+        conn.abort().await;
+        return Err(StepError::Broken {
+            step: Step::StartTls,
+            what: "the server does not offer STARTTLS".into(),
+            problem: Some(Problem::NoStartTls),
+        });
+    }
+    within(
+        Step::StartTls,
+        t.command * 2,
+        conn.starttls(ep.tls.clone(), &helo),
+    )
+    .await?;
+    if !conn.is_encrypted() {
+        return Err(StepError::Broken {
+            step: Step::StartTls,
+            what: "STARTTLS did not encrypt the connection".into(),
+            problem: Some(Problem::NoStartTls),
+        });
+    }
+    let info = conn.server_info();
+    let eight_bit = info.supports_feature(Extension::EightBitMime);
+    let smtputf8 = info.supports_feature(Extension::SmtpUtfEight);
+    Ok(Session {
+        conn,
+        poisoned,
+        timeouts: t.clone(),
+        eight_bit,
+        smtputf8,
+        used: 0,
+    })
+}
+
+impl Session {
+    /// `AUTH XOAUTH2` alone, then the base64 string after `334` (RFC 4954 §4: a token makes
+    /// the inline form longer than 512 octets). The token is only ever in this buffer.
+    pub async fn auth_xoauth2(&mut self, user: &str, token: &Secret) -> Result<(), StepError> {
+        if !self
+            .conn
+            .server_info()
+            .supports_auth_mechanism(lettre::transport::smtp::authentication::Mechanism::Xoauth2)
+        {
+            return Err(StepError::Broken {
+                step: Step::Auth,
+                what: "the server does not offer AUTH XOAUTH2".into(),
+                problem: Some(Problem::NoXoauth2),
+            });
+        }
+        let t = self.timeouts.command;
+        let first = within(
+            Step::Auth,
+            t,
+            self.conn.command(Line("AUTH XOAUTH2".into())),
+        )
+        .await?;
+        if first.code().to_string() != "334" {
+            return Err(StepError::Broken {
+                step: Step::Auth,
+                what: format!("unexpected reply {} to AUTH XOAUTH2", first.code()),
+                problem: None,
+            });
+        }
+        let blob = base64::engine::general_purpose::STANDARD.encode(format!(
+            "user={user}\x01auth=Bearer {}\x01\x01",
+            token.expose()
+        ));
+        match within(Step::Auth, t, self.conn.command(Line(blob))).await {
+            Ok(_) => Ok(()),
+            Err(StepError::Reply {
+                step, code: 334, ..
+            }) => {
+                // An error challenge (JSON); RFC 7628 says answer with an empty line.
+                let _ = within(step, t, self.conn.command(Line(String::new()))).await;
+                Err(StepError::Reply {
+                    step,
+                    code: 535,
+                    text: "5.7.3 Authentication unsuccessful (XOAUTH2 error challenge)".into(),
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn mail(
+        &mut self,
+        from: &str,
+        body: Option<&str>,
+        smtputf8: bool,
+    ) -> Result<String, StepError> {
+        let mut line = format!("MAIL FROM:<{from}>");
+        if let Some(b) = body
+            && self.eight_bit
+        {
+            line.push_str(" BODY=");
+            line.push_str(b);
+        }
+        if smtputf8 && self.smtputf8 {
+            line.push_str(" SMTPUTF8");
+        }
+        let r = within(
+            Step::Mail,
+            self.timeouts.mail,
+            self.conn.command(Line(line)),
+        )
+        .await?;
+        Ok(reply_text(&r))
+    }
+
+    pub async fn rcpt(&mut self, to: &str) -> Result<String, StepError> {
+        let r = within(
+            Step::Rcpt,
+            self.timeouts.rcpt,
+            self.conn.command(Line(format!("RCPT TO:<{to}>"))),
+        )
+        .await?;
+        Ok(reply_text(&r))
+    }
+
+    /// DATA, then the content from `reader` (CRLF, not yet dot-stuffed; lettre stuffs it),
+    /// then the final dot. Returns the reply to the dot, or an error saying whether the dot
+    /// may have reached the server (`Step::Dot`).
+    pub async fn data(
+        &mut self,
+        head: Vec<u8>,
+        mut reader: impl Read + Send,
+    ) -> Result<String, StepError> {
+        within(
+            Step::Data,
+            self.timeouts.data_init,
+            self.conn.command(lettre::transport::smtp::commands::Data),
+        )
+        .await?;
+        let poisoned = self.poisoned.clone();
+        let mut head = Some(head);
+        let mut failed = false;
+        let chunks = std::iter::from_fn(move || {
+            if let Some(h) = head.take()
+                && !h.is_empty()
+            {
+                return Some(h);
+            }
+            if failed {
+                return None;
+            }
+            let mut buf = vec![0u8; 64 * 1024];
+            match reader.read(&mut buf) {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some(buf)
+                }
+                Err(_) => {
+                    failed = true;
+                    poisoned.store(true, Ordering::SeqCst);
+                    None
+                }
+            }
+        });
+        let total = self.timeouts.data_term + self.timeouts.data_block;
+        let res = within(Step::Dot, total, self.conn.message_iter(chunks)).await;
+        if self.poisoned.load(Ordering::SeqCst) {
+            self.conn.abort().await;
+            return Err(StepError::Broken {
+                step: Step::Data,
+                what: "reading the message from the spool failed; the transaction was abandoned before the final dot".into(),
+                problem: None,
+            });
+        }
+        res.map(|r| reply_text(&r))
+    }
+
+    pub async fn rset(&mut self) -> Result<(), StepError> {
+        within(
+            Step::Mail,
+            self.timeouts.command,
+            self.conn.command(lettre::transport::smtp::commands::Rset),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub fn is_broken(&self) -> bool {
+        self.conn.has_broken()
+    }
+
+    pub async fn quit(mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.conn.quit()).await;
+    }
+}
+
+fn reply_text(r: &lettre::transport::smtp::response::Response) -> String {
+    let lines: Vec<&str> = r.message().collect();
+    format!("{} {}", r.code(), lines.join(" "))
+}

@@ -1,0 +1,962 @@
+//! The Exchange Online upstream: client submission on smtp.office365.com:587 with STARTTLS
+//! and SASL XOAUTH2, tokens from a shared [`TokenHandle`].
+//!
+//! - Connections: at most `limits.connections` per upstream (Exchange allows 3 per mailbox),
+//!   authenticated connections are reused (RSET between messages) until idle for
+//!   [`IDLE_MAX`] or the token they authenticated with nears its renewal point. A `432 4.3.2`
+//!   lowers the cap for a while ([`ConnLimit`]).
+//! - Pacing: `messages_per_minute`, evenly spaced ([`Pacer`]); `recipients_per_day` counted in
+//!   a rolling window that survives restarts ([`DailyRecipients`]): mail is held before
+//!   Exchange would reject it.
+//! - Every step's result goes through [`classify::classify`]. Problems that would fail every
+//!   message the same way (authentication, permissions, TLS, unreachable) *pause* the upstream:
+//!   mail is deferred without trying, and one delivery at a time probes it again on the
+//!   retry schedule; when a probe succeeds it resumes by itself. Each state change is logged
+//!   once with its meaning and remedy, and sent to `queue.postmaster` as an alert.
+
+pub mod classify;
+pub mod conn;
+pub mod rewrite;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use self::classify::{Problem, Step, Verdict, classify};
+use self::conn::{Endpoint, Session, StepError, Timeouts};
+use super::limits::{ConnLimit, ConnPermit, DailyRecipients, Pacer};
+use super::{Attempt, BoxFuture, RcptOutcome, Report, Upstream};
+use crate::config::exchange::{ExchangeConfig, SenderRewrite};
+use crate::spool::Envelope;
+use crate::token::{Token, TokenHandle};
+
+/// An idle authenticated connection is closed after this long.
+pub const IDLE_MAX: Duration = Duration::from_secs(30);
+/// The longest a delivery waits for its pacing slot before deferring instead.
+const MAX_PACE_WAIT: Duration = Duration::from_secs(5 * 60);
+/// The largest header section read for `sender_rewrite`.
+const MAX_HEAD: usize = 1024 * 1024;
+
+/// A message for `queue.postmaster` about a change of an upstream's state.
+#[derive(Debug, Clone)]
+pub struct Alert {
+    pub upstream: String,
+    pub subject: String,
+    pub body: String,
+}
+
+/// The upstream's state, as logged and as reported to admin commands.
+#[derive(Debug, Clone)]
+pub enum State {
+    Ok,
+    /// Every message would fail the same way: wait for a probe.
+    Paused {
+        problem: Problem,
+        reason: String,
+        next_probe: Instant,
+        /// Index into the retry schedule for the next back-off.
+        backoff: usize,
+        probing: bool,
+    },
+    /// Not sending until `until` (recipient quota).
+    Held {
+        until: Instant,
+        reason: String,
+    },
+}
+
+/// What a caller learns about the upstream's state.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub state: &'static str,
+    pub problem: Option<String>,
+    pub meaning: Option<String>,
+    pub remedy: Option<String>,
+}
+
+struct Idle {
+    session: Session,
+    permit: ConnPermit,
+    since: Instant,
+    /// When the token this session authenticated with reaches its renewal point.
+    stale_at: Instant,
+}
+
+/// A session in use.
+struct Lease {
+    session: Session,
+    permit: ConnPermit,
+    stale_at: Instant,
+    reused: bool,
+}
+
+/// Why a transaction could not even start or ended for every recipient at once.
+#[derive(Debug, Clone)]
+struct Failure {
+    verdict: Verdict,
+    text: String,
+}
+
+pub struct Exchange {
+    name: String,
+    cfg: ExchangeConfig,
+    tokens: TokenHandle,
+    endpoint: Endpoint,
+    conns: Arc<ConnLimit>,
+    pool: Mutex<Vec<Idle>>,
+    pool_returned: Notify,
+    pacer: Pacer,
+    daily: DailyRecipients,
+    state: Mutex<State>,
+    state_changed: Notify,
+    /// Problems already explained in the log (per key + detail), so a remedy is written once.
+    noted: Mutex<HashMap<String, Instant>>,
+    retry: Vec<Duration>,
+    alerts: Option<mpsc::UnboundedSender<Alert>>,
+}
+
+impl Exchange {
+    /// Builds the upstream and starts its idle-connection reaper (stops with `stop`).
+    /// `counter_path` keeps the rolling recipient count across restarts.
+    pub fn start(
+        name: &str,
+        cfg: ExchangeConfig,
+        tokens: TokenHandle,
+        counter_path: PathBuf,
+        retry: Vec<Duration>,
+        alerts: Option<mpsc::UnboundedSender<Alert>>,
+        stop: CancellationToken,
+    ) -> Result<Arc<Exchange>, String> {
+        Self::start_with(
+            name,
+            cfg,
+            tokens,
+            counter_path,
+            retry,
+            alerts,
+            stop,
+            Timeouts::default(),
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_with(
+        name: &str,
+        cfg: ExchangeConfig,
+        tokens: TokenHandle,
+        counter_path: PathBuf,
+        retry: Vec<Duration>,
+        alerts: Option<mpsc::UnboundedSender<Alert>>,
+        stop: CancellationToken,
+        timeouts: Timeouts,
+    ) -> Result<Arc<Exchange>, String> {
+        let tls = Endpoint::tls_parameters(&cfg.host, cfg.ca_file.as_deref())?;
+        let endpoint = Endpoint {
+            host: cfg.host.clone(),
+            port: cfg.port,
+            helo: cfg.helo_name.clone(),
+            tls,
+            timeouts,
+        };
+        let x = Arc::new(Exchange {
+            name: name.to_string(),
+            conns: ConnLimit::new(cfg.limits.connections),
+            pacer: Pacer::new(cfg.limits.messages_per_minute),
+            daily: DailyRecipients::open(counter_path, cfg.limits.recipients_per_day),
+            cfg,
+            tokens,
+            endpoint,
+            pool: Mutex::new(Vec::new()),
+            pool_returned: Notify::new(),
+            state: Mutex::new(State::Ok),
+            state_changed: Notify::new(),
+            noted: Mutex::new(HashMap::new()),
+            retry: if retry.is_empty() {
+                vec![Duration::from_secs(60)]
+            } else {
+                retry
+            },
+            alerts,
+        });
+        let weak = Arc::downgrade(&x);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(IDLE_MAX / 3) => {}
+                }
+                let Some(x) = weak.upgrade() else { return };
+                x.reap(false).await;
+            }
+            if let Some(x) = weak.upgrade() {
+                x.reap(true).await;
+                if let Err(e) = x.daily.flush() {
+                    tracing::warn!(upstream = %x.name, error = %e, "cannot save the recipient counter");
+                }
+            }
+        });
+        Ok(x)
+    }
+
+    pub fn mailbox(&self) -> &str {
+        &self.cfg.mailbox
+    }
+
+    pub fn status(&self) -> Status {
+        let st = self.state.lock().unwrap().clone();
+        let (m, c) = (&self.cfg.mailbox, &self.cfg.credentials.client_id);
+        match st {
+            State::Ok => Status {
+                state: "ok",
+                problem: None,
+                meaning: None,
+                remedy: None,
+            },
+            State::Paused { problem, .. } => Status {
+                state: "paused",
+                problem: Some(problem.key().into()),
+                meaning: Some(problem.meaning()),
+                remedy: Some(problem.remedy(m, c)),
+            },
+            State::Held { reason, .. } => Status {
+                state: "held",
+                problem: Some("held".into()),
+                meaning: Some(reason),
+                remedy: None,
+            },
+        }
+    }
+
+    /// Closes idle sessions past [`IDLE_MAX`] (all of them when `all`).
+    async fn reap(&self, all: bool) {
+        let old: Vec<Idle> = {
+            let mut pool = self.pool.lock().unwrap();
+            let now = Instant::now();
+            let (old, keep): (Vec<Idle>, Vec<Idle>) = pool
+                .drain(..)
+                .partition(|i| all || now.duration_since(i.since) >= IDLE_MAX || now >= i.stale_at);
+            *pool = keep;
+            old
+        };
+        for i in old {
+            i.session.quit().await;
+            drop(i.permit);
+        }
+    }
+
+    // ---- state ----
+
+    /// Waits for permission to try. `Ok(true)` = this attempt is the probe of a paused
+    /// upstream; `Err((reason, retry_in))` = defer without trying.
+    async fn gate(&self) -> Result<bool, (String, Duration)> {
+        let wait_limit = Instant::now() + Duration::from_secs(60);
+        loop {
+            let notified = self.state_changed.notified();
+            {
+                let mut st = self.state.lock().unwrap();
+                let now = Instant::now();
+                match &mut *st {
+                    State::Ok => return Ok(false),
+                    State::Held { until, reason } => {
+                        if now >= *until {
+                            *st = State::Ok;
+                            tracing::info!(upstream = %self.name, "upstream hold ended; sending again");
+                            return Ok(false);
+                        }
+                        return Err((reason.clone(), *until - now));
+                    }
+                    State::Paused {
+                        next_probe,
+                        probing,
+                        reason,
+                        ..
+                    } => {
+                        if !*probing && now >= *next_probe {
+                            *probing = true;
+                            return Ok(true);
+                        }
+                        if !*probing || now >= wait_limit {
+                            let wait = next_probe
+                                .saturating_duration_since(now)
+                                .max(Duration::from_secs(1));
+                            return Err((format!("upstream paused: {reason}"), wait));
+                        }
+                    }
+                }
+            }
+            // A probe is running: wait for its result rather than deferring at once.
+            let _ = tokio::time::timeout_at(wait_limit, notified).await;
+        }
+    }
+
+    fn resume(&self) {
+        let mut st = self.state.lock().unwrap();
+        if let State::Paused { problem, .. } = &*st {
+            tracing::info!(upstream = %self.name, problem = problem.key(), "upstream works again; delivery resumed");
+            self.send_alert(
+                format!("mailbridge: upstream {} works again", self.name),
+                format!(
+                    "Upstream {} (mailbox {}) works again after: {}\r\nQueued mail is being delivered.\r\n",
+                    self.name,
+                    self.cfg.mailbox,
+                    problem.meaning()
+                ),
+            );
+            self.noted.lock().unwrap().clear();
+        }
+        *st = State::Ok;
+        drop(st);
+        self.state_changed.notify_waiters();
+    }
+
+    /// A probe (or a delivery) ended without resolving anything: let the next one try.
+    fn end_probe(&self) {
+        let mut st = self.state.lock().unwrap();
+        if let State::Paused { probing, .. } = &mut *st {
+            *probing = false;
+        }
+        drop(st);
+        self.state_changed.notify_waiters();
+    }
+
+    /// Pauses (or keeps paused, with a longer back-off). Returns the delay to the next probe.
+    fn pause(&self, problem: Problem, detail: &str) -> Duration {
+        let mut st = self.state.lock().unwrap();
+        let backoff = match &*st {
+            State::Paused {
+                backoff,
+                problem: p,
+                ..
+            } if p.key() == problem.key() => backoff + 1,
+            _ => 0,
+        };
+        let changed = !matches!(&*st, State::Paused { problem: p, .. } if p.key() == problem.key());
+        let delay = self.retry[backoff.min(self.retry.len() - 1)];
+        let reason = format!("{} ({detail})", problem.meaning());
+        if changed {
+            let remedy = problem.remedy(&self.cfg.mailbox, &self.cfg.credentials.client_id);
+            tracing::error!(
+                upstream = %self.name,
+                problem = problem.key(),
+                reply = detail,
+                remedy = %remedy,
+                next_probe = %humantime::format_duration(delay),
+                "upstream paused: {}; mail is kept in the queue and delivery resumes by itself once a probe succeeds",
+                problem.meaning()
+            );
+            self.send_alert(
+                format!("mailbridge: upstream {} paused: {}", self.name, problem.key()),
+                format!(
+                    "mailbridge stopped delivering through upstream {} (mailbox {}).\r\n\r\nCause: {}\r\nUpstream said: {detail}\r\n\r\nRemedy: {remedy}\r\n\r\nMail stays queued; mailbridge tries again by itself (back-off up to {}) and resumes when it works.\r\n",
+                    self.name,
+                    self.cfg.mailbox,
+                    problem.meaning(),
+                    humantime::format_duration(*self.retry.last().unwrap()),
+                ),
+            );
+        } else {
+            tracing::warn!(upstream = %self.name, problem = problem.key(), reply = detail, next_probe = %humantime::format_duration(delay), "upstream still paused");
+        }
+        *st = State::Paused {
+            problem,
+            reason,
+            next_probe: Instant::now() + delay,
+            backoff,
+            probing: false,
+        };
+        drop(st);
+        self.state_changed.notify_waiters();
+        delay
+    }
+
+    fn hold(&self, for_: Duration, reason: String) {
+        let mut st = self.state.lock().unwrap();
+        let until = Instant::now() + for_;
+        if !matches!(&*st, State::Held { .. }) {
+            tracing::warn!(upstream = %self.name, hold = %humantime::format_duration(for_), "upstream held: {reason}; mail is kept in the queue");
+        }
+        if !matches!(&*st, State::Held { until: u, .. } if *u >= until) {
+            *st = State::Held { until, reason };
+        }
+        drop(st);
+        self.state_changed.notify_waiters();
+    }
+
+    fn send_alert(&self, subject: String, body: String) {
+        if let Some(tx) = &self.alerts {
+            let _ = tx.send(Alert {
+                upstream: self.name.clone(),
+                subject,
+                body,
+            });
+        }
+    }
+
+    /// Logs a problem's remedy the first time it is seen (per key and detail).
+    fn note_once(&self, problem: &Problem, detail: &str) {
+        let key = format!("{}:{detail}", problem.key());
+        let mut noted = self.noted.lock().unwrap();
+        if noted.contains_key(&key) {
+            return;
+        }
+        noted.insert(key, Instant::now());
+        tracing::warn!(
+            upstream = %self.name,
+            problem = problem.key(),
+            remedy = %problem.remedy(&self.cfg.mailbox, &self.cfg.credentials.client_id),
+            "{} ({detail})",
+            problem.meaning()
+        );
+    }
+
+    /// Applies a verdict's side effects on the upstream; returns the retry hint.
+    fn apply(&self, v: &Verdict, text: &str, sender: &str) -> Option<Duration> {
+        match v {
+            Verdict::Defer {
+                problem: Some(p),
+                pause: true,
+                ..
+            } => Some(self.pause(p.clone(), text)),
+            Verdict::Defer {
+                problem,
+                hold: Some(h),
+                ..
+            } => {
+                let why = problem
+                    .as_ref()
+                    .map(|p| p.meaning())
+                    .unwrap_or_else(|| text.to_string());
+                self.hold(*h, why);
+                Some(*h)
+            }
+            Verdict::Defer {
+                fewer_connections: true,
+                ..
+            } => {
+                self.conns.reduce();
+                tracing::warn!(upstream = %self.name, cap = self.conns.current_cap(), reply = text, "too many connections for this mailbox; using fewer for a while");
+                Some(self.retry[0].min(Duration::from_secs(60)))
+            }
+            Verdict::Defer {
+                problem: Some(p), ..
+            } => {
+                self.note_once(p, text);
+                None
+            }
+            Verdict::Fail { problem: Some(p) } => {
+                self.note_once(p, sender);
+                None
+            }
+            _ => None,
+        }
+    }
+
+    // ---- connections ----
+
+    async fn lease(&self) -> Result<Lease, Failure> {
+        loop {
+            let returned = self.pool_returned.notified();
+            let idle = {
+                let mut pool = self.pool.lock().unwrap();
+                let now = Instant::now();
+                let mut found = None;
+                while let Some(i) = pool.pop() {
+                    if now.duration_since(i.since) < IDLE_MAX && now < i.stale_at {
+                        found = Some(i);
+                        break;
+                    }
+                    // Too old: close it in the background.
+                    tokio::spawn(async move {
+                        i.session.quit().await;
+                    });
+                }
+                found
+            };
+            if let Some(mut i) = idle {
+                if i.session.rset().await.is_ok() {
+                    return Ok(Lease {
+                        session: i.session,
+                        permit: i.permit,
+                        stale_at: i.stale_at,
+                        reused: true,
+                    });
+                }
+                continue;
+            }
+            let permit = tokio::select! {
+                p = self.conns.acquire() => p,
+                _ = returned => continue,
+            };
+            return self.connect(permit).await;
+        }
+    }
+
+    fn give_back(&self, l: Lease) {
+        if l.session.is_broken() || Instant::now() >= l.stale_at {
+            tokio::spawn(async move {
+                l.session.quit().await;
+                drop(l.permit);
+            });
+            return;
+        }
+        self.pool.lock().unwrap().push(Idle {
+            session: l.session,
+            permit: l.permit,
+            since: Instant::now(),
+            stale_at: l.stale_at,
+        });
+        self.pool_returned.notify_one();
+    }
+
+    fn token_failure(&self, e: &crate::token::TokenError) -> Failure {
+        let problem = Problem::Token {
+            meaning: format!("no OAuth token: {e}"),
+            remedy: e.remedy().to_string(),
+            temporary: e.is_temporary(),
+        };
+        Failure {
+            verdict: Verdict::Defer {
+                problem: Some(problem),
+                pause: true,
+                hold: None,
+                fewer_connections: false,
+            },
+            text: format!("cannot get an OAuth token: {e}"),
+        }
+    }
+
+    async fn connect(&self, permit: ConnPermit) -> Result<Lease, Failure> {
+        let token = self
+            .tokens
+            .get()
+            .await
+            .map_err(|e| self.token_failure(&e))?;
+        match self.open_and_auth(&token, false).await {
+            Ok(session) => Ok(self.leased(session, permit, &token)),
+            Err(Failure {
+                verdict: Verdict::RefreshAndRetry,
+                text,
+            }) => {
+                tracing::info!(upstream = %self.name, reply = %text, "token refused; fetching a new one and retrying once");
+                let fresh = self
+                    .tokens
+                    .force_refresh(&token)
+                    .await
+                    .map_err(|e| self.token_failure(&e))?;
+                let session = self.open_and_auth(&fresh, true).await?;
+                Ok(self.leased(session, permit, &fresh))
+            }
+            Err(f) => Err(f),
+        }
+    }
+
+    fn leased(&self, session: Session, permit: ConnPermit, token: &Token) -> Lease {
+        // Reuse the connection until the token reaches its renewal point.
+        let keep = crate::token::refresh_at(token.lifetime);
+        let stale_at = (token.expires_at - token.lifetime) + keep;
+        Lease {
+            session,
+            permit,
+            stale_at,
+            reused: false,
+        }
+    }
+
+    async fn open_and_auth(&self, token: &Token, retried: bool) -> Result<Session, Failure> {
+        let mut s = conn::open(&self.endpoint)
+            .await
+            .map_err(|e| failure(&e, retried))?;
+        match s.auth_xoauth2(&self.cfg.mailbox, &token.value).await {
+            Ok(()) => Ok(s),
+            Err(e) => {
+                s.quit().await;
+                Err(failure(&e, retried))
+            }
+        }
+    }
+
+    // ---- delivery ----
+
+    async fn deliver_all(&self, attempt: Attempt) -> Report {
+        let env = &attempt.stored.envelope;
+        let n = attempt.recipients.len();
+        let probe = match self.gate().await {
+            Ok(p) => p,
+            Err((reason, wait)) => {
+                return Report {
+                    outcomes: vec![RcptOutcome::Deferred(reason); n],
+                    retry_in: Some(wait),
+                };
+            }
+        };
+        let mut outcomes: Vec<Option<RcptOutcome>> = vec![None; n];
+        let mut retry_in = None;
+        let mut resolved = false;
+        let positions: Vec<usize> = (0..n).collect();
+        for chunk in positions.chunks(self.cfg.limits.recipients_per_message) {
+            let r = self.transaction(&attempt, env, chunk).await;
+            resolved |= r.reached_upstream;
+            for (k, o) in r.outcomes {
+                outcomes[k] = Some(o);
+            }
+            if r.retry_in.is_some() {
+                retry_in = r.retry_in;
+            }
+            if let Some(reason) = r.stop {
+                for o in outcomes.iter_mut().filter(|o| o.is_none()) {
+                    *o = Some(RcptOutcome::Deferred(reason.clone()));
+                }
+                break;
+            }
+        }
+        if probe {
+            if resolved {
+                self.resume();
+            } else {
+                self.end_probe();
+            }
+        }
+        Report {
+            outcomes: outcomes
+                .into_iter()
+                .map(|o| o.unwrap_or_else(|| RcptOutcome::Deferred("not attempted".into())))
+                .collect(),
+            retry_in,
+        }
+    }
+
+    /// One SMTP transaction for `chunk` (positions into `attempt.recipients`).
+    async fn transaction(&self, attempt: &Attempt, env: &Envelope, chunk: &[usize]) -> TxResult {
+        let mut r = TxResult::default();
+        let all_deferred = |r: &mut TxResult, text: &str| {
+            r.outcomes = chunk
+                .iter()
+                .map(|&k| (k, RcptOutcome::Deferred(text.to_string())))
+                .collect();
+            r.stop = Some(text.to_string());
+        };
+        let count = chunk.len() as u64;
+        if let Err(wait) = self.daily.reserve(count, SystemTime::now()) {
+            let why = format!(
+                "limits.recipients_per_day ({}) reached for mailbox {} in the last 24 hours; holding mail for {} instead of sending into a 554 5.2.0 rejection",
+                self.cfg.limits.recipients_per_day,
+                self.cfg.mailbox,
+                humantime::format_duration(Duration::from_secs(wait.as_secs()))
+            );
+            self.hold(wait, why.clone());
+            all_deferred(&mut r, &format!("4.5.3 {why}"));
+            r.retry_in = Some(wait);
+            return r;
+        }
+        let mut reserved = count;
+        let release = |n: u64| self.daily.release(n, SystemTime::now());
+
+        match self.pacer.try_reserve(MAX_PACE_WAIT) {
+            Ok(wait) => tokio::time::sleep(wait).await,
+            Err(wait) => {
+                release(reserved);
+                all_deferred(
+                    &mut r,
+                    "4.4.5 pacing: limits.messages_per_minute reached; waiting for a send slot",
+                );
+                r.retry_in = Some(wait);
+                return r;
+            }
+        }
+
+        // A reused connection the server has meanwhile closed fails on its first command:
+        // then one fresh connection is tried.
+        let mut lease;
+        let mut fresh_tries = 0;
+        let mail_reply = loop {
+            lease = match self.lease().await {
+                Ok(l) => l,
+                Err(f) => {
+                    release(reserved);
+                    r.retry_in = self.apply(&f.verdict, &f.text, &env.sender);
+                    all_deferred(&mut r, &f.text);
+                    return r;
+                }
+            };
+            // Connected and authenticated: the upstream works.
+            r.reached_upstream = true;
+            let from = self.envelope_sender(env);
+            match lease
+                .session
+                .mail(&from, env.body.as_deref(), env.smtputf8)
+                .await
+            {
+                Ok(reply) => break reply,
+                Err(StepError::Broken { .. }) if lease.reused && fresh_tries == 0 => {
+                    fresh_tries += 1;
+                    drop(lease);
+                    continue;
+                }
+                Err(e) => {
+                    release(reserved);
+                    let f = failure(&e, true);
+                    r.retry_in = self.apply(&f.verdict, &f.text, &env.sender);
+                    r.outcomes = chunk
+                        .iter()
+                        .map(|&k| (k, outcome(&f.verdict, &f.text)))
+                        .collect();
+                    if is_upstream_wide(&f.verdict) {
+                        r.stop = Some(f.text.clone());
+                    }
+                    self.finish(lease, matches!(e, StepError::Reply { .. }))
+                        .await;
+                    return r;
+                }
+            }
+        };
+        let _ = mail_reply;
+
+        let mut accepted = Vec::new();
+        for &k in chunk {
+            let addr = &env.recipients[attempt.recipients[k]].address;
+            match lease.session.rcpt(addr).await {
+                Ok(_) => accepted.push(k),
+                Err(e @ StepError::Reply { .. }) => {
+                    let f = failure(&e, true);
+                    if let Some(h) = self.apply(&f.verdict, &f.text, &env.sender) {
+                        r.retry_in = Some(h);
+                    }
+                    r.outcomes.push((k, outcome(&f.verdict, &f.text)));
+                }
+                Err(e) => {
+                    // The connection broke: nothing of this transaction was sent.
+                    release(reserved);
+                    let text = e.to_string();
+                    r.outcomes = chunk
+                        .iter()
+                        .map(|&k| (k, RcptOutcome::Deferred(text.clone())))
+                        .collect();
+                    self.finish(lease, false).await;
+                    return r;
+                }
+            }
+        }
+        let refused = (chunk.len() - accepted.len()) as u64;
+        if refused > 0 {
+            release(refused);
+            reserved -= refused;
+        }
+        if accepted.is_empty() {
+            self.finish(lease, true).await;
+            return r;
+        }
+
+        // The content: the stored file, with a rewritten header section if configured.
+        let spool = attempt.spool.clone();
+        let stored = attempt.stored.clone();
+        let rewrite =
+            (self.cfg.sender_rewrite == SenderRewrite::Mailbox).then(|| self.cfg.mailbox.clone());
+        let opened = tokio::task::spawn_blocking(
+            move || -> std::io::Result<(Vec<u8>, std::io::Take<std::fs::File>)> {
+                let mut f = spool.open_content(&stored).map_err(std::io::Error::other)?;
+                match rewrite {
+                    None => Ok((Vec::new(), f)),
+                    Some(mailbox) => {
+                        let (head, rest) = read_head(&mut f, MAX_HEAD)?;
+                        let mut out = rewrite::rewrite_from(&head, &mailbox);
+                        out.extend_from_slice(&rest);
+                        Ok((out, f))
+                    }
+                }
+            },
+        )
+        .await;
+        let (head, reader) = match opened {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => {
+                release(reserved);
+                let text = format!("4.3.0 cannot read the queued message: {e}");
+                for &k in &accepted {
+                    r.outcomes.push((k, RcptOutcome::Deferred(text.clone())));
+                }
+                self.finish(lease, true).await;
+                return r;
+            }
+            Err(e) => {
+                release(reserved);
+                let text = format!("4.3.0 internal error: {e}");
+                for &k in &accepted {
+                    r.outcomes.push((k, RcptOutcome::Deferred(text.clone())));
+                }
+                self.finish(lease, false).await;
+                return r;
+            }
+        };
+
+        match lease.session.data(head, reader).await {
+            Ok(reply) => {
+                for &k in &accepted {
+                    r.outcomes.push((k, RcptOutcome::Delivered(reply.clone())));
+                }
+                lease.session.used += 1;
+                self.give_back(lease);
+            }
+            Err(e @ StepError::Reply { .. }) => {
+                release(reserved);
+                let f = failure(&e, true);
+                if let Some(h) = self.apply(&f.verdict, &f.text, &env.sender) {
+                    r.retry_in = Some(h);
+                }
+                for &k in &accepted {
+                    r.outcomes.push((k, outcome(&f.verdict, &f.text)));
+                }
+                if is_upstream_wide(&f.verdict) {
+                    r.stop = Some(f.text.clone());
+                }
+                self.finish(lease, true).await;
+            }
+            Err(e) => {
+                let text = if e.step() == Step::Dot {
+                    tracing::warn!(
+                        upstream = %self.name,
+                        queue_id = %env.id,
+                        error = %e,
+                        "possible duplicate: the connection was lost after the message was sent, before Exchange confirmed it; it will be sent again"
+                    );
+                    format!(
+                        "4.4.2 connection lost after the final dot, before the reply (possible duplicate): {e}"
+                    )
+                } else {
+                    release(reserved);
+                    format!("4.4.2 {e}")
+                };
+                for &k in &accepted {
+                    r.outcomes.push((k, RcptOutcome::Deferred(text.clone())));
+                }
+                self.finish(lease, false).await;
+            }
+        }
+        r
+    }
+
+    /// After a failed transaction: RSET and keep the connection if it still works.
+    async fn finish(&self, mut lease: Lease, usable: bool) {
+        if usable && !lease.session.is_broken() && lease.session.rset().await.is_ok() {
+            self.give_back(lease);
+        } else {
+            tokio::spawn(async move {
+                lease.session.quit().await;
+                drop(lease.permit);
+            });
+        }
+    }
+
+    fn envelope_sender(&self, env: &Envelope) -> String {
+        if self.cfg.sender_rewrite == SenderRewrite::Mailbox || env.sender.is_empty() {
+            // Exchange client submission sends as the mailbox; a null sender (our own DSNs
+            // and alerts) goes out as the mailbox too and is never bounced again.
+            self.cfg.mailbox.clone()
+        } else {
+            env.sender.clone()
+        }
+    }
+}
+
+#[derive(Default)]
+struct TxResult {
+    outcomes: Vec<(usize, RcptOutcome)>,
+    retry_in: Option<Duration>,
+    /// Set when the rest of the message's recipients should not be tried now.
+    stop: Option<String>,
+    /// Connected and authenticated (the upstream itself works).
+    reached_upstream: bool,
+}
+
+fn is_upstream_wide(v: &Verdict) -> bool {
+    matches!(
+        v,
+        Verdict::Defer { pause: true, .. }
+            | Verdict::Defer { hold: Some(_), .. }
+            | Verdict::Defer {
+                fewer_connections: true,
+                ..
+            }
+    )
+}
+
+fn outcome(v: &Verdict, text: &str) -> RcptOutcome {
+    match v {
+        Verdict::Fail { .. } => RcptOutcome::Failed(text.to_string()),
+        Verdict::Ok => RcptOutcome::Delivered(text.to_string()),
+        _ => RcptOutcome::Deferred(text.to_string()),
+    }
+}
+
+/// Turns a step error into a verdict with the text shown to the sender and the log.
+fn failure(e: &StepError, retried_auth: bool) -> Failure {
+    match e {
+        StepError::Reply { step, code, text } => Failure {
+            verdict: classify(*step, *code, text, retried_auth),
+            text: format!("{code} {text}"),
+        },
+        StepError::Broken {
+            problem,
+            what,
+            step,
+        } => Failure {
+            verdict: Verdict::Defer {
+                pause: problem.is_some(),
+                problem: problem.clone(),
+                hold: None,
+                fewer_connections: false,
+            },
+            text: format!("4.4.2 {what} (at {})", step.name()),
+        },
+    }
+}
+
+/// Reads the header section (through the empty line) and whatever was read past it.
+fn read_head(r: &mut impl std::io::Read, limit: usize) -> std::io::Result<(Vec<u8>, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(i + 4);
+            return Ok((buf, rest));
+        }
+        if buf.starts_with(b"\r\n") {
+            let rest = buf.split_off(2);
+            return Ok((buf, rest));
+        }
+        if buf.len() >= limit {
+            // No end of headers within the limit: rewrite what we have up to the last
+            // complete line and send the rest unchanged.
+            let cut = buf
+                .windows(2)
+                .rposition(|w| w == b"\r\n")
+                .map(|i| i + 2)
+                .unwrap_or(0);
+            let rest = buf.split_off(cut);
+            return Ok((buf, rest));
+        }
+        let n = r.read(&mut chunk)?;
+        if n == 0 {
+            return Ok((buf, Vec::new()));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+impl Upstream for Exchange {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn sender_address(&self) -> Option<&str> {
+        Some(&self.cfg.mailbox)
+    }
+
+    fn deliver(&self, attempt: Attempt) -> BoxFuture<'_, Report> {
+        Box::pin(self.deliver_all(attempt))
+    }
+}
