@@ -39,6 +39,16 @@ pub enum Command {
     /// Print an argon2id hash of a password, for `users[].password_hash`. On a terminal it
     /// asks twice, without echo; otherwise it reads the first line of standard input.
     HashPassword,
+    /// Fetch an OAuth token for an Exchange Online upstream and show what it allows: its
+    /// claims (aud, tid, appid, roles, exp) and whether Exchange will accept it for SMTP.
+    /// The token itself is never printed. Exit 0 if it looks right, 1 otherwise.
+    Token {
+        #[arg(short, long, value_name = "PATH")]
+        config: Option<PathBuf>,
+        /// Which upstream (default: the first `exchange-online` one).
+        #[arg(long, value_name = "NAME")]
+        upstream: Option<String>,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -77,6 +87,10 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+        Command::Token {
+            config: path,
+            upstream,
+        } => token_command(path, upstream),
         Command::Serve { config: path, demo } => {
             let cfg = if demo {
                 config::demo(std::path::Path::new("mailbridge-demo"))
@@ -114,6 +128,93 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+fn token_command(path: Option<PathBuf>, upstream: Option<String>) -> ExitCode {
+    let path = config::resolve_path(path.as_deref());
+    let cfg = match config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("configuration errors in {}:\n{e}", path.display());
+            return ExitCode::from(1);
+        }
+    };
+    let exchange: Vec<(&str, &config::exchange::ExchangeConfig)> = cfg
+        .upstreams
+        .iter()
+        .filter_map(|u| match &u.kind {
+            config::UpstreamKind::ExchangeOnline(x) => Some((u.name.as_str(), &**x)),
+            _ => None,
+        })
+        .collect();
+    let chosen = match &upstream {
+        Some(name) => exchange.iter().find(|(n, _)| n == name),
+        None => exchange.first(),
+    };
+    let Some((name, x)) = chosen else {
+        match upstream {
+            Some(n) => eprintln!(
+                "no exchange-online upstream is named {n:?} in {} (there: {})",
+                path.display(),
+                exchange.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+            ),
+            None => eprintln!("{} has no exchange-online upstream", path.display()),
+        }
+        return ExitCode::from(2);
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    println!("upstream:  {name}");
+    println!("endpoint:  {}", x.credentials.token_url);
+    println!("client_id: {}", x.credentials.client_id);
+    println!("scope:     {}", x.credentials.scope);
+    println!("credential: {}", x.credential_source);
+    let fetched = rt.block_on(async {
+        let http = crate::token::http_client().map_err(|e| e.to_string())?;
+        crate::token::fetch(&http, &x.credentials)
+            .await
+            .map_err(|e| format!("{e}\nremedy: {}", e.remedy()))
+    });
+    let token = match fetched {
+        Ok(t) => t,
+        Err(e) => {
+            println!("token:     FAILED");
+            eprintln!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    println!(
+        "token:     issued, expires_in {} s (the token itself is not shown)",
+        token.lifetime.as_secs()
+    );
+    let claims = match crate::token::claims::decode(token.value.expose()) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("claims:    cannot decode ({e})");
+            return ExitCode::from(1);
+        }
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let check = crate::token::claims::check(&claims, now);
+    for line in &check.lines {
+        println!("{line}");
+    }
+    println!("mailbox:   {} (sent as XOAUTH2 user=)", x.mailbox);
+    if check.ok {
+        println!("result:    ok");
+        ExitCode::SUCCESS
+    } else {
+        println!("result:    NOT OK (see above)");
+        ExitCode::from(1)
     }
 }
 

@@ -252,7 +252,7 @@ mod tests {
     use super::*;
     use base64::engine::general_purpose::{URL_SAFE, URL_SAFE_NO_PAD};
 
-    const NOW: i64 = 1_795_741_323; // 2026-11-28 01:02:03 UTC
+    const NOW: i64 = 1_795_827_723; // 2026-11-28 01:02:03 UTC
 
     fn jwt(payload: &serde_json::Value) -> String {
         let header = URL_SAFE_NO_PAD.encode(br#"{"typ":"JWT","alg":"RS256","x5t":"abc"}"#);

@@ -189,6 +189,13 @@ pub struct RelayConfig {
     pub listener_tls: Vec<&'static str>,
     /// `log.level` (`info` unless a test needs more).
     pub log_level: &'static str,
+    /// Replaces the `upstreams:` list (YAML list items, indented by two); default: one
+    /// outbox named `local`.
+    pub upstreams: Option<String>,
+    /// `queue.retry` (default `[1s]`).
+    pub retry: &'static str,
+    /// More keys under `queue:` (indented by two).
+    pub queue_extra: String,
 }
 
 impl RelayConfig {
@@ -202,6 +209,9 @@ impl RelayConfig {
             extra: String::new(),
             listener_tls: Vec::new(),
             log_level: "info",
+            upstreams: None,
+            retry: "[1s]",
+            queue_extra: String::new(),
         }
     }
 
@@ -217,12 +227,19 @@ impl RelayConfig {
                 y.push_str(&format!("    tls: {mode}\n"));
             }
         }
+        let upstreams = self.upstreams.clone().unwrap_or_else(|| {
+            format!(
+                "  - name: local\n    type: outbox\n    path: {}\n",
+                q(&self.outbox)
+            )
+        });
         y.push_str(&format!(
-            "spool:\n  path: {}\nupstreams:\n  - name: local\n    type: outbox\n    path: {}\n\
-             queue:\n  retry: [1s]\n  workers: {}\nlog:\n  level: {}\n  format: json\n{}",
+            "spool:\n  path: {}\nupstreams:\n{upstreams}\
+             queue:\n  retry: {}\n  workers: {}\n{}log:\n  level: {}\n  format: json\n{}",
             q(&self.spool),
-            q(&self.outbox),
+            self.retry,
             self.workers,
+            self.queue_extra,
             self.log_level,
             self.extra
         ));

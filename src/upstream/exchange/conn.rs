@@ -420,27 +420,43 @@ impl Session {
         .await?;
         let poisoned = self.poisoned.clone();
         let mut head = Some(head);
-        let mut failed = false;
+        let mut done = false;
+        // lettre always writes CRLF.CRLF after the content, so the content's own final
+        // CRLF is held back (the last two bytes are only released once more data follows).
+        let mut tail: Vec<u8> = Vec::new();
         let chunks = std::iter::from_fn(move || {
-            if let Some(h) = head.take()
-                && !h.is_empty()
-            {
-                return Some(h);
-            }
-            if failed {
-                return None;
-            }
-            let mut buf = vec![0u8; 64 * 1024];
-            match reader.read(&mut buf) {
-                Ok(0) => None,
-                Ok(n) => {
-                    buf.truncate(n);
-                    Some(buf)
+            loop {
+                if done {
+                    return None;
                 }
-                Err(_) => {
-                    failed = true;
-                    poisoned.store(true, Ordering::SeqCst);
-                    None
+                let next = match head.take() {
+                    Some(h) => h,
+                    None => {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        match reader.read(&mut buf) {
+                            Ok(0) => {
+                                done = true;
+                                let rest = std::mem::take(&mut tail);
+                                return (rest != b"\r\n" && !rest.is_empty()).then_some(rest);
+                            }
+                            Ok(n) => {
+                                buf.truncate(n);
+                                buf
+                            }
+                            Err(_) => {
+                                done = true;
+                                poisoned.store(true, Ordering::SeqCst);
+                                return None;
+                            }
+                        }
+                    }
+                };
+                let mut combined = std::mem::take(&mut tail);
+                combined.extend_from_slice(&next);
+                let keep = combined.len().min(2);
+                tail = combined.split_off(combined.len() - keep);
+                if !combined.is_empty() {
+                    return Some(combined);
                 }
             }
         });

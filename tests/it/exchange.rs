@@ -1,0 +1,425 @@
+//! The Exchange Online upstream end to end: the real `mailbridge` binary relays into the fake
+//! Exchange (STARTTLS with its own CA, XOAUTH2 checked against the tokens the fake token
+//! endpoint issued). Assertions are on what reached the fake, the files in the spool and the
+//! log lines.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::daemon::{LONG, Relay, RelayConfig, SHORT, Smtp};
+use crate::fake_exchange::{FakeExchange, Rule, Stage};
+use crate::fake_token::{Failure, FakeToken};
+
+const MAILBOX: &str = "relay@contoso.com";
+const CLIENT_ID: &str = "11111111-1111-1111-1111-111111111111";
+
+struct Setup {
+    dir: tempfile::TempDir,
+    token: FakeToken,
+    ex: FakeExchange,
+}
+
+impl Setup {
+    async fn new(lifetime: Duration) -> Setup {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let token = FakeToken::start(lifetime).await;
+        let ex = FakeExchange::start(token.issued(), MAILBOX).await;
+        ex.write_ca(dir.path());
+        Setup { dir, token, ex }
+    }
+
+    fn secret_file(&self) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let p = self.dir.path().join("client.secret");
+        std::fs::write(&p, "fake-secret-value\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p
+    }
+
+    /// One `exchange-online` upstream list item pointing at the fakes.
+    fn upstream(&self, name: &str, ex: &FakeExchange, extra: &str) -> String {
+        format!(
+            "  - name: {name}\n    type: exchange-online\n    mailbox: {}\n    tenant_id: contoso.com\n    client_id: {CLIENT_ID}\n    client_secret_file: {:?}\n    host: localhost\n    port: {}\n    token_url: {:?}\n    ca_file: {:?}\n{extra}",
+            ex.mailbox(),
+            self.secret_file().display().to_string(),
+            ex.addr().port(),
+            self.token.url(),
+            self.dir.path().join("ca.pem").display().to_string(),
+        )
+    }
+
+    fn relay(&self, limits: &str, more: &str) -> RelayConfig {
+        let mut rc = RelayConfig::new(self.dir.path());
+        rc.upstreams = Some(self.upstream("contoso", &self.ex, &format!("{limits}{more}")));
+        rc.retry = "[1s, 2s]";
+        rc.queue_extra = "  postmaster: postmaster@contoso.com\n".into();
+        rc.workers = 8;
+        rc
+    }
+}
+
+fn limits(conns: u32, per_minute: u32) -> String {
+    format!("    limits:\n      connections: {conns}\n      messages_per_minute: {per_minute}\n")
+}
+
+fn message(from: &str, subject: &str) -> Vec<u8> {
+    format!("From: <{from}>\r\nTo: <someone@fabrikam.com>\r\nSubject: {subject}\r\nDate: Sat, 28 Nov 2026 01:00:00 +0000\r\nMessage-ID: <{subject}@test>\r\n\r\nhello\r\n.leading dot\r\nbye\r\n").into_bytes()
+}
+
+/// Sends one message through the relay (blocking client on a blocking thread).
+async fn send(addr: std::net::SocketAddr, from: &str, rcpts: &[&str], content: Vec<u8>) -> u16 {
+    let from = from.to_string();
+    let rcpts: Vec<String> = rcpts.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let mut c = Smtp::greet_ehlo(addr).unwrap();
+        let r: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+        let reply = c.send_message(&from, &r, &content).unwrap();
+        let _ = c.cmd("QUIT");
+        reply.code
+    })
+    .await
+    .unwrap()
+}
+
+async fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f()
+}
+
+fn count_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|d| d.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().ends_with(".msg")).count())
+        .unwrap_or(0)
+}
+
+fn log_has(relay: &Relay, needle: &str) -> bool {
+    relay.logs().iter().any(|v| v.to_string().contains(needle))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivers_byte_exact_with_starttls_and_two_step_xoauth2() {
+    let s = Setup::new(Duration::from_secs(3600)).await;
+    let relay = s.relay(&limits(3, 600), "").start();
+    let content = message("scanner@contoso.com", "first");
+    assert_eq!(send(relay.addr(), "scanner@contoso.com", &["a@fabrikam.com", "b@fabrikam.com"], content.clone()).await, 250);
+    assert!(s.ex.wait_for_received(1, LONG).await, "{}", relay.transcript());
+    let got = &s.ex.received()[0];
+    assert_eq!(got.mail_from, "scanner@contoso.com");
+    assert_eq!(got.rcpt_to, vec!["a@fabrikam.com", "b@fabrikam.com"]);
+    assert_eq!(got.auth_user, MAILBOX);
+    // Our Received header first, then the message exactly as sent.
+    assert!(got.data.starts_with(b"Received: "), "{}", String::from_utf8_lossy(&got.data));
+    assert!(got.data.ends_with(&content), "{}", String::from_utf8_lossy(&got.data));
+    assert!(!s.ex.bare_lf_seen());
+    let auths = s.ex.auths();
+    assert_eq!(auths.len(), 1);
+    assert!(auths[0].accepted && !auths[0].inline, "{auths:?}");
+    // The secret went in the form body; the spool is empty again.
+    assert!(s.token.last_form().iter().any(|(k, v)| k == "client_secret" && v == "fake-secret-value"));
+    assert!(wait_until(SHORT, || count_files(&relay.queue_dir()) == 0).await);
+    // Nothing secret in the log.
+    let logs = relay.transcript();
+    assert!(!logs.contains("fake-secret-value"));
+    for t in s.token.issued().0.lock().unwrap().keys() {
+        assert!(!logs.contains(t.as_str()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_lived_tokens_under_load_never_expired_at_auth_and_at_most_three_connections() {
+    // Tokens live 4 s; the refresher renews at half-life. 40 messages over ~10 s.
+    let s = Setup::new(Duration::from_secs(4)).await;
+    let relay = s.relay(&limits(3, 6000), "").start();
+    let addr = relay.addr();
+    for i in 0..40 {
+        let c = message("scanner@contoso.com", &format!("m{i}"));
+        assert_eq!(send(addr, "scanner@contoso.com", &["a@fabrikam.com"], c).await, 250);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(s.ex.wait_for_received(40, LONG).await, "{}", relay.transcript());
+    let auths = s.ex.auths();
+    assert!(auths.iter().all(|a| !a.expired && a.accepted), "{auths:?}");
+    assert!(auths.len() >= 2, "connections are re-authenticated as tokens age: {auths:?}");
+    assert!(s.ex.max_concurrent() <= 3, "max concurrent {}", s.ex.max_concurrent());
+    assert_eq!(s.ex.rejected_connections(), 0);
+    assert!(s.token.requests() >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn burst_is_paced_and_capped_at_three_connections() {
+    let s = Setup::new(Duration::from_secs(3600)).await;
+    // 120 per minute = one every 0.5 s.
+    let relay = s.relay(&limits(3, 120), "").start();
+    let addr = relay.addr();
+    let mut sends = Vec::new();
+    for i in 0..8 {
+        sends.push(tokio::spawn(send(addr, "scanner@contoso.com", &["a@fabrikam.com"], message("scanner@contoso.com", &format!("b{i}")))));
+    }
+    for h in sends {
+        assert_eq!(h.await.unwrap(), 250);
+    }
+    let start = Instant::now();
+    assert!(s.ex.wait_for_received(8, LONG).await);
+    let took = start.elapsed();
+    // 8 messages at 0.5 s spacing need at least 3.5 s; none was refused for throttling.
+    assert!(took >= Duration::from_millis(3000), "took {took:?}");
+    assert!(s.ex.max_concurrent() <= 3);
+    assert_eq!(s.ex.rejected_connections(), 0);
+    let _ = relay;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_535s_cause_one_token_request_then_delivery() {
+    let s = Setup::new(Duration::from_secs(3600)).await;
+    let relay = s.relay(&limits(3, 6000), "").start();
+    // Warm up: one token, one delivery.
+    assert_eq!(send(relay.addr(), "scanner@contoso.com", &["a@fabrikam.com"], message("scanner@contoso.com", "warm")).await, 250);
+    assert!(s.ex.wait_for_received(1, LONG).await);
+    assert_eq!(s.token.requests(), 1);
+    // Exchange now refuses the current token everywhere (as after a revocation).
+    s.token.issued().revoke_all();
+    // Idle connections are closed after 30 s at most; wait for the reaper so new sessions
+    // must authenticate.
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    let addr = relay.addr();
+    let mut sends = Vec::new();
+    for i in 0..6 {
+        sends.push(tokio::spawn(send(addr, "scanner@contoso.com", &["a@fabrikam.com"], message("scanner@contoso.com", &format!("c{i}")))));
+    }
+    for h in sends {
+        assert_eq!(h.await.unwrap(), 250);
+    }
+    assert!(s.ex.wait_for_received(7, LONG).await, "{}", relay.transcript());
+    assert_eq!(s.token.requests(), 2, "one forced refresh for all the 535s");
+    let refused = s.ex.auths().iter().filter(|a| !a.accepted).count();
+    assert!(refused >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_535_pauses_with_remedy_then_resumes_by_itself() {
+    let s = Setup::new(Duration::from_secs(3600)).await;
+    s.ex.add_rule(Rule::reply(Stage::Auth, "535 5.7.3 Authentication unsuccessful [SN4PR]"));
+    let relay = s.relay(&limits(3, 6000), "").start();
+    assert_eq!(send(relay.addr(), "scanner@contoso.com", &["a@fabrikam.com"], message("scanner@contoso.com", "p1")).await, 250);
+    assert!(relay.wait_log("upstream paused", LONG).is_some(), "{}", relay.transcript());
+    let paused = relay.logs().into_iter().find(|v| v["message"].as_str().unwrap_or("").starts_with("upstream paused")).unwrap();
+    assert_eq!(paused["problem"], "auth_rejected");
+    assert!(paused["remedy"].as_str().unwrap().contains("Add-MailboxPermission -Identity relay@contoso.com"));
+    // Never bounced: the message is still queued, nothing in failed/.
+    assert_eq!(count_files(&relay.queue_dir()), 1);
+    assert_eq!(count_files(&relay.spool.join("failed")), 0);
+    // Fixed upstream: a probe finds out and everything goes out, the alert included.
+    s.ex.clear_rules();
+    assert!(s.ex.wait_for_received(2, LONG).await, "{}", relay.transcript());
+    assert!(relay.wait_log("upstream works again; delivery resumed", LONG).is_some());
+    let got = s.ex.received();
+    assert!(got.iter().any(|m| m.rcpt_to == vec!["a@fabrikam.com"]));
+    let alert = got.iter().find(|m| m.rcpt_to == vec!["postmaster@contoso.com"]).expect("postmaster alert");
+    let text = String::from_utf8_lossy(&alert.data);
+    assert!(text.contains("Subject: mailbridge: upstream contoso paused: auth_rejected"), "{text}");
+    assert!(text.contains("Add-MailboxPermission"), "{text}");
+    // One "paused" line for the whole episode, however many attempts it took.
+    let n = relay.logs().iter().filter(|v| v["message"].as_str().unwrap_or("").starts_with("upstream paused")).count();
+    assert_eq!(n, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_as_denied_fails_that_message_with_a_dsn_and_other_mail_flows() {
+    let s = Setup::new(Duration::from_secs(3600)).await;
+    s.ex.set_send_as(Some(vec![]));
+    let relay = s.relay(&limits(3, 6000), "").start();
+    // From someone the mailbox may not send as.
+    assert_eq!(send(relay.addr(), "scanner@contoso.com", &["a@fabrikam.com"], message("scanner@contoso.com", "denied")).await, 250);
+    // From the mailbox itself.
+    assert_eq!(send(relay.addr(), MAILBOX, &["b@fabrikam.com"], message(MAILBOX, "allowed")).await, 250);
+    // The allowed message and the DSN to scanner@ (sent as the mailbox) arrive.
+    assert!(s.ex.wait_for_received(2, LONG).await, "{}", relay.transcript());
+    let got = s.ex.received();
+    assert!(got.iter().any(|m| m.rcpt_to == vec!["b@fabrikam.com"]));
+    let dsn = got.iter().find(|m| m.rcpt_to == vec!["scanner@contoso.com"]).expect("DSN to the sender");
+    assert_eq!(dsn.mail_from, MAILBOX);
+    let text = String::from_utf8_lossy(&dsn.data);
+    assert!(text.contains("multipart/report; report-type=delivery-status"), "{text}");
+    assert!(text.contains("Final-Recipient: rfc822; a@fabrikam.com"), "{text}");
+    assert!(text.contains("Action: failed"), "{text}");
+    assert!(text.contains("Status: 5.7.60"), "{text}");
+    assert!(text.contains("Diagnostic-Code: smtp; 550 5.7.60"), "{text}");
+    assert!(text.contains("Subject: denied"), "original headers are included: {text}");
+    assert!(text.contains("Add-RecipientPermission"), "{text}");
+    // The failed message stays in failed/ with its reason.
+    assert!(wait_until(SHORT, || count_files(&relay.spool.join("failed")) == 1).await);
+    assert!(wait_until(SHORT, || count_files(&relay.queue_dir()) == 0).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sender_rewrite_sends_as_the_mailbox_with_reply_to() {
+    let s = Setup::new(Duration::from_secs(3600)).await;
+    s.ex.set_send_as(Some(vec![]));
+    let relay = s.relay(&limits(3, 6000), "    sender_rewrite: mailbox\n").start();
+    assert_eq!(send(relay.addr(), "scanner@contoso.com", &["a@fabrikam.com"], message("scanner@contoso.com", "rw")).await, 250);
+    assert!(s.ex.wait_for_received(1, LONG).await, "{}", relay.transcript());
+    let m = &s.ex.received()[0];
+    assert_eq!(m.mail_from, MAILBOX);
+    let text = String::from_utf8_lossy(&m.data);
+    assert!(text.contains("\r\nFrom: <relay@contoso.com>\r\n"), "{text}");
+    assert!(text.contains("\r\nReply-To: <scanner@contoso.com>\r\n"), "{text}");
+    assert!(text.ends_with("\r\n\r\nhello\r\n.leading dot\r\nbye\r\n"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_recipient_refused_the_others_delivered_and_reported() {
+    let s = Setup::new(Duration::from_secs(3600)).await;
+    s.ex.add_rule(Rule::reply(Stage::Rcpt, "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found").when("nobody@"));
+    let relay = s.relay(&limits(3, 6000), "").start();
+    assert_eq!(send(relay.addr(), "scanner@contoso.com", &["a@fabrikam.com", "nobody@fabrikam.com", "c@fabrikam.com"], message("scanner@contoso.com", "partial")).await, 250);
+    assert!(s.ex.wait_for_received(2, LONG).await, "{}", relay.transcript());
+    let got = s.ex.received();
+    assert_eq!(got[0].rcpt_to, vec!["a@fabrikam.com", "c@fabrikam.com"]);
+    let dsn = String::from_utf8_lossy(&got[1].data).into_owned();
+    assert_eq!(got[1].rcpt_to, vec!["scanner@contoso.com"]);
+    assert!(dsn.contains("Final-Recipient: rfc822; nobody@fabrikam.com"), "{dsn}");
+    assert!(!dsn.contains("Final-Recipient: rfc822; a@fabrikam.com"), "{dsn}");
+    assert!(dsn.contains("Status: 5.1.10"), "{dsn}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_pick_the_upstream_by_sender() {
+    let s = Setup::new(Duration::from_secs(3600)).await;
+    let fab = FakeExchange::start(s.token.issued(), "relay@fabrikam.com").await;
+    // Both fakes use certificates from their own CA: write the second one next to the first.
+    let ca2 = s.dir.path().join("ca2");
+    std::fs::create_dir_all(&ca2).unwrap();
+    fab.write_ca(&ca2);
+    let mut rc = s.relay(&limits(3, 6000), "");
+    let second = s.upstream("fabrikam", &fab, &limits(3, 6000)).replace(
+        &s.dir.path().join("ca.pem").display().to_string(),
+        &ca2.join("ca.pem").display().to_string(),
+    );
+    rc.upstreams = Some(format!("{}{second}", rc.upstreams.unwrap()));
+    rc.extra = "routes:\n  - sender: \"*@fabrikam.com\"\n    upstream: fabrikam\n".into();
+    let relay = rc.start();
+    assert_eq!(send(relay.addr(), "printer@fabrikam.com", &["x@example.org"], message("printer@fabrikam.com", "f")).await, 250);
+    assert_eq!(send(relay.addr(), "printer@contoso.com", &["y@example.org"], message("printer@contoso.com", "c")).await, 250);
+    assert!(fab.wait_for_received(1, LONG).await, "{}", relay.transcript());
+    assert!(s.ex.wait_for_received(1, LONG).await, "{}", relay.transcript());
+    assert_eq!(fab.received()[0].rcpt_to, vec!["x@example.org"]);
+    assert_eq!(fab.received()[0].auth_user, "relay@fabrikam.com");
+    assert_eq!(s.ex.received()[0].rcpt_to, vec!["y@example.org"]);
+    // One refresher for the shared (token URL, client id, scope).
+    assert_eq!(s.token.requests(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_connections_lowers_concurrency_and_everything_arrives() {
+    let s = Setup::new(Duration::from_secs(3600)).await;
+    s.ex.set_max_connections(1);
+    let relay = s.relay(&limits(3, 6000), "").start();
+    let addr = relay.addr();
+    let mut sends = Vec::new();
+    for i in 0..6 {
+        sends.push(tokio::spawn(send(addr, "scanner@contoso.com", &["a@fabrikam.com"], message("scanner@contoso.com", &format!("t{i}")))));
+    }
+    for h in sends {
+        assert_eq!(h.await.unwrap(), 250);
+    }
+    assert!(s.ex.wait_for_received(6, LONG).await, "{}", relay.transcript());
+    assert!(wait_until(SHORT, || count_files(&relay.queue_dir()) == 0).await);
+    assert_eq!(count_files(&relay.spool.join("failed")), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_exceeded_defers_and_holds_instead_of_bouncing() {
+    let s = Setup::new(Duration::from_secs(3600)).await;
+    s.ex.add_rule(Rule::reply(Stage::Dot, "554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed to process message").times(1));
+    let relay = s.relay(&limits(3, 6000), "").start();
+    assert_eq!(send(relay.addr(), "scanner@contoso.com", &["a@fabrikam.com"], message("scanner@contoso.com", "q")).await, 250);
+    assert!(relay.wait_log("upstream held", LONG).is_some(), "{}", relay.transcript());
+    // Still queued, not failed, and not retried within the next seconds (held ~1 h).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(count_files(&relay.queue_dir()), 1);
+    assert_eq!(count_files(&relay.spool.join("failed")), 0);
+    assert_eq!(s.ex.received_count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_lost_after_the_dot_is_retried_as_a_possible_duplicate() {
+    let s = Setup::new(Duration::from_secs(3600)).await;
+    s.ex.add_rule(Rule::drop_at(Stage::Dot).times(1));
+    let relay = s.relay(&limits(3, 6000), "").start();
+    assert_eq!(send(relay.addr(), "scanner@contoso.com", &["a@fabrikam.com"], message("scanner@contoso.com", "dup")).await, 250);
+    assert!(s.ex.wait_for_received(2, LONG).await, "{}", relay.transcript());
+    assert!(log_has(&relay, "possible duplicate"));
+    let got = s.ex.received();
+    assert_eq!(got[0].data, got[1].data);
+    assert!(wait_until(SHORT, || count_files(&relay.queue_dir()) == 0).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_wide_smtp_auth_disabled_pauses_and_explains() {
+    let s = Setup::new(Duration::from_secs(3600)).await;
+    s.ex.add_rule(Rule::reply(Stage::Auth, "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant."));
+    let relay = s.relay(&limits(3, 6000), "").start();
+    assert_eq!(send(relay.addr(), "scanner@contoso.com", &["a@fabrikam.com"], message("scanner@contoso.com", "t")).await, 250);
+    let v = relay.wait_log("upstream paused", LONG).expect("paused");
+    assert_eq!(v["problem"], "smtp_auth_disabled");
+    assert!(v["remedy"].as_str().unwrap().contains("Set-TransportConfig -SmtpClientAuthenticationDisabled $false"));
+    // No token refresh for this one: it is not a token problem.
+    assert_eq!(s.token.requests(), 1);
+    assert_eq!(count_files(&relay.queue_dir()), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_client_secret_is_explained_and_mail_waits() {
+    let s = Setup::new(Duration::from_secs(3600)).await;
+    s.token.fail_always(Some(Failure::invalid_secret()));
+    let relay = s.relay(&limits(3, 6000), "").start();
+    assert_eq!(send(relay.addr(), "scanner@contoso.com", &["a@fabrikam.com"], message("scanner@contoso.com", "t")).await, 250);
+    assert!(relay.wait_log("upstream paused", LONG).is_some(), "{}", relay.transcript());
+    assert!(log_has(&relay, "7000215"), "{}", relay.transcript());
+    assert_eq!(count_files(&relay.queue_dir()), 1);
+    assert!(!relay.transcript().contains("fake-secret-value"));
+    s.token.fail_always(None);
+    assert!(s.ex.wait_for_received(1, LONG).await, "{}", relay.transcript());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_credential_sends_a_client_assertion_the_endpoint_verifies() {
+    let s = Setup::new(Duration::from_secs(3600)).await;
+    let dir = s.dir.path();
+    let ok = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=mailbridge-test"])
+        .arg("-keyout")
+        .arg(dir.join("app.key"))
+        .arg("-out")
+        .arg(dir.join("app.crt"))
+        .output()
+        .expect("openssl");
+    assert!(ok.status.success());
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.join("app.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    s.token.expect_certificate(&std::fs::read_to_string(dir.join("app.crt")).unwrap());
+    let mut rc = s.relay(&limits(3, 6000), "");
+    let up = rc.upstreams.take().unwrap();
+    let secret_line = up.lines().find(|l| l.contains("client_secret_file")).unwrap().to_string();
+    rc.upstreams = Some(up.replace(
+        &secret_line,
+        &format!(
+            "    certificate: {{cert_file: {:?}, key_file: {:?}}}",
+            dir.join("app.crt").display().to_string(),
+            dir.join("app.key").display().to_string()
+        ),
+    ));
+    let relay = rc.start();
+    assert_eq!(send(relay.addr(), "scanner@contoso.com", &["a@fabrikam.com"], message("scanner@contoso.com", "cert")).await, 250);
+    assert!(s.ex.wait_for_received(1, LONG).await, "{}", relay.transcript());
+    let form = s.token.last_form();
+    assert!(form.iter().any(|(k, _)| k == "client_assertion"));
+    assert!(!form.iter().any(|(k, _)| k == "client_secret"));
+}
