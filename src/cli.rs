@@ -157,13 +157,20 @@ fn token_command(path: Option<PathBuf>, upstream: Option<String>) -> ExitCode {
             Some(n) => eprintln!(
                 "no exchange-online upstream is named {n:?} in {} (there: {})",
                 path.display(),
-                exchange.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                exchange
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             None => eprintln!("{} has no exchange-online upstream", path.display()),
         }
         return ExitCode::from(2);
     };
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");

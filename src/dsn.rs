@@ -391,8 +391,8 @@ fn original_headers_part(raw: &[u8]) -> Vec<u8> {
             } else {
                 byte_cut(rest, room)
             };
-            if !first {
-                out.push(b' ');
+            if !first && rest[0] != b' ' && rest[0] != b'\t' {
+                out.push(b' '); // a continuation line starts with a blank
             }
             out.extend_from_slice(&rest[..cut]);
             out.extend_from_slice(b"\r\n");

@@ -399,8 +399,12 @@ mod tests {
     #[test]
     fn padding_and_bearer_tolerated() {
         let header = URL_SAFE.encode(br#"{"alg":"none"}"#);
-        let body = URL_SAFE.encode(good().to_string().as_bytes());
-        assert!(body.ends_with('=') || good().to_string().len() % 3 == 0);
+        let mut json = good().to_string();
+        while json.len().is_multiple_of(3) {
+            json.push(' ');
+        }
+        let body = URL_SAFE.encode(json.as_bytes());
+        assert!(body.ends_with('='));
         let c = decode(&format!(" Bearer {header}.{body}.\n")).unwrap();
         assert!(check(&c, NOW).ok);
     }

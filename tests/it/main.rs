@@ -5,6 +5,12 @@ mod auth_cli;
 mod common;
 mod daemon;
 mod durability;
+mod exchange;
+#[path = "../support/fake_exchange.rs"]
+pub mod fake_exchange;
+#[path = "../support/fake_token.rs"]
+pub mod fake_token;
+mod fakes;
 mod interop;
 mod interop_auth;
 mod interop_tls;

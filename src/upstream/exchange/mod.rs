@@ -345,9 +345,9 @@ impl Exchange {
                 problem = problem.key(),
                 reply = detail,
                 remedy = %remedy,
+                meaning = %problem.meaning(),
                 next_probe = %humantime::format_duration(delay),
-                "upstream paused: {}; mail is kept in the queue and delivery resumes by itself once a probe succeeds",
-                problem.meaning()
+                "upstream paused"
             );
             self.send_alert(
                 format!("mailbridge: upstream {} paused: {}", self.name, problem.key()),
@@ -378,7 +378,7 @@ impl Exchange {
         let mut st = self.state.lock().unwrap();
         let until = Instant::now() + for_;
         if !matches!(&*st, State::Held { .. }) {
-            tracing::warn!(upstream = %self.name, hold = %humantime::format_duration(for_), "upstream held: {reason}; mail is kept in the queue");
+            tracing::warn!(upstream = %self.name, hold = %humantime::format_duration(for_), reason = %reason, "upstream held");
         }
         if !matches!(&*st, State::Held { until: u, .. } if *u >= until) {
             *st = State::Held { until, reason };
@@ -408,9 +408,10 @@ impl Exchange {
         tracing::warn!(
             upstream = %self.name,
             problem = problem.key(),
+            meaning = %problem.meaning(),
+            detail,
             remedy = %problem.remedy(&self.cfg.mailbox, &self.cfg.credentials.client_id),
-            "{} ({detail})",
-            problem.meaning()
+            "upstream problem"
         );
     }
 
