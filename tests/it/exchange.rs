@@ -729,3 +729,135 @@ async fn certificate_credential_sends_a_client_assertion_the_endpoint_verifies()
     assert!(form.iter().any(|(k, _)| k == "client_assertion"));
     assert!(!form.iter().any(|(k, _)| k == "client_secret"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_envelopes_are_split_and_the_daily_recipient_cap_holds_mail() {
+    let s = Setup::new(Duration::from_secs(3600)).await;
+    let lim = "    limits:\n      recipients_per_message: 2\n      recipients_per_day: 6\n      messages_per_minute: 6000\n";
+    let relay = s.relay(lim, "").start();
+    let rcpts = [
+        "r1@fabrikam.com",
+        "r2@fabrikam.com",
+        "r3@fabrikam.com",
+        "r4@fabrikam.com",
+        "r5@fabrikam.com",
+    ];
+    assert_eq!(
+        send(
+            relay.addr(),
+            "scanner@contoso.com",
+            &rcpts,
+            message("scanner@contoso.com", "split")
+        )
+        .await,
+        250
+    );
+    assert!(
+        s.ex.wait_for_received(3, LONG).await,
+        "{}",
+        relay.transcript()
+    );
+    let got = s.ex.received();
+    let sizes: Vec<usize> = got.iter().map(|m| m.rcpt_to.len()).collect();
+    assert_eq!(sizes, vec![2, 2, 1]);
+    assert!(got.iter().all(|m| m.data == got[0].data));
+    // 5 of 6 used: a message for 2 more recipients is held, not sent into a 554.
+    assert_eq!(
+        send(
+            relay.addr(),
+            "scanner@contoso.com",
+            &["r6@fabrikam.com", "r7@fabrikam.com"],
+            message("scanner@contoso.com", "over")
+        )
+        .await,
+        250
+    );
+    let held = relay.wait_log("upstream held", LONG).expect("held");
+    assert!(
+        held["reason"]
+            .as_str()
+            .unwrap()
+            .contains("recipients_per_day"),
+        "{held}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(s.ex.received_count(), 3);
+    assert_eq!(count_files(&relay.queue_dir()), 1);
+    // The count survives a restart (the file under state_dir).
+    let counter = s.dir.path().join("state/upstreams/contoso.recipients.json");
+    assert!(
+        wait_until(SHORT, || std::fs::read_to_string(&counter)
+            .is_ok_and(|t| t.contains('5')))
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_command_shows_claims_never_the_token() {
+    let s = Setup::new(Duration::from_secs(3600)).await;
+    let rc = s.relay(&limits(3, 30), "");
+    std::fs::write(rc.path(), rc.yaml()).unwrap();
+    let path = rc.path();
+    let out = tokio::task::spawn_blocking(move || {
+        crate::daemon::mailbridge_cmd()
+            .args(["token", "-c"])
+            .arg(&path)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("SMTP.SendAsApp"), "{stdout}");
+    assert!(stdout.contains("https://outlook.office365.com"), "{stdout}");
+    assert!(stdout.contains(CLIENT_ID), "{stdout}");
+    assert!(stdout.contains("result:    ok"), "{stdout}");
+    for t in s.token.issued().0.lock().unwrap().keys() {
+        assert!(!stdout.contains(t.as_str()));
+        // Not even the signature part.
+        assert!(!stdout.contains(t.rsplit('.').next().unwrap()));
+    }
+    assert!(!stdout.contains("fake-secret-value"));
+
+    // Without the role: exit 1 and the portal step.
+    s.token.set_roles(vec![]);
+    let path = rc.path();
+    let out = tokio::task::spawn_blocking(move || {
+        crate::daemon::mailbridge_cmd()
+            .args(["token", "-c"])
+            .arg(&path)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("API permissions"), "{stdout}");
+
+    // A refused secret: the AADSTS code and its remedy, exit 1.
+    s.token.fail_always(Some(Failure::invalid_secret()));
+    let path = rc.path();
+    let out = tokio::task::spawn_blocking(move || {
+        crate::daemon::mailbridge_cmd()
+            .args(["token", "-c"])
+            .arg(&path)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(all.contains("AADSTS7000215"), "{all}");
+    assert!(!all.contains("fake-secret-value"));
+}

@@ -192,6 +192,10 @@ impl Exchange {
                 }
                 let Some(x) = weak.upgrade() else { return };
                 x.reap(false).await;
+                // Changes newer than the last write (writes are at most once per second).
+                if let Err(e) = x.daily.flush_if_due(SystemTime::now()) {
+                    tracing::warn!(upstream = %x.name, error = %e, "cannot save the recipient counter");
+                }
             }
             if let Some(x) = weak.upgrade() {
                 x.reap(true).await;
