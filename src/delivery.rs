@@ -565,6 +565,95 @@ mod tests {
         assert_eq!(files(dir.path(), "queue"), 0, "delivered message removed");
     }
 
+    fn queued_ids(dir: &std::path::Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir.join("queue"))
+            .unwrap()
+            .filter_map(|e| {
+                let n = e.ok()?.file_name().to_string_lossy().into_owned();
+                n.strip_suffix(".msg").map(str::to_string)
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn failures_are_reported_to_the_sender_or_postmaster_never_for_a_report() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        // Every attempt for a@x fails permanently; everything else is delivered.
+        let up = Scripted::new(vec![
+            vec![RcptOutcome::Failed(
+                "550 5.7.60 SMTP; Client does not have permissions to send as this sender".into()
+            )];
+            3
+        ]);
+        let mut q = queue_cfg(&[60], Duration::from_secs(3600), 1);
+        q.bounce = true;
+        q.postmaster = Some("postmaster@contoso.com".into());
+        let d = Delivery::new(spool.clone(), up.clone(), q);
+
+        // 1. A normal sender gets a DSN, queued before the message leaves the queue.
+        let m = enqueue(&spool, &["a@x"], now_ms()).await;
+        assert_eq!(d.attempt(&m.id).await, None);
+        let ids = queued_ids(dir.path());
+        assert_eq!(ids.len(), 1, "one report queued");
+        let report = spool.load(&ids[0]).unwrap();
+        assert_eq!(report.envelope.sender, "", "reports have a null sender");
+        assert_eq!(report.envelope.recipients[0].address, "s@example.com");
+        assert!(report.envelope.report);
+        assert_eq!(report.envelope.upstream.as_deref(), Some("scripted"));
+        let mut text = String::new();
+        use std::io::Read;
+        spool
+            .open_content(&report)
+            .unwrap()
+            .read_to_string(&mut text)
+            .unwrap();
+        assert!(text.contains("Final-Recipient: rfc822; a@x"), "{text}");
+        assert!(text.contains("Status: 5.7.60"), "{text}");
+        assert!(text.contains("Subject: t"), "original headers: {text}");
+        assert!(text.contains("Add-RecipientPermission"), "remedy: {text}");
+        // The report itself is delivered (to s@example.com, not scripted to fail).
+        assert_eq!(d.attempt(&ids[0]).await, None);
+        assert!(queued_ids(dir.path()).is_empty());
+
+        // 2. A null-sender message's failure goes to the postmaster.
+        let env = Envelope {
+            id: new_id(),
+            sender: String::new(),
+            recipients: vec![Recipient {
+                address: "a@x".into(),
+            }],
+            client_ip: "127.0.0.1".parse().unwrap(),
+            helo: "t".into(),
+            auth_user: None,
+            arrival_ms: now_ms(),
+            body: None,
+            smtputf8: false,
+            upstream: None,
+            report: false,
+        };
+        let mut inc = spool.begin(&env);
+        inc.write(b"Subject: n\r\n\r\nx\r\n").await;
+        let n = inc.commit().await.unwrap();
+        assert_eq!(d.attempt(&n.id).await, None);
+        let ids = queued_ids(dir.path());
+        assert_eq!(ids.len(), 1);
+        let r = spool.load(&ids[0]).unwrap();
+        assert_eq!(r.envelope.recipients[0].address, "postmaster@contoso.com");
+
+        // 3. A report that fails is not answered with another report.
+        let mut env = env.clone();
+        env.id = new_id();
+        env.report = true;
+        let mut inc = spool.begin(&env);
+        inc.write(b"Subject: r\r\n\r\nx\r\n").await;
+        let rr = inc.commit().await.unwrap();
+        assert_eq!(d.attempt(&rr.id).await, None);
+        assert_eq!(queued_ids(dir.path()), ids, "no new report");
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn expired_message_moves_to_failed_with_reason_a8() {
         let dir = tempfile::tempdir().unwrap();

@@ -1113,4 +1113,121 @@ users:
         assert_eq!(c.listeners[0].address, "127.0.0.1:2525".parse().unwrap());
         assert!(!c.access.allows("192.168.0.1".parse().unwrap()));
     }
+    fn exchange_yaml(dir: &Path, upstream_extra: &str, top_extra: &str) -> String {
+        use std::os::unix::fs::PermissionsExt;
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "s3cr3t-value\n").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        format!(
+            "hostname: relay.test\nupstreams:\n  - name: contoso\n    type: exchange-online\n    mailbox: relay@contoso.com\n    tenant_id: 00000000-0000-0000-0000-000000000000\n    client_id: 11111111-1111-1111-1111-111111111111\n    client_secret_file: {}\n{upstream_extra}{top_extra}",
+            secret.display()
+        )
+    }
+
+    #[test]
+    fn exchange_online_defaults_and_secret_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = from_yaml_str(&exchange_yaml(dir.path(), "", "")).unwrap();
+        let UpstreamKind::ExchangeOnline(x) = &c.upstreams[0].kind else {
+            panic!("not exchange")
+        };
+        assert_eq!(x.host, "smtp.office365.com");
+        assert_eq!(x.port, 587);
+        assert_eq!(
+            x.credentials.token_url,
+            "https://login.microsoftonline.com/00000000-0000-0000-0000-000000000000/oauth2/v2.0/token"
+        );
+        assert_eq!(
+            x.credentials.scope,
+            "https://outlook.office365.com/.default"
+        );
+        assert_eq!(x.helo_name, "relay.test");
+        assert_eq!(x.sender_rewrite, exchange::SenderRewrite::None);
+        assert_eq!(x.limits.connections, 3);
+        assert_eq!(x.limits.messages_per_minute, 30);
+        assert_eq!(x.limits.recipients_per_day, 10_000);
+        assert_eq!(x.limits.recipients_per_message, 500);
+        assert!(c.queue.bounce);
+        assert_eq!(c.queue.postmaster, None);
+        // The secret never shows in Debug.
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("s3cr3t-value"), "{dbg}");
+        match &x.credentials.secret {
+            crate::token::ClientSecret::Secret(s) => assert_eq!(s.expose(), "s3cr3t-value"),
+            _ => panic!("secret expected"),
+        }
+    }
+
+    #[test]
+    fn exchange_online_errors_name_their_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = "upstreams:\n  - name: x\n    type: exchange-online\n    mailbox: not-an-address\n    tenant_id: \"bad tenant\"\n    client_id: secret-id-by-mistake\n    client_secret: a\n    client_secret_file: /nonexistent\n    token_url: http://login.example.com/t\n    sender_rewrite: always\n    limits: {connections: 0}\nroutes:\n  - sender: \"*@fabrikam.com\"\n    upstream: nowhere\nqueue:\n  postmaster: nobody\n";
+        let e = from_yaml_str(yaml).unwrap_err().to_string();
+        for want in [
+            "upstreams[0].mailbox:",
+            "upstreams[0].tenant_id:",
+            "upstreams[0].client_id:",
+            "upstreams[0]: set only one of client_secret, client_secret_file and certificate",
+            "upstreams[0].token_url:",
+            "upstreams[0].sender_rewrite:",
+            "upstreams[0].limits.connections:",
+            "routes[0].upstream: no upstream is named \"nowhere\"",
+            "queue.postmaster:",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in:\n{e}");
+        }
+        // A world-readable secret file is refused with the chmod to fix it.
+        use std::os::unix::fs::PermissionsExt;
+        let yaml = exchange_yaml(dir.path(), "", "");
+        std::fs::set_permissions(
+            dir.path().join("secret"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let e = from_yaml_str(&yaml).unwrap_err().to_string();
+        assert!(
+            e.contains("client_secret_file") && e.contains("chmod 600"),
+            "{e}"
+        );
+        // No credential at all.
+        let e = from_yaml_str("upstreams:\n  - {name: x, type: exchange-online, mailbox: a@b.com, tenant_id: contoso.com, client_id: 11111111-1111-1111-1111-111111111111}\n").unwrap_err().to_string();
+        assert!(e.contains("a client credential is required"), "{e}");
+        // A bad certificate key is reported by check-config, not at the first delivery.
+        std::fs::write(dir.path().join("c.pem"), "not a certificate").unwrap();
+        std::fs::write(dir.path().join("k.pem"), "not a key").unwrap();
+        std::fs::set_permissions(
+            dir.path().join("k.pem"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        let yaml = format!(
+            "upstreams:\n  - {{name: x, type: exchange-online, mailbox: a@b.com, tenant_id: contoso.com, client_id: 11111111-1111-1111-1111-111111111111, certificate: {{cert_file: {d}/c.pem, key_file: {d}/k.pem}}}}\n",
+            d = dir.path().display()
+        );
+        let e = from_yaml_str(&yaml).unwrap_err().to_string();
+        assert!(e.contains("upstreams[0].certificate:"), "{e}");
+        assert!(!e.contains("not a key"), "{e}");
+    }
+
+    #[test]
+    fn routes_then_user_upstream_then_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let hash = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHQ$K8ZzTHKJfHnJh0eR1X3QP1DVa5kzfN3d2kTXFVJ4a8o";
+        let top = format!(
+            "  - name: out\n    type: outbox\n    path: {d}/o\n  - name: fab\n    type: outbox\n    path: {d}/f\nroutes:\n  - sender: \"*@fabrikam.com\"\n    upstream: fab\nusers:\n  - username: erp\n    password_hash: \"{hash}\"\n    allowed_senders: [\"*\"]\n    upstream: out\nqueue:\n  bounce: false\n  postmaster: admin@contoso.com\n",
+            d = dir.path().display()
+        );
+        let c = from_yaml_str(&exchange_yaml(dir.path(), "", &top)).unwrap();
+        assert_eq!(c.route("scan@fabrikam.com", None), 2);
+        assert_eq!(
+            c.route("scan@fabrikam.com", Some("erp")),
+            2,
+            "routes come first"
+        );
+        assert_eq!(c.route("erp@contoso.com", Some("erp")), 1);
+        assert_eq!(c.route("x@contoso.com", None), 0);
+        assert_eq!(c.route("x@contoso.com", Some("unknown")), 0);
+        assert!(!c.queue.bounce);
+        assert_eq!(c.queue.postmaster.as_deref(), Some("admin@contoso.com"));
+    }
 }
