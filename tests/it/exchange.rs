@@ -861,3 +861,133 @@ async fn token_command_shows_claims_never_the_token() {
     assert!(all.contains("AADSTS7000215"), "{all}");
     assert!(!all.contains("fake-secret-value"));
 }
+
+/// A session opened with the library API straight against the fake, with short timeouts.
+async fn direct_session(
+    s: &Setup,
+    timeouts: mailbridge::upstream::exchange::conn::Timeouts,
+) -> mailbridge::upstream::exchange::conn::Session {
+    use mailbridge::upstream::exchange::conn::{Endpoint, open};
+    let ep = Endpoint {
+        host: "localhost".into(),
+        port: s.ex.addr().port(),
+        helo: "relay.test".into(),
+        tls: Endpoint::tls_parameters("localhost", Some(&s.dir.path().join("ca.pem"))).unwrap(),
+        timeouts,
+    };
+    let creds = mailbridge::token::ClientCredentials {
+        token_url: s.token.url(),
+        client_id: CLIENT_ID.into(),
+        scope: "https://outlook.office365.com/.default".into(),
+        secret: mailbridge::token::ClientSecret::Secret(mailbridge::secret::Secret::new(
+            "fake-secret-value",
+        )),
+    };
+    let http = mailbridge::token::http_client().unwrap();
+    let token = mailbridge::token::fetch(&http, &creds).await.unwrap();
+    let mut session = open(&ep).await.unwrap();
+    session.auth_xoauth2(MAILBOX, &token.value).await.unwrap();
+    session
+}
+
+/// Fails after handing out `ok` bytes.
+struct FailingReader {
+    data: Vec<u8>,
+    pos: usize,
+    ok: usize,
+}
+
+impl std::io::Read for FailingReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos >= self.ok {
+            return Err(std::io::Error::other("EIO (simulated)"));
+        }
+        let n = buf
+            .len()
+            .min(self.ok - self.pos)
+            .min(self.data.len() - self.pos);
+        buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spool_read_error_mid_message_never_sends_the_final_dot() {
+    let s = Setup::new(Duration::from_secs(3600)).await;
+    let mut session = direct_session(&s, Default::default()).await;
+    session
+        .mail("scanner@contoso.com", None, false)
+        .await
+        .unwrap();
+    session.rcpt("a@fabrikam.com").await.unwrap();
+    let mut data = b"Subject: big\r\n\r\n".to_vec();
+    while data.len() < 300_000 {
+        data.extend_from_slice(
+            b"0123456789012345678901234567890123456789012345678901234567890123456789\r\n",
+        );
+    }
+    let len = data.len() as u64;
+    let reader = FailingReader {
+        data,
+        pos: 0,
+        ok: 200_000,
+    };
+    let r = session.data(Vec::new(), len, reader).await;
+    assert!(r.is_err(), "{r:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        s.ex.received_count(),
+        0,
+        "a truncated message must never be accepted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_stops_answering_after_the_dot_times_out() {
+    use mailbridge::upstream::exchange::classify::Step;
+    use mailbridge::upstream::exchange::conn::{StepError, Timeouts};
+    let s = Setup::new(Duration::from_secs(3600)).await;
+    s.ex.add_rule(Rule::hang_at(Stage::Dot));
+    let t = Timeouts {
+        data_term: Duration::from_secs(1),
+        data_block: Duration::from_secs(1),
+        ..Timeouts::default()
+    };
+    let mut session = direct_session(&s, t).await;
+    session
+        .mail("scanner@contoso.com", None, false)
+        .await
+        .unwrap();
+    session.rcpt("a@fabrikam.com").await.unwrap();
+    let started = Instant::now();
+    let data = b"Subject: hang\r\n\r\nx\r\n".to_vec();
+    let len = data.len() as u64;
+    let r = session
+        .data(Vec::new(), len, std::io::Cursor::new(data))
+        .await;
+    match r {
+        Err(StepError::Broken {
+            step: Step::Dot,
+            what,
+            ..
+        }) => assert!(what.contains("timeout"), "{what}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // MAIL that never gets a reply times out too.
+    s.ex.clear_rules();
+    s.ex.add_rule(Rule::hang_at(Stage::Mail));
+    let t = Timeouts {
+        mail: Duration::from_secs(1),
+        ..Timeouts::default()
+    };
+    let mut session = direct_session(&s, t).await;
+    match session.mail("scanner@contoso.com", None, false).await {
+        Err(StepError::Broken {
+            step: Step::Mail, ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+}

@@ -410,6 +410,7 @@ impl Session {
     pub async fn data(
         &mut self,
         head: Vec<u8>,
+        len: u64,
         mut reader: impl Read + Send,
     ) -> Result<String, StepError> {
         within(
@@ -460,7 +461,13 @@ impl Session {
                 }
             }
         });
-        let total = self.timeouts.data_term + self.timeouts.data_block;
+        // The reply to the dot gets `data_term`; sending gets `data_block`, or longer for a
+        // large message (at least 32 KiB/s must get through).
+        let sending = self
+            .timeouts
+            .data_block
+            .max(Duration::from_secs(len / (32 * 1024)));
+        let total = self.timeouts.data_term + sending;
         let res = within(Step::Dot, total, self.conn.message_iter(chunks)).await;
         if self.poisoned.load(Ordering::SeqCst) {
             self.conn.abort().await;

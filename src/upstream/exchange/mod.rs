@@ -798,7 +798,8 @@ impl Exchange {
             }
         };
 
-        match lease.session.data(head, reader).await {
+        let len = attempt.stored.content_len + head.len() as u64;
+        match lease.session.data(head, len, reader).await {
             Ok(reply) => {
                 for &k in &accepted {
                     r.outcomes.push((k, RcptOutcome::Delivered(reply.clone())));
@@ -826,7 +827,7 @@ impl Exchange {
                         upstream = %self.name,
                         queue_id = %env.id,
                         error = %e,
-                        "possible duplicate: the connection was lost after the message was sent, before Exchange confirmed it; it will be sent again"
+                        "possible duplicate: the connection was lost while or after the message was sent, before Exchange confirmed it; it will be sent again"
                     );
                     format!(
                         "4.4.2 connection lost after the final dot, before the reply (possible duplicate): {e}"
