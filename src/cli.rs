@@ -72,9 +72,22 @@ pub fn main() -> ExitCode {
                 .map_err(|e| e.to_string())
                 .and_then(|cfg| match cfg.tls.cert_file {
                     Some(_) => crate::inbound::tls::acceptor(&cfg)
-                        .map(drop)
+                        .map(|_| cfg)
                         .map_err(|e| e.to_string()),
-                    None => Ok(()),
+                    None => Ok(cfg),
+                })
+                .and_then(|cfg| {
+                    // Upstream TLS settings (ca_file) are built the way the daemon builds them.
+                    for (i, u) in cfg.upstreams.iter().enumerate() {
+                        if let config::UpstreamKind::ExchangeOnline(x) = &u.kind {
+                            crate::upstream::exchange::conn::Endpoint::tls_parameters(
+                                &x.host,
+                                x.ca_file.as_deref(),
+                            )
+                            .map_err(|e| format!("upstreams[{i}].ca_file: {e}"))?;
+                        }
+                    }
+                    Ok(())
                 });
             match checked {
                 Ok(()) => {

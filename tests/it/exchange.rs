@@ -991,3 +991,32 @@ async fn a_server_that_stops_answering_after_the_dot_times_out() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_accepts_the_upstream_and_rejects_a_bad_ca_file() {
+    let s = Setup::new(Duration::from_secs(3600)).await;
+    let rc = s.relay(&limits(3, 30), "");
+    std::fs::write(rc.path(), rc.yaml()).unwrap();
+    let check = |path: PathBuf| {
+        crate::daemon::mailbridge_cmd()
+            .args(["check-config", "-c"])
+            .arg(path)
+            .output()
+            .unwrap()
+    };
+    let out = check(rc.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(
+        s.dir.path().join("ca.pem"),
+        "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let out = check(rc.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("upstreams[0].ca_file"), "{err}");
+}

@@ -95,6 +95,19 @@ impl Problem {
         }
     }
 
+    /// Network trouble that usually passes by itself: logged, but no postmaster alert (it
+    /// could not be delivered through the same upstream anyway).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Problem::Unreachable(_)
+                | Problem::Token {
+                    temporary: true,
+                    ..
+                }
+        )
+    }
+
     pub fn meaning(&self) -> String {
         match self {
             Problem::AuthRejected => "Exchange Online refused the OAuth token (535 5.7.3) even right after a new one was fetched: the app is not allowed to send as this mailbox".into(),

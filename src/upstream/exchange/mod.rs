@@ -302,7 +302,8 @@ impl Exchange {
         let mut st = self.state.lock().unwrap();
         if let State::Paused { problem, .. } = &*st {
             tracing::info!(upstream = %self.name, problem = problem.key(), "upstream works again; delivery resumed");
-            self.send_alert(
+            if !problem.is_transient() {
+                self.send_alert(
                 format!("mailbridge: upstream {} works again", self.name),
                 format!(
                     "Upstream {} (mailbox {}) works again after: {}\r\nQueued mail is being delivered.\r\n",
@@ -311,6 +312,7 @@ impl Exchange {
                     problem.meaning()
                 ),
             );
+            }
             self.noted.lock().unwrap().clear();
         }
         *st = State::Ok;
@@ -353,7 +355,8 @@ impl Exchange {
                 next_probe = %humantime::format_duration(delay),
                 "upstream paused"
             );
-            self.send_alert(
+            if !problem.is_transient() {
+                self.send_alert(
                 format!("mailbridge: upstream {} paused: {}", self.name, problem.key()),
                 format!(
                     "mailbridge stopped delivering through upstream {} (mailbox {}).\r\n\r\nCause: {}\r\nUpstream said: {detail}\r\n\r\nRemedy: {remedy}\r\n\r\nMail stays queued; mailbridge tries again by itself (back-off up to {}) and resumes when it works.\r\n",
@@ -363,6 +366,7 @@ impl Exchange {
                     humantime::format_duration(*self.retry.last().unwrap()),
                 ),
             );
+            }
         } else {
             tracing::warn!(upstream = %self.name, problem = problem.key(), reply = detail, next_probe = %humantime::format_duration(delay), "upstream still paused");
         }
