@@ -279,7 +279,7 @@ impl Delivery {
                 remote_mta: None,
             })
             .collect();
-        let explanation = explain(&recipients);
+        let explanation = explain(&recipients, upstream.sender_address());
         let spool = self.spool.clone();
         let owned = stored.clone();
         let headers = tokio::task::spawn_blocking(move || {
@@ -385,7 +385,7 @@ impl Delivery {
 }
 
 /// The human part of a DSN: what happened and, when the reply is one we know, the remedy.
-fn explain(recipients: &[crate::dsn::DsnRecipient]) -> String {
+fn explain(recipients: &[crate::dsn::DsnRecipient], mailbox: Option<&str>) -> String {
     use crate::upstream::exchange::classify::{Step, Verdict, classify};
     let mut text = String::from(
         "Your message could not be delivered to one or more recipients. mailbridge will not try again.\n",
@@ -398,7 +398,10 @@ fn explain(recipients: &[crate::dsn::DsnRecipient]) -> String {
             text.push_str(&format!(
                 "\nCause: {}.\nFor the mail administrator: {}\n",
                 p.meaning(),
-                p.remedy("<the relay mailbox>", "<the app's client id>")
+                p.remedy(
+                    mailbox.unwrap_or("<the relay mailbox>"),
+                    "<the app's client id>"
+                )
             ));
             break;
         }
