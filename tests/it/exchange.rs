@@ -221,6 +221,13 @@ async fn burst_is_paced_and_capped_at_three_connections() {
     assert!(took >= Duration::from_millis(3000), "took {took:?}");
     assert!(s.ex.max_concurrent() <= 3);
     assert_eq!(s.ex.rejected_connections(), 0);
+    // Authenticated connections were reused (RSET between messages), not opened per message.
+    assert!(
+        s.ex.connections_total() <= 3,
+        "{} connections for 8 messages",
+        s.ex.connections_total()
+    );
+    assert_eq!(s.ex.auths().len(), s.ex.connections_total());
     let _ = relay;
 }
 
