@@ -241,7 +241,7 @@ impl Delivery {
         }
     }
 
-    /// Sends a DSN for the failed recipients of `stored` (already in `failed/`): to the
+    /// Queues a DSN for the failed recipients of `stored` (still in `queue/`): to the
     /// envelope sender, or to `queue.postmaster` for a null sender; never for a report.
     async fn bounce(&self, stored: &Stored) {
         let env = &stored.envelope;
@@ -387,16 +387,14 @@ impl Delivery {
 /// The human part of a DSN: what happened and, when the reply is one we know, the remedy.
 fn explain(recipients: &[crate::dsn::DsnRecipient], mailbox: Option<&str>) -> String {
     use crate::upstream::exchange::classify::{Step, Verdict, classify};
-    let mut text = String::from(
-        "Your message could not be delivered to one or more recipients. mailbridge will not try again.\n",
-    );
+    let mut text = String::new();
     for r in recipients {
         let (code, rest) = r.reply.split_at(r.reply.len().min(3));
         if let Ok(code) = code.parse::<u16>()
             && let Verdict::Fail { problem: Some(p) } = classify(Step::Dot, code, rest.trim(), true)
         {
             text.push_str(&format!(
-                "\nCause: {}.\nFor the mail administrator: {}\n",
+                "Cause: {}.\nFor the mail administrator: {}\n",
                 p.meaning(),
                 p.remedy(
                     mailbox.unwrap_or("<the relay mailbox>"),

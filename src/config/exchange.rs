@@ -267,7 +267,12 @@ pub(super) fn validate(
         connections: positive("connections", l.connections, 3, 64) as usize,
         messages_per_minute: positive("messages_per_minute", l.messages_per_minute, 30, 1_000_000)
             as u32,
-        recipients_per_day: positive("recipients_per_day", l.recipients_per_day, 10_000, u64::MAX),
+        recipients_per_day: positive(
+            "recipients_per_day",
+            l.recipients_per_day,
+            10_000,
+            1_000_000_000,
+        ),
         recipients_per_message: positive(
             "recipients_per_message",
             l.recipients_per_message,

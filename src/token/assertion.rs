@@ -61,10 +61,28 @@ impl CertificateCredential {
              (BEGIN RSA PRIVATE KEY or BEGIN PRIVATE KEY, unencrypted)"
                 .to_string()
         })?;
-        jsonwebtoken::crypto::sign(b"probe", &key, Algorithm::PS256).map_err(|_| {
+        let probe = jsonwebtoken::crypto::sign(b"probe", &key, Algorithm::PS256).map_err(|_| {
             "the private key cannot sign with PS256 (not an RSA key of at least 2048 bits?)"
                 .to_string()
         })?;
+        // The key must belong to the certificate, or Entra answers AADSTS700027 at every
+        // token request: check the probe signature with the certificate's public key.
+        let signature = URL_SAFE_NO_PAD
+            .decode(probe.trim_end_matches('='))
+            .map_err(|_| "signing with the private key failed".to_string())?;
+        let end_entity = webpki::EndEntityCert::try_from(&cert)
+            .map_err(|_| "the certificate file holds no valid X.509 certificate".to_string())?;
+        end_entity
+            .verify_signature(
+                webpki::aws_lc_rs::RSA_PSS_2048_8192_SHA256_LEGACY_KEY,
+                b"probe",
+                &signature,
+            )
+            .map_err(|_| {
+                "the private key does not belong to the certificate (their public keys differ): \
+                 use the key file made together with this certificate"
+                    .to_string()
+            })?;
         Ok(CertificateCredential::new(cert.as_ref().to_vec(), key))
     }
 

@@ -894,3 +894,16 @@ fn certificate_debug_and_errors_show_no_key_material() {
             .is_err()
     );
 }
+
+#[test]
+fn certificate_with_someone_elses_key_is_refused_at_load() {
+    let (cert_pem, _, _) = rsa_certificate();
+    let (_, other_key, _) = rsa_certificate();
+    let e =
+        ClientSecret::certificate_from_pem(cert_pem.as_bytes(), other_key.as_bytes()).unwrap_err();
+    assert!(e.contains("does not belong to the certificate"), "{e}");
+    assert!(!e.contains("PRIVATE KEY-----"), "{e}");
+    // The matching pair loads.
+    let (cert_pem, key_pem, _) = rsa_certificate();
+    assert!(ClientSecret::certificate_from_pem(cert_pem.as_bytes(), key_pem.as_bytes()).is_ok());
+}

@@ -577,10 +577,14 @@ async fn quota_exceeded_defers_and_holds_instead_of_bouncing() {
         .await,
         250
     );
+    let held = relay.wait_log("upstream held", LONG).expect("held");
+    assert_eq!(held["problem"], "recipient_quota_exceeded", "{held}");
     assert!(
-        relay.wait_log("upstream held", LONG).is_some(),
-        "{}",
-        relay.transcript()
+        held["remedy"]
+            .as_str()
+            .unwrap()
+            .contains("recipients_per_day"),
+        "{held}"
     );
     // Still queued, not failed, and not retried within the next seconds (held ~1 h).
     tokio::time::sleep(Duration::from_secs(4)).await;

@@ -33,7 +33,7 @@ pub struct Timeouts {
     pub mail: Duration,
     pub rcpt: Duration,
     pub data_init: Duration,
-    /// Writing the content: per chunk.
+    /// Writing the content: at least this long, more for a large message (32 KiB/s).
     pub data_block: Duration,
     /// The reply to the final dot: 10 minutes.
     pub data_term: Duration,
@@ -242,7 +242,8 @@ pub struct Session {
 }
 
 /// Connects, says EHLO, starts TLS and says EHLO again. Authentication is separate so a
-/// `535` can be retried with a fresh token on the same connection.
+/// `535` can be answered with a fresh token (on a new connection: Exchange may close one
+/// after a failed AUTH).
 pub async fn open(ep: &Endpoint) -> Result<Session, StepError> {
     let t = &ep.timeouts;
     let tcp = match tokio::time::timeout(t.connect, TcpStream::connect((ep.host.as_str(), ep.port)))
@@ -420,6 +421,10 @@ impl Session {
         )
         .await?;
         let poisoned = self.poisoned.clone();
+        // Set once the whole content went to lettre: only then may the final dot have been
+        // sent, so only then is a lost connection a possible duplicate.
+        let all_sent = Arc::new(AtomicBool::new(false));
+        let all_sent_iter = all_sent.clone();
         let mut head = Some(head);
         let mut done = false;
         // lettre always writes CRLF.CRLF after the content, so the content's own final
@@ -437,6 +442,7 @@ impl Session {
                         match reader.read(&mut buf) {
                             Ok(0) => {
                                 done = true;
+                                all_sent_iter.store(true, Ordering::SeqCst);
                                 let rest = std::mem::take(&mut tail);
                                 return (rest != b"\r\n" && !rest.is_empty()).then_some(rest);
                             }
@@ -477,7 +483,18 @@ impl Session {
                 problem: None,
             });
         }
-        res.map(|r| reply_text(&r))
+        match res {
+            Ok(r) => Ok(reply_text(&r)),
+            // Failed while the content was still being written: the dot was never sent.
+            Err(StepError::Broken { what, problem, .. }) if !all_sent.load(Ordering::SeqCst) => {
+                Err(StepError::Broken {
+                    step: Step::Data,
+                    what,
+                    problem,
+                })
+            }
+            Err(e) => Err(e),
+        }
     }
 
     pub async fn rset(&mut self) -> Result<(), StepError> {

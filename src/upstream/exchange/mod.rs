@@ -382,11 +382,18 @@ impl Exchange {
         delay
     }
 
-    fn hold(&self, for_: Duration, reason: String) {
+    fn hold(&self, for_: Duration, reason: String, problem: Option<&Problem>) {
         let mut st = self.state.lock().unwrap();
         let until = Instant::now() + for_;
         if !matches!(&*st, State::Held { .. }) {
-            tracing::warn!(upstream = %self.name, hold = %humantime::format_duration(for_), reason = %reason, "upstream held");
+            tracing::warn!(
+                upstream = %self.name,
+                problem = problem.map_or("held", |p| p.key()),
+                hold = %humantime::format_duration(for_),
+                reason = %reason,
+                remedy = problem.map(|p| p.remedy(&self.cfg.mailbox, &self.cfg.credentials.client_id)),
+                "upstream held"
+            );
         }
         if !matches!(&*st, State::Held { until: u, .. } if *u >= until) {
             *st = State::Held { until, reason };
@@ -438,9 +445,9 @@ impl Exchange {
             } => {
                 let why = problem
                     .as_ref()
-                    .map(|p| p.meaning())
+                    .map(|p| format!("{} ({text})", p.meaning()))
                     .unwrap_or_else(|| text.to_string());
-                self.hold(*h, why);
+                self.hold(*h, why, problem.as_ref());
                 Some(*h)
             }
             Verdict::Defer {
@@ -448,7 +455,15 @@ impl Exchange {
                 ..
             } => {
                 self.conns.reduce();
-                tracing::warn!(upstream = %self.name, cap = self.conns.current_cap(), reply = text, "too many connections for this mailbox; using fewer for a while");
+                let p = Problem::TooManyConnections;
+                tracing::warn!(
+                    upstream = %self.name,
+                    problem = p.key(),
+                    cap = self.conns.current_cap(),
+                    reply = text,
+                    remedy = %p.remedy(&self.cfg.mailbox, &self.cfg.credentials.client_id),
+                    "too many connections for this mailbox; using fewer for a while"
+                );
                 Some(self.retry[0].min(Duration::from_secs(60)))
             }
             Verdict::Defer {
@@ -657,7 +672,7 @@ impl Exchange {
                 self.cfg.mailbox,
                 humantime::format_duration(Duration::from_secs(wait.as_secs()))
             );
-            self.hold(wait, why.clone());
+            self.hold(wait, why.clone(), None);
             all_deferred(&mut r, &format!("4.5.3 {why}"));
             r.retry_in = Some(wait);
             return r;
