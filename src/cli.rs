@@ -196,7 +196,14 @@ fn token_command(path: Option<PathBuf>, upstream: Option<String>) -> ExitCode {
     println!("scope:     {}", x.credentials.scope);
     println!("credential: {}", x.credential_source);
     let fetched = rt.block_on(async {
-        let http = crate::token::http_client().map_err(|e| e.to_string())?;
+        let ca = match &x.ca_file {
+            Some(f) => Some(
+                std::fs::read(f)
+                    .map_err(|e| format!("cannot read ca_file {}: {e}", f.display()))?,
+            ),
+            None => None,
+        };
+        let http = crate::token::http_client_with_roots(ca.as_deref())?;
         crate::token::fetch(&http, &x.credentials)
             .await
             .map_err(|e| format!("{e}\nremedy: {}", e.remedy()))

@@ -217,8 +217,6 @@ fn build_upstreams(
 ) -> anyhow::Result<Vec<Arc<dyn Upstream>>> {
     let mut out: Vec<Arc<dyn Upstream>> = Vec::new();
     let mut refreshers: Vec<((String, String, String), crate::token::TokenHandle)> = Vec::new();
-    let http = crate::token::http_client()
-        .context("cannot set up the HTTPS client for the token endpoint")?;
     for up in &config.upstreams {
         match &up.kind {
             UpstreamKind::Outbox { path } => {
@@ -238,11 +236,15 @@ fn build_upstreams(
                 let tokens = match refreshers.iter().find(|(k, _)| *k == key) {
                     Some((_, h)) => h.clone(),
                     None => {
-                        let h = crate::token::Refresher::spawn(
-                            http.clone(),
-                            c.clone(),
-                            background.clone(),
-                        );
+                        let ca = match &x.ca_file {
+                            Some(f) => Some(std::fs::read(f).with_context(|| {
+                                format!("upstream {}: cannot read ca_file {}", up.name, f.display())
+                            })?),
+                            None => None,
+                        };
+                        let http = crate::token::http_client_with_roots(ca.as_deref())
+                            .map_err(|e| anyhow::anyhow!("upstream {}: {e}", up.name))?;
+                        let h = crate::token::Refresher::spawn(http, c.clone(), background.clone());
                         refreshers.push((key, h.clone()));
                         h
                     }

@@ -209,10 +209,26 @@ fn parse_token(status: u16, body: &[u8], sent_at: Instant) -> Result<Token, Toke
 /// An HTTP client for the token endpoint: rustls with the aws-lc-rs provider (the only one in
 /// the graph), no redirects (the form carries the secret), bounded timeouts.
 pub fn http_client() -> reqwest::Result<reqwest::Client> {
+    builder().build()
+}
+
+/// [`http_client`] that also trusts the certificates in `ca_pem` (an upstream's `ca_file`:
+/// the CA of a TLS-inspecting proxy applies to the token endpoint as much as to SMTP).
+pub fn http_client_with_roots(ca_pem: Option<&[u8]>) -> Result<reqwest::Client, String> {
+    let mut b = builder();
+    if let Some(pem) = ca_pem {
+        let certs = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| format!("ca_file: not PEM certificates: {e}"))?;
+        b = b.tls_certs_merge(certs);
+    }
+    b.build()
+        .map_err(|e| format!("cannot set up the HTTPS client: {e}"))
+}
+
+fn builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(10))
         .timeout(Duration::from_secs(30))
         .user_agent(concat!("mailbridge/", env!("CARGO_PKG_VERSION")))
-        .build()
 }

@@ -907,3 +907,14 @@ fn certificate_with_someone_elses_key_is_refused_at_load() {
     let (cert_pem, key_pem, _) = rsa_certificate();
     assert!(ClientSecret::certificate_from_pem(cert_pem.as_bytes(), key_pem.as_bytes()).is_ok());
 }
+
+#[test]
+fn extra_roots_for_the_token_endpoint_must_be_pem_certificates() {
+    let (cert_pem, _, _) = rsa_certificate();
+    assert!(http_client_with_roots(Some(cert_pem.as_bytes())).is_ok());
+    let e = http_client_with_roots(Some(
+        b"-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+    ))
+    .unwrap_err();
+    assert!(e.contains("ca_file"), "{e}");
+}
