@@ -22,7 +22,14 @@
 # rejected_connections == 0 i.e. no 432, max_concurrent <= connections, every AUTH accepted)
 # and that nothing ended in the spool's failed/; run 2 also checks that pacing held (not
 # faster than (BURST - 1) * 60 / RATE). A failed check makes the script exit 1 after printing
-# all figures. The relay's peak RSS (VmHWM) is read at the end of each run.
+# all figures. At the end of each run the script reads the relay's peak RSS (VmHWM) and the
+# CPU time (user + sys) the relay and the fake used, and counts WARN/ERROR lines in the log.
+#
+# Other knobs: WORKERS (queue.workers, 8), TOKEN_LIFETIME (seconds, the fake's tokens; 3600;
+# connections are renewed when their token reaches its renewal point, at least every half
+# lifetime), TIMEOUT (seconds to wait for the queue to drain, 900), BENCH_DIR (/var/tmp: the
+# spool is on the real disk, as in scripts/bench.sh). The full-scale burst of the issue is
+# CONNS=3 RATE=30 scripts/bench-exchange.sh (run 2 then takes 10 minutes).
 set -euo pipefail
 
 MSGS=${MSGS:-2000}
