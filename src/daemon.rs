@@ -55,7 +55,9 @@ impl Daemon {
         // reapers. Cancelled last, after delivery attempts have ended.
         let background = CancellationToken::new();
         let (alert_tx, mut alert_rx) = tokio::sync::mpsc::unbounded_channel();
-        let upstreams = build_upstreams(&config, &background, alert_tx)?;
+        // Cancelled when the queue stops: attempts waiting for a send slot end at once.
+        let queue_stop = CancellationToken::new();
+        let upstreams = build_upstreams(&config, &background, &queue_stop, alert_tx)?;
         let routing = config.clone();
         let router: crate::delivery::Router = Arc::new(move |env: &crate::spool::Envelope| {
             routing.route(&env.sender, env.auth_user.as_deref())
@@ -127,7 +129,6 @@ impl Daemon {
 
         let stop = CancellationToken::new();
         let hard_stop = CancellationToken::new();
-        let queue_stop = CancellationToken::new();
         let sessions = TaskTracker::new();
         let workers = TaskTracker::new();
         let counter = Arc::new(listener::ConnCounter::default());
@@ -213,6 +214,7 @@ impl Daemon {
 fn build_upstreams(
     config: &Config,
     background: &CancellationToken,
+    draining: &CancellationToken,
     alerts: tokio::sync::mpsc::UnboundedSender<crate::upstream::exchange::Alert>,
 ) -> anyhow::Result<Vec<Arc<dyn Upstream>>> {
     let mut out: Vec<Arc<dyn Upstream>> = Vec::new();
@@ -261,6 +263,7 @@ fn build_upstreams(
                     config.queue.retry.clone(),
                     Some(alerts.clone()),
                     background.clone(),
+                    draining.clone(),
                 )
                 .map_err(|e| anyhow::anyhow!("upstream {}: {e}", up.name))?;
                 tracing::info!(

@@ -1031,3 +1031,35 @@ async fn check_config_accepts_the_upstream_and_rejects_a_bad_ca_file() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("upstreams[0].ca_file"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_does_not_wait_for_send_slots_and_keeps_the_mail() {
+    let s = Setup::new(Duration::from_secs(3600)).await;
+    // Two per minute: after the first message the next slot is 30 s away.
+    let mut relay = s.relay(&limits(3, 2), "").start();
+    for i in 0..3 {
+        let c = message("scanner@contoso.com", &format!("s{i}"));
+        assert_eq!(
+            send(relay.addr(), "scanner@contoso.com", &["a@fabrikam.com"], c).await,
+            250
+        );
+    }
+    assert!(s.ex.wait_for_received(1, LONG).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    relay.sigterm();
+    // Well before the 25 s grace: nobody waits for a slot 30 s away.
+    let status = tokio::task::spawn_blocking(move || {
+        let st = relay.wait_exit(Duration::from_secs(15));
+        (st, relay)
+    })
+    .await
+    .unwrap();
+    let (st, relay) = status;
+    assert_eq!(st.and_then(|s| s.code()), Some(0), "{}", relay.transcript());
+    assert_eq!(s.ex.received_count(), 1);
+    assert_eq!(
+        count_files(&relay.queue_dir()),
+        2,
+        "the other two stay queued"
+    );
+}

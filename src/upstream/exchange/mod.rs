@@ -118,11 +118,15 @@ pub struct Exchange {
     noted: Mutex<HashMap<String, Instant>>,
     retry: Vec<Duration>,
     alerts: Option<mpsc::UnboundedSender<Alert>>,
+    /// Cancelled when the daemon stops taking messages off the queue: waits for a send slot
+    /// end at once (the message stays queued).
+    draining: CancellationToken,
 }
 
 impl Exchange {
     /// Builds the upstream and starts its idle-connection reaper (stops with `stop`).
     /// `counter_path` keeps the rolling recipient count across restarts.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         name: &str,
         cfg: ExchangeConfig,
@@ -131,6 +135,7 @@ impl Exchange {
         retry: Vec<Duration>,
         alerts: Option<mpsc::UnboundedSender<Alert>>,
         stop: CancellationToken,
+        draining: CancellationToken,
     ) -> Result<Arc<Exchange>, String> {
         Self::start_with(
             name,
@@ -140,6 +145,7 @@ impl Exchange {
             retry,
             alerts,
             stop,
+            draining,
             Timeouts::default(),
         )
     }
@@ -153,6 +159,7 @@ impl Exchange {
         retry: Vec<Duration>,
         alerts: Option<mpsc::UnboundedSender<Alert>>,
         stop: CancellationToken,
+        draining: CancellationToken,
         timeouts: Timeouts,
     ) -> Result<Arc<Exchange>, String> {
         let tls = Endpoint::tls_parameters(&cfg.host, cfg.ca_file.as_deref())?;
@@ -182,6 +189,7 @@ impl Exchange {
                 retry
             },
             alerts,
+            draining,
         });
         let weak = Arc::downgrade(&x);
         tokio::spawn(async move {
@@ -680,23 +688,11 @@ impl Exchange {
         let mut reserved = count;
         let release = |n: u64| self.daily.release(n, SystemTime::now());
 
-        match self.pacer.try_reserve(MAX_PACE_WAIT) {
-            Ok(wait) => tokio::time::sleep(wait).await,
-            Err(wait) => {
-                release(reserved);
-                all_deferred(
-                    &mut r,
-                    "4.4.5 pacing: limits.messages_per_minute reached; waiting for a send slot",
-                );
-                r.retry_in = Some(wait);
-                return r;
-            }
-        }
-
         // A reused connection the server has meanwhile closed fails on its first command:
         // then one fresh connection is tried.
         let mut lease;
         let mut fresh_tries = 0;
+        let mut paced = false;
         let mail_reply = loop {
             lease = match self.lease().await {
                 Ok(l) => l,
@@ -709,6 +705,34 @@ impl Exchange {
             };
             // Connected and authenticated: the upstream works.
             r.reached_upstream = true;
+            // The send slot is taken with a connection in hand, so a message that waited
+            // for a connection cannot go out right next to the one after it.
+            if !paced {
+                paced = true;
+                let wait = match self.pacer.try_reserve(MAX_PACE_WAIT) {
+                    Ok(wait) => wait,
+                    Err(wait) => {
+                        release(reserved);
+                        all_deferred(
+                            &mut r,
+                            "4.4.5 pacing: limits.messages_per_minute reached; waiting for a send slot",
+                        );
+                        r.retry_in = Some(wait);
+                        self.finish(lease, true).await;
+                        return r;
+                    }
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = self.draining.cancelled() => {
+                        // Shutting down: the message stays queued for the next start.
+                        release(reserved);
+                        all_deferred(&mut r, "4.3.2 mailbridge is shutting down");
+                        self.finish(lease, true).await;
+                        return r;
+                    }
+                }
+            }
             let from = self.envelope_sender(env);
             match lease
                 .session
