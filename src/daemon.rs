@@ -219,6 +219,9 @@ fn build_upstreams(
 ) -> anyhow::Result<Vec<Arc<dyn Upstream>>> {
     let mut out: Vec<Arc<dyn Upstream>> = Vec::new();
     let mut refreshers: Vec<((String, String, String), crate::token::TokenHandle)> = Vec::new();
+    type MailboxKey = (String, u16, String);
+    let mut mailboxes: Vec<(MailboxKey, Arc<crate::upstream::exchange::Mailbox>, String)> =
+        Vec::new();
     for up in &config.upstreams {
         match &up.kind {
             UpstreamKind::Outbox { path } => {
@@ -251,15 +254,34 @@ fn build_upstreams(
                         h
                     }
                 };
-                let counter = config
-                    .state_dir
-                    .join("upstreams")
-                    .join(format!("{}.recipients.json", up.name));
+                // Exchange limits connections, rate and recipients per mailbox: upstreams that
+                // send as the same mailbox on the same server share them (the first one's
+                // `limits` and counter file apply).
+                let mb_key = (
+                    x.host.to_ascii_lowercase(),
+                    x.port,
+                    x.mailbox.to_ascii_lowercase(),
+                );
+                let mailbox = match mailboxes.iter().find(|(k, _, _)| *k == mb_key) {
+                    Some((_, mb, first)) => {
+                        tracing::info!(upstream = %up.name, shares_with = %first, mailbox = %x.mailbox, "upstream sends as the same mailbox as another one: they share its connection and rate limits");
+                        mb.clone()
+                    }
+                    None => {
+                        let counter = config
+                            .state_dir
+                            .join("upstreams")
+                            .join(format!("{}.recipients.json", up.name));
+                        let mb = crate::upstream::exchange::Mailbox::new(&x.limits, counter);
+                        mailboxes.push((mb_key, mb.clone(), up.name.clone()));
+                        mb
+                    }
+                };
                 let ex = crate::upstream::exchange::Exchange::start(
                     &up.name,
                     (**x).clone(),
                     tokens,
-                    counter,
+                    mailbox,
                     config.queue.retry.clone(),
                     Some(alerts.clone()),
                     background.clone(),

@@ -1070,3 +1070,56 @@ async fn sigterm_does_not_wait_for_send_slots_and_keeps_the_mail() {
         "the other two stay queued"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstreams_sending_as_the_same_mailbox_share_its_three_connections() {
+    let s = Setup::new(Duration::from_secs(3600)).await;
+    let mut rc = s.relay(&limits(3, 6000), "");
+    let second = s.upstream(
+        "contoso-rewrite",
+        &s.ex,
+        &format!("{}    sender_rewrite: mailbox\n", limits(3, 6000)),
+    );
+    rc.upstreams = Some(format!("{}{second}", rc.upstreams.unwrap()));
+    rc.extra =
+        "routes:\n  - sender: \"*@printers.contoso.com\"\n    upstream: contoso-rewrite\n".into();
+    let relay = rc.start();
+    let addr = relay.addr();
+    let mut sends = Vec::new();
+    for i in 0..12 {
+        let from = if i % 2 == 0 {
+            "scan@contoso.com"
+        } else {
+            "mfp@printers.contoso.com"
+        };
+        sends.push(tokio::spawn(send(
+            addr,
+            from,
+            &["a@fabrikam.com"],
+            message(from, &format!("m{i}")),
+        )));
+    }
+    for h in sends {
+        assert_eq!(h.await.unwrap(), 250);
+    }
+    assert!(
+        s.ex.wait_for_received(12, LONG).await,
+        "{}",
+        relay.transcript()
+    );
+    assert!(
+        s.ex.max_concurrent() <= 3,
+        "max concurrent {}",
+        s.ex.max_concurrent()
+    );
+    assert_eq!(s.ex.rejected_connections(), 0);
+    // The second upstream rewrote its senders, the first did not.
+    let got = s.ex.received();
+    assert_eq!(got.iter().filter(|m| m.mail_from == MAILBOX).count(), 6);
+    assert_eq!(
+        got.iter()
+            .filter(|m| m.mail_from == "scan@contoso.com")
+            .count(),
+        6
+    );
+}

@@ -102,16 +102,41 @@ struct Failure {
     text: String,
 }
 
-pub struct Exchange {
-    name: String,
-    cfg: ExchangeConfig,
-    tokens: TokenHandle,
-    endpoint: Endpoint,
+/// What Exchange limits per mailbox: concurrent connections (with the idle authenticated
+/// ones, which can serve any upstream sending as this mailbox), the message rate and the
+/// rolling recipient count.
+pub struct Mailbox {
     conns: Arc<ConnLimit>,
     pool: Mutex<Vec<Idle>>,
     pool_returned: Notify,
     pacer: Pacer,
     daily: DailyRecipients,
+}
+
+impl Mailbox {
+    /// `counter_path` keeps the rolling recipient count across restarts.
+    pub fn new(
+        limits: &crate::config::exchange::ExchangeLimits,
+        counter_path: PathBuf,
+    ) -> Arc<Mailbox> {
+        Arc::new(Mailbox {
+            conns: ConnLimit::new(limits.connections),
+            pool: Mutex::new(Vec::new()),
+            pool_returned: Notify::new(),
+            pacer: Pacer::new(limits.messages_per_minute),
+            daily: DailyRecipients::open(counter_path, limits.recipients_per_day),
+        })
+    }
+}
+
+pub struct Exchange {
+    name: String,
+    cfg: ExchangeConfig,
+    tokens: TokenHandle,
+    endpoint: Endpoint,
+    /// Connections and limits of the sending mailbox, shared by every upstream that sends
+    /// as the same mailbox on the same server.
+    mb: Arc<Mailbox>,
     state: Mutex<State>,
     state_changed: Notify,
     /// Problems already explained in the log (per key + detail), so a remedy is written once.
@@ -125,13 +150,12 @@ pub struct Exchange {
 
 impl Exchange {
     /// Builds the upstream and starts its idle-connection reaper (stops with `stop`).
-    /// `counter_path` keeps the rolling recipient count across restarts.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         name: &str,
         cfg: ExchangeConfig,
         tokens: TokenHandle,
-        counter_path: PathBuf,
+        mailbox: Arc<Mailbox>,
         retry: Vec<Duration>,
         alerts: Option<mpsc::UnboundedSender<Alert>>,
         stop: CancellationToken,
@@ -141,7 +165,7 @@ impl Exchange {
             name,
             cfg,
             tokens,
-            counter_path,
+            mailbox,
             retry,
             alerts,
             stop,
@@ -155,7 +179,7 @@ impl Exchange {
         name: &str,
         cfg: ExchangeConfig,
         tokens: TokenHandle,
-        counter_path: PathBuf,
+        mailbox: Arc<Mailbox>,
         retry: Vec<Duration>,
         alerts: Option<mpsc::UnboundedSender<Alert>>,
         stop: CancellationToken,
@@ -172,14 +196,10 @@ impl Exchange {
         };
         let x = Arc::new(Exchange {
             name: name.to_string(),
-            conns: ConnLimit::new(cfg.limits.connections),
-            pacer: Pacer::new(cfg.limits.messages_per_minute),
-            daily: DailyRecipients::open(counter_path, cfg.limits.recipients_per_day),
+            mb: mailbox,
             cfg,
             tokens,
             endpoint,
-            pool: Mutex::new(Vec::new()),
-            pool_returned: Notify::new(),
             state: Mutex::new(State::Ok),
             state_changed: Notify::new(),
             noted: Mutex::new(HashMap::new()),
@@ -201,13 +221,13 @@ impl Exchange {
                 let Some(x) = weak.upgrade() else { return };
                 x.reap(false).await;
                 // Changes newer than the last write (writes are at most once per second).
-                if let Err(e) = x.daily.flush_if_due(SystemTime::now()) {
+                if let Err(e) = x.mb.daily.flush_if_due(SystemTime::now()) {
                     tracing::warn!(upstream = %x.name, error = %e, "cannot save the recipient counter");
                 }
             }
             if let Some(x) = weak.upgrade() {
                 x.reap(true).await;
-                if let Err(e) = x.daily.flush() {
+                if let Err(e) = x.mb.daily.flush() {
                     tracing::warn!(upstream = %x.name, error = %e, "cannot save the recipient counter");
                 }
             }
@@ -247,7 +267,7 @@ impl Exchange {
     /// Closes idle sessions past [`IDLE_MAX`] (all of them when `all`).
     async fn reap(&self, all: bool) {
         let old: Vec<Idle> = {
-            let mut pool = self.pool.lock().unwrap();
+            let mut pool = self.mb.pool.lock().unwrap();
             let now = Instant::now();
             let (old, keep): (Vec<Idle>, Vec<Idle>) = pool
                 .drain(..)
@@ -462,12 +482,12 @@ impl Exchange {
                 fewer_connections: true,
                 ..
             } => {
-                self.conns.reduce();
+                self.mb.conns.reduce();
                 let p = Problem::TooManyConnections;
                 tracing::warn!(
                     upstream = %self.name,
                     problem = p.key(),
-                    cap = self.conns.current_cap(),
+                    cap = self.mb.conns.current_cap(),
                     reply = text,
                     remedy = %p.remedy(&self.cfg.mailbox, &self.cfg.credentials.client_id),
                     "too many connections for this mailbox; using fewer for a while"
@@ -492,9 +512,9 @@ impl Exchange {
 
     async fn lease(&self) -> Result<Lease, Failure> {
         loop {
-            let returned = self.pool_returned.notified();
+            let returned = self.mb.pool_returned.notified();
             let idle = {
-                let mut pool = self.pool.lock().unwrap();
+                let mut pool = self.mb.pool.lock().unwrap();
                 let now = Instant::now();
                 let mut found = None;
                 while let Some(i) = pool.pop() {
@@ -521,7 +541,7 @@ impl Exchange {
                 continue;
             }
             let permit = tokio::select! {
-                p = self.conns.acquire() => p,
+                p = self.mb.conns.acquire() => p,
                 _ = returned => continue,
             };
             return self.connect(permit).await;
@@ -536,13 +556,13 @@ impl Exchange {
             });
             return;
         }
-        self.pool.lock().unwrap().push(Idle {
+        self.mb.pool.lock().unwrap().push(Idle {
             session: l.session,
             permit: l.permit,
             since: Instant::now(),
             stale_at: l.stale_at,
         });
-        self.pool_returned.notify_one();
+        self.mb.pool_returned.notify_one();
     }
 
     fn token_failure(&self, e: &crate::token::TokenError) -> Failure {
@@ -673,7 +693,7 @@ impl Exchange {
             r.stop = Some(text.to_string());
         };
         let count = chunk.len() as u64;
-        if let Err(wait) = self.daily.reserve(count, SystemTime::now()) {
+        if let Err(wait) = self.mb.daily.reserve(count, SystemTime::now()) {
             let why = format!(
                 "limits.recipients_per_day ({}) reached for mailbox {} in the last 24 hours; holding mail for {} instead of sending into a 554 5.2.0 rejection",
                 self.cfg.limits.recipients_per_day,
@@ -686,7 +706,7 @@ impl Exchange {
             return r;
         }
         let mut reserved = count;
-        let release = |n: u64| self.daily.release(n, SystemTime::now());
+        let release = |n: u64| self.mb.daily.release(n, SystemTime::now());
 
         // A reused connection the server has meanwhile closed fails on its first command:
         // then one fresh connection is tried.
@@ -709,7 +729,7 @@ impl Exchange {
             // for a connection cannot go out right next to the one after it.
             if !paced {
                 paced = true;
-                let wait = match self.pacer.try_reserve(MAX_PACE_WAIT) {
+                let wait = match self.mb.pacer.try_reserve(MAX_PACE_WAIT) {
                     Ok(wait) => wait,
                     Err(wait) => {
                         release(reserved);
