@@ -89,6 +89,17 @@ fn sync_rename_and_dir_fsync_precede_250_a1() {
         .to_string();
     s.write_all(b"QUIT\r\n").unwrap();
     let _ = s.read(&mut buf);
+    // Killing strace would leave the traced daemon running: kill the daemon (strace's child).
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))
+        .unwrap_or_default();
+    for pid in children
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+    {
+        if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+    }
     let _ = child.kill();
     let _ = child.wait();
 
