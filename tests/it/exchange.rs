@@ -1123,3 +1123,49 @@ async fn upstreams_sending_as_the_same_mailbox_share_its_three_connections() {
         6
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_that_fails_after_auth_keeps_the_upstream_paused() {
+    let s = Setup::new(Duration::from_secs(3600)).await;
+    // Authentication works, but the mailbox cannot be opened at the end of data.
+    s.ex.add_rule(Rule::reply(
+        Stage::Dot,
+        "430 4.2.0 STOREDRV; mailbox logon failure",
+    ));
+    let relay = s.relay(&limits(3, 6000), "").start();
+    assert_eq!(
+        send(
+            relay.addr(),
+            "scanner@contoso.com",
+            &["a@fabrikam.com"],
+            message("scanner@contoso.com", "logon")
+        )
+        .await,
+        250
+    );
+    let v = relay.wait_log("upstream paused", LONG).expect("paused");
+    assert_eq!(v["problem"], "mailbox_logon_failure");
+    assert!(
+        v["remedy"]
+            .as_str()
+            .unwrap()
+            .contains("Add-MailboxPermission -Identity relay@contoso.com")
+    );
+    // Probes (after 1 s, then 2 s) reach Exchange and fail the same way: still paused.
+    assert!(
+        relay.wait_log("upstream still paused", LONG).is_some(),
+        "{}",
+        relay.transcript()
+    );
+    assert!(
+        !log_has(&relay, "upstream works again"),
+        "{}",
+        relay.transcript()
+    );
+    assert_eq!(
+        count_files(&relay.queue_dir()),
+        2,
+        "the message and the alert wait"
+    );
+    assert_eq!(s.ex.received_count(), 0);
+}

@@ -326,12 +326,21 @@ impl Exchange {
         }
     }
 
+    /// The probe reached the upstream: unpause. Only a pause whose probe is still running
+    /// ends here; if the probe itself paused again (or a hold began), that state stays.
     fn resume(&self) {
         let mut st = self.state.lock().unwrap();
-        if let State::Paused { problem, .. } = &*st {
-            tracing::info!(upstream = %self.name, problem = problem.key(), "upstream works again; delivery resumed");
-            if !problem.is_transient() {
-                self.send_alert(
+        let State::Paused {
+            problem,
+            probing: true,
+            ..
+        } = &*st
+        else {
+            return;
+        };
+        tracing::info!(upstream = %self.name, problem = problem.key(), "upstream works again; delivery resumed");
+        if !problem.is_transient() {
+            self.send_alert(
                 format!("mailbridge: upstream {} works again", self.name),
                 format!(
                     "Upstream {} (mailbox {}) works again after: {}\r\nQueued mail is being delivered.\r\n",
@@ -340,9 +349,8 @@ impl Exchange {
                     problem.meaning()
                 ),
             );
-            }
-            self.noted.lock().unwrap().clear();
         }
+        self.noted.lock().unwrap().clear();
         *st = State::Ok;
         drop(st);
         self.state_changed.notify_waiters();
