@@ -721,7 +721,7 @@ impl Exchange {
         let mut lease;
         let mut fresh_tries = 0;
         let mut paced = false;
-        let mail_reply = loop {
+        loop {
             lease = match self.lease().await {
                 Ok(l) => l,
                 Err(f) => {
@@ -767,7 +767,7 @@ impl Exchange {
                 .mail(&from, env.body.as_deref(), env.smtputf8)
                 .await
             {
-                Ok(reply) => break reply,
+                Ok(_) => break,
                 Err(StepError::Broken { .. }) if lease.reused && fresh_tries == 0 => {
                     fresh_tries += 1;
                     drop(lease);
@@ -789,8 +789,7 @@ impl Exchange {
                     return r;
                 }
             }
-        };
-        let _ = mail_reply;
+        }
 
         let mut accepted = Vec::new();
         for &k in chunk {
