@@ -195,6 +195,24 @@ fn token_command(path: Option<PathBuf>, upstream: Option<String>) -> ExitCode {
     println!("client_id: {}", x.credentials.client_id);
     println!("scope:     {}", x.credentials.scope);
     println!("credential: {}", x.credential_source);
+    if let crate::token::ClientSecret::Certificate(c) = &x.credentials.secret {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        if let Some(t) = c.not_after() {
+            println!(
+                "certificate: x5t#S256 {}, expires {} (in {} days)",
+                c.thumbprint_sha256(),
+                httpdate::fmt_http_date(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.max(0) as u64)
+                ),
+                (t - now).div_euclid(86_400)
+            );
+        }
+        if let Some(w) = c.expiry_warning(now) {
+            println!("warning:   {w}");
+        }
+    }
     let fetched = rt.block_on(async {
         let ca = match &x.ca_file {
             Some(f) => Some(

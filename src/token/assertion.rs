@@ -26,6 +26,8 @@ pub struct CertificateCredential {
     x5t_s256: String,
     /// base64url (no padding) SHA-1 of the DER: the `x5t` header.
     x5t: String,
+    /// The certificate's notAfter, seconds since the Unix epoch (`None` if unreadable).
+    not_after: Option<i64>,
 }
 
 impl std::fmt::Debug for CertificateCredential {
@@ -91,11 +93,49 @@ impl CertificateCredential {
         let sha1 =
             aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY, &cert_der);
         let x5t = URL_SAFE_NO_PAD.encode(sha1.as_ref());
+        let not_after = x509_parser::parse_x509_certificate(&cert_der)
+            .ok()
+            .map(|(_, c)| c.validity().not_after.timestamp());
         CertificateCredential {
             cert_der,
             key,
             x5t_s256,
             x5t,
+            not_after,
+        }
+    }
+
+    /// When the certificate expires (seconds since the Unix epoch), if it could be read.
+    pub fn not_after(&self) -> Option<i64> {
+        self.not_after
+    }
+
+    /// A warning when the certificate has expired or expires within 30 days: Entra then
+    /// refuses every token request (AADSTS700027) and mail stops. `None` when all is well.
+    pub fn expiry_warning(&self, now_unix: i64) -> Option<String> {
+        let not_after = self.not_after?;
+        let days = (not_after - now_unix).div_euclid(86_400);
+        let when = httpdate::fmt_http_date(
+            UNIX_EPOCH + std::time::Duration::from_secs(not_after.max(0) as u64),
+        );
+        let renew = "make a new certificate and key, upload the certificate in Entra admin center > App registrations > your app > Certificates & secrets > Certificates, then point `certificate` at the new files and restart mailbridge";
+        if not_after <= now_unix {
+            Some(format!(
+                "the app certificate (x5t#S256 {}) expired on {when}: {renew}",
+                self.x5t_s256
+            ))
+        } else if days < 30 {
+            let in_days = match days {
+                0 => "today".to_string(),
+                1 => "in 1 day".to_string(),
+                n => format!("in {n} days"),
+            };
+            Some(format!(
+                "the app certificate (x5t#S256 {}) expires on {when}, {in_days}: {renew}",
+                self.x5t_s256
+            ))
+        } else {
+            None
         }
     }
 

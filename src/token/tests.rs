@@ -918,3 +918,27 @@ fn extra_roots_for_the_token_endpoint_must_be_pem_certificates() {
     .unwrap_err();
     assert!(e.contains("ca_file"), "{e}");
 }
+
+#[test]
+fn certificate_expiry_is_warned_30_days_ahead() {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["mailbridge.test".to_string()]).unwrap();
+    params.not_after = rcgen::date_time_ymd(2030, 1, 1);
+    let cert = params.self_signed(&key).unwrap();
+    let ClientSecret::Certificate(c) =
+        ClientSecret::certificate_from_pem(cert.pem().as_bytes(), key.serialize_pem().as_bytes())
+            .unwrap()
+    else {
+        panic!("certificate expected")
+    };
+    let not_after = 1_893_456_000; // 2030-01-01T00:00:00Z
+    assert_eq!(c.not_after(), Some(not_after));
+    assert_eq!(c.expiry_warning(not_after - 40 * 86_400), None);
+    let soon = c.expiry_warning(not_after - 10 * 86_400).unwrap();
+    assert!(
+        soon.contains("in 10 days") && soon.contains("Certificates & secrets"),
+        "{soon}"
+    );
+    let gone = c.expiry_warning(not_after + 1).unwrap();
+    assert!(gone.contains("expired on Tue, 01 Jan 2030"), "{gone}");
+}

@@ -745,6 +745,17 @@ async fn certificate_credential_sends_a_client_assertion_the_endpoint_verifies()
     );
     let form = s.token.last_form();
     assert!(form.iter().any(|(k, _)| k == "client_assertion"));
+    // The certificate made with `-days 2` is flagged at start.
+    let warned = relay
+        .logs()
+        .into_iter()
+        .find(|v| v["problem"] == "certificate_expires_soon")
+        .expect("expiry warning");
+    assert!(
+        warned["message"].as_str().unwrap().contains("in 1 day:")
+            || warned["message"].as_str().unwrap().contains("in 2 days"),
+        "{warned}"
+    );
     assert!(!form.iter().any(|(k, _)| k == "client_secret"));
 }
 

@@ -37,6 +37,8 @@ use crate::token::{Token, TokenHandle};
 
 /// An idle authenticated connection is closed after this long.
 pub const IDLE_MAX: Duration = Duration::from_secs(30);
+/// How often a certificate credential's expiry is checked.
+const CERTIFICATE_CHECK: Duration = Duration::from_secs(24 * 3600);
 /// The longest a delivery waits for its pacing slot before deferring instead.
 const MAX_PACE_WAIT: Duration = Duration::from_secs(5 * 60);
 /// The largest header section read for `sender_rewrite`.
@@ -211,8 +213,10 @@ impl Exchange {
             alerts,
             draining,
         });
+        x.check_certificate();
         let weak = Arc::downgrade(&x);
         tokio::spawn(async move {
+            let mut next_certificate_check = Instant::now() + CERTIFICATE_CHECK;
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => break,
@@ -220,6 +224,10 @@ impl Exchange {
                 }
                 let Some(x) = weak.upgrade() else { return };
                 x.reap(false).await;
+                if Instant::now() >= next_certificate_check {
+                    next_certificate_check = Instant::now() + CERTIFICATE_CHECK;
+                    x.check_certificate();
+                }
                 // Changes newer than the last write (writes are at most once per second).
                 if let Err(e) = x.mb.daily.flush_if_due(SystemTime::now()) {
                     tracing::warn!(upstream = %x.name, error = %e, "cannot save the recipient counter");
@@ -233,6 +241,23 @@ impl Exchange {
             }
         });
         Ok(x)
+    }
+
+    /// Warns (daily) while a certificate credential expires within 30 days or has expired.
+    fn check_certificate(&self) {
+        let crate::token::ClientSecret::Certificate(c) = &self.cfg.credentials.secret else {
+            return;
+        };
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        if let Some(warning) = c.expiry_warning(now) {
+            if c.not_after().is_some_and(|t| t <= now) {
+                tracing::error!(upstream = %self.name, problem = "certificate_expired", "{warning}");
+            } else {
+                tracing::warn!(upstream = %self.name, problem = "certificate_expires_soon", "{warning}");
+            }
+        }
     }
 
     pub fn mailbox(&self) -> &str {
