@@ -82,6 +82,19 @@ async fn send(addr: std::net::SocketAddr, from: &str, rcpts: &[&str], content: V
     .unwrap()
 }
 
+/// One message from scanner@contoso.com to a@fabrikam.com; the relay must answer 250.
+async fn send_scan(relay: &Relay, subject: &str) {
+    let from = "scanner@contoso.com";
+    let code = send(
+        relay.addr(),
+        from,
+        &["a@fabrikam.com"],
+        message(from, subject),
+    )
+    .await;
+    assert_eq!(code, 250, "{}", relay.transcript());
+}
+
 async fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + limit;
     while Instant::now() < end {
@@ -236,16 +249,7 @@ async fn concurrent_535s_cause_one_token_request_then_delivery() {
     let s = Setup::new(Duration::from_secs(3600)).await;
     let relay = s.relay(&limits(3, 6000), "").start();
     // Warm up: one token, one delivery.
-    assert_eq!(
-        send(
-            relay.addr(),
-            "scanner@contoso.com",
-            &["a@fabrikam.com"],
-            message("scanner@contoso.com", "warm")
-        )
-        .await,
-        250
-    );
+    send_scan(&relay, "warm").await;
     assert!(s.ex.wait_for_received(1, LONG).await);
     assert_eq!(s.token.requests(), 1);
     // Exchange now refuses the current token everywhere (as after a revocation).
@@ -284,16 +288,7 @@ async fn persistent_535_pauses_with_remedy_then_resumes_by_itself() {
         "535 5.7.3 Authentication unsuccessful [SN4PR]",
     ));
     let relay = s.relay(&limits(3, 6000), "").start();
-    assert_eq!(
-        send(
-            relay.addr(),
-            "scanner@contoso.com",
-            &["a@fabrikam.com"],
-            message("scanner@contoso.com", "p1")
-        )
-        .await,
-        250
-    );
+    send_scan(&relay, "p1").await;
     assert!(
         relay.wait_log("upstream paused", LONG).is_some(),
         "{}",
@@ -349,16 +344,7 @@ async fn send_as_denied_fails_that_message_with_a_dsn_and_other_mail_flows() {
     s.ex.set_send_as(Some(vec![]));
     let relay = s.relay(&limits(3, 6000), "").start();
     // From someone the mailbox may not send as.
-    assert_eq!(
-        send(
-            relay.addr(),
-            "scanner@contoso.com",
-            &["a@fabrikam.com"],
-            message("scanner@contoso.com", "denied")
-        )
-        .await,
-        250
-    );
+    send_scan(&relay, "denied").await;
     // From the mailbox itself.
     assert_eq!(
         send(
@@ -412,16 +398,7 @@ async fn sender_rewrite_sends_as_the_mailbox_with_reply_to() {
     let relay = s
         .relay(&limits(3, 6000), "    sender_rewrite: mailbox\n")
         .start();
-    assert_eq!(
-        send(
-            relay.addr(),
-            "scanner@contoso.com",
-            &["a@fabrikam.com"],
-            message("scanner@contoso.com", "rw")
-        )
-        .await,
-        250
-    );
+    send_scan(&relay, "rw").await;
     assert!(
         s.ex.wait_for_received(1, LONG).await,
         "{}",
@@ -567,16 +544,7 @@ async fn quota_exceeded_defers_and_holds_instead_of_bouncing() {
     let s = Setup::new(Duration::from_secs(3600)).await;
     s.ex.add_rule(Rule::reply(Stage::Dot, "554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed to process message").times(1));
     let relay = s.relay(&limits(3, 6000), "").start();
-    assert_eq!(
-        send(
-            relay.addr(),
-            "scanner@contoso.com",
-            &["a@fabrikam.com"],
-            message("scanner@contoso.com", "q")
-        )
-        .await,
-        250
-    );
+    send_scan(&relay, "q").await;
     let held = relay.wait_log("upstream held", LONG).expect("held");
     assert_eq!(held["problem"], "recipient_quota_exceeded", "{held}");
     assert!(
@@ -598,16 +566,7 @@ async fn connection_lost_after_the_dot_is_retried_as_a_possible_duplicate() {
     let s = Setup::new(Duration::from_secs(3600)).await;
     s.ex.add_rule(Rule::drop_at(Stage::Dot).times(1));
     let relay = s.relay(&limits(3, 6000), "").start();
-    assert_eq!(
-        send(
-            relay.addr(),
-            "scanner@contoso.com",
-            &["a@fabrikam.com"],
-            message("scanner@contoso.com", "dup")
-        )
-        .await,
-        250
-    );
+    send_scan(&relay, "dup").await;
     assert!(
         s.ex.wait_for_received(2, LONG).await,
         "{}",
@@ -624,16 +583,7 @@ async fn tenant_wide_smtp_auth_disabled_pauses_and_explains() {
     let s = Setup::new(Duration::from_secs(3600)).await;
     s.ex.add_rule(Rule::reply(Stage::Auth, "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant."));
     let relay = s.relay(&limits(3, 6000), "").start();
-    assert_eq!(
-        send(
-            relay.addr(),
-            "scanner@contoso.com",
-            &["a@fabrikam.com"],
-            message("scanner@contoso.com", "t")
-        )
-        .await,
-        250
-    );
+    send_scan(&relay, "t").await;
     let v = relay.wait_log("upstream paused", LONG).expect("paused");
     assert_eq!(v["problem"], "smtp_auth_disabled");
     assert!(
@@ -659,16 +609,7 @@ async fn invalid_client_secret_is_explained_and_mail_waits() {
     let s = Setup::new(Duration::from_secs(3600)).await;
     s.token.fail_always(Some(Failure::invalid_secret()));
     let relay = s.relay(&limits(3, 6000), "").start();
-    assert_eq!(
-        send(
-            relay.addr(),
-            "scanner@contoso.com",
-            &["a@fabrikam.com"],
-            message("scanner@contoso.com", "t")
-        )
-        .await,
-        250
-    );
+    send_scan(&relay, "t").await;
     assert!(
         relay.wait_log("upstream paused", LONG).is_some(),
         "{}",
@@ -728,16 +669,7 @@ async fn certificate_credential_sends_a_client_assertion_the_endpoint_verifies()
         ),
     ));
     let relay = rc.start();
-    assert_eq!(
-        send(
-            relay.addr(),
-            "scanner@contoso.com",
-            &["a@fabrikam.com"],
-            message("scanner@contoso.com", "cert")
-        )
-        .await,
-        250
-    );
+    send_scan(&relay, "cert").await;
     assert!(
         s.ex.wait_for_received(1, LONG).await,
         "{}",
@@ -1144,16 +1076,7 @@ async fn a_probe_that_fails_after_auth_keeps_the_upstream_paused() {
         "430 4.2.0 STOREDRV; mailbox logon failure",
     ));
     let relay = s.relay(&limits(3, 6000), "").start();
-    assert_eq!(
-        send(
-            relay.addr(),
-            "scanner@contoso.com",
-            &["a@fabrikam.com"],
-            message("scanner@contoso.com", "logon")
-        )
-        .await,
-        250
-    );
+    send_scan(&relay, "logon").await;
     let v = relay.wait_log("upstream paused", LONG).expect("paused");
     assert_eq!(v["problem"], "mailbox_logon_failure");
     assert!(
