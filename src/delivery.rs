@@ -340,7 +340,8 @@ impl Delivery {
         );
         for line in body.lines() {
             let line = line.trim_end_matches('\r');
-            content.push_str(if line == "." { ".." } else { line });
+            // Stored unstuffed, like every queued message: the upstream dot-stuffs.
+            content.push_str(line);
             content.push_str("\r\n");
         }
         match self.queue_report(&to, via.name(), content.as_bytes()).await {
