@@ -95,6 +95,24 @@ async fn send_scan(relay: &Relay, subject: &str) {
     assert_eq!(code, 250, "{}", relay.transcript());
 }
 
+/// `n` messages like [`send_scan`] at once (subjects `{prefix}0`, `{prefix}1`, ...).
+async fn send_scans(relay: &Relay, n: usize, prefix: &str) {
+    let from = "scanner@contoso.com";
+    let sends: Vec<_> = (0..n)
+        .map(|i| {
+            tokio::spawn(send(
+                relay.addr(),
+                from,
+                &["a@fabrikam.com"],
+                message(from, &format!("{prefix}{i}")),
+            ))
+        })
+        .collect();
+    for h in sends {
+        assert_eq!(h.await.unwrap(), 250, "{}", relay.transcript());
+    }
+}
+
 async fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + limit;
     while Instant::now() < end {
@@ -214,19 +232,7 @@ async fn burst_is_paced_and_capped_at_three_connections() {
     let s = Setup::new(Duration::from_secs(3600)).await;
     // 120 per minute = one every 0.5 s.
     let relay = s.relay(&limits(3, 120), "").start();
-    let addr = relay.addr();
-    let mut sends = Vec::new();
-    for i in 0..8 {
-        sends.push(tokio::spawn(send(
-            addr,
-            "scanner@contoso.com",
-            &["a@fabrikam.com"],
-            message("scanner@contoso.com", &format!("b{i}")),
-        )));
-    }
-    for h in sends {
-        assert_eq!(h.await.unwrap(), 250);
-    }
+    send_scans(&relay, 8, "b").await;
     let start = Instant::now();
     assert!(s.ex.wait_for_received(8, LONG).await);
     let took = start.elapsed();
@@ -257,19 +263,7 @@ async fn concurrent_535s_cause_one_token_request_then_delivery() {
     // The idle authenticated connection is dropped when reused (at its RSET), so new
     // sessions must authenticate with the revoked token.
     s.ex.add_rule(Rule::drop_at(Stage::Rset));
-    let addr = relay.addr();
-    let mut sends = Vec::new();
-    for i in 0..6 {
-        sends.push(tokio::spawn(send(
-            addr,
-            "scanner@contoso.com",
-            &["a@fabrikam.com"],
-            message("scanner@contoso.com", &format!("c{i}")),
-        )));
-    }
-    for h in sends {
-        assert_eq!(h.await.unwrap(), 250);
-    }
+    send_scans(&relay, 6, "c").await;
     assert!(
         s.ex.wait_for_received(7, LONG).await,
         "{}",
@@ -517,19 +511,7 @@ async fn too_many_connections_lowers_concurrency_and_everything_arrives() {
     let s = Setup::new(Duration::from_secs(3600)).await;
     s.ex.set_max_connections(1);
     let relay = s.relay(&limits(3, 6000), "").start();
-    let addr = relay.addr();
-    let mut sends = Vec::new();
-    for i in 0..6 {
-        sends.push(tokio::spawn(send(
-            addr,
-            "scanner@contoso.com",
-            &["a@fabrikam.com"],
-            message("scanner@contoso.com", &format!("t{i}")),
-        )));
-    }
-    for h in sends {
-        assert_eq!(h.await.unwrap(), 250);
-    }
+    send_scans(&relay, 6, "t").await;
     assert!(
         s.ex.wait_for_received(6, LONG).await,
         "{}",
