@@ -1672,3 +1672,104 @@ fn damaged_queue_files_go_to_corrupt_and_the_daemon_still_starts_a7() {
         .expect("queued after recovery");
     relay.wait_delivered(&id);
 }
+
+/// Issue 8 §3.9: a `.msg` entry that is a directory, a FIFO or a dangling symlink, or whose
+/// `.state` cannot be read, used to fail recovery, and systemd restarted the daemon every 5 s
+/// for ever. Each is set aside in `corrupt/`; the daemon starts and delivers the good message.
+#[test]
+fn unreadable_queue_entries_go_to_corrupt_and_the_daemon_starts() {
+    use mailbridge::spool::{Envelope, Recipient, Spool};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = RelayConfig::new(dir.path());
+    let queue = cfg.spool.join("queue");
+    let good = mailbridge::spool::new_id();
+    let bad_state = mailbridge::spool::new_id();
+    {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let spool = Spool::open(&cfg.spool).unwrap();
+        for id in [&good, &bad_state] {
+            let envelope = Envelope {
+                id: id.clone(),
+                sender: "a@example.com".into(),
+                recipients: vec![Recipient {
+                    address: "b@example.com".into(),
+                }],
+                client_ip: "127.0.0.1".parse().unwrap(),
+                helo: "printer".into(),
+                auth_user: None,
+                arrival_ms: mailbridge::spool::now_ms(),
+                body: None,
+                smtputf8: false,
+                upstream: None,
+                report: false,
+            };
+            rt.block_on(async {
+                let mut inc = spool.begin(&envelope);
+                inc.write(b"Subject: queued before the start\r\n\r\nok\r\n")
+                    .await;
+                inc.commit().await.unwrap();
+            });
+        }
+    }
+    std::fs::create_dir(queue.join("adir.msg")).unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &queue.join("afifo.msg"),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(dir.path().join("nowhere"), queue.join("alink.msg")).unwrap();
+    let st = queue.join(format!("{bad_state}.state"));
+    let _ = std::fs::remove_file(&st);
+    std::fs::create_dir(&st).unwrap();
+
+    let relay = cfg.start();
+    let log = relay
+        .wait_log("spool recovered", SHORT)
+        .expect("recovery summary logged");
+    assert_eq!(log["corrupt"], 4, "{log}");
+    let corrupt = cfg.spool.join("corrupt");
+    for name in [
+        "adir.msg".to_string(),
+        "afifo.msg".into(),
+        "alink.msg".into(),
+        format!("{bad_state}.msg"),
+        format!("{bad_state}.state"),
+    ] {
+        assert!(
+            std::fs::symlink_metadata(corrupt.join(&name)).is_ok(),
+            "{name} not in corrupt/"
+        );
+        assert!(
+            std::fs::symlink_metadata(queue.join(&name)).is_err(),
+            "{name} still in queue/"
+        );
+    }
+    // The log names the remedy.
+    let logs = relay.logs();
+    assert!(
+        logs.iter().any(|v| v["message"].as_str().is_some_and(|m| m
+            .contains("cannot be read, moved to corrupt/")
+            && m.contains("mode 600"))),
+        "{}",
+        relay.transcript()
+    );
+    // The good message queued before the start is delivered, and new mail too.
+    relay.wait_delivered(&good);
+    let mut c = Smtp::greet_ehlo(relay.addr()).unwrap();
+    let id = c
+        .send_message(
+            "a@example.com",
+            &["b@example.com"],
+            b"Subject: after\r\n\r\nok\r\n",
+        )
+        .unwrap()
+        .queue_id()
+        .expect("queued after recovery");
+    relay.wait_delivered(&id);
+}
