@@ -250,9 +250,17 @@ impl RelayConfig {
         self.dir.join("relay.yaml")
     }
 
+    /// Writes the file with mode 640, as deploy/install.sh installs it: mailbridge refuses
+    /// inline secrets (`users[].password_hash`) in a file every local user can read.
+    pub fn write(&self) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(self.path(), self.yaml()).unwrap();
+        std::fs::set_permissions(self.path(), std::fs::Permissions::from_mode(0o640)).unwrap();
+    }
+
     /// Starts `mailbridge serve` and returns once every listener is bound.
     pub fn start(&self) -> Relay {
-        std::fs::write(self.path(), self.yaml()).unwrap();
+        self.write();
         let mut child = mailbridge_cmd()
             .arg("serve")
             .arg("-c")
@@ -1772,4 +1780,59 @@ fn unreadable_queue_entries_go_to_corrupt_and_the_daemon_starts() {
         .queue_id()
         .expect("queued after recovery");
     relay.wait_delivered(&id);
+}
+
+/// Issue 8 §3.8: an inline `password_hash` or `client_secret` in a configuration file that
+/// every local user can read stops `check-config` and `serve`, naming the file, the key and
+/// the fix; mode 640 (root:mailbridge, as installed) is accepted.
+#[test]
+fn inline_secrets_in_a_world_readable_config_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let hash =
+        mailbridge::inbound::auth::hash_password(&mailbridge::secret::Secret::new("pw")).unwrap();
+    let mut cfg = RelayConfig::new(dir.path());
+    cfg.extra = format!(
+        "users:\n  - username: scanner01\n    password_hash: {hash:?}\n    allowed_senders: [\"*\"]\n"
+    );
+    cfg.write();
+    let path = cfg.path();
+    let check = |name: &str| {
+        run_with_timeout(
+            mailbridge_cmd().arg("check-config").arg("-c").arg(&path),
+            dir.path(),
+            name,
+            SHORT,
+        )
+    };
+    let out = check("check-640");
+    assert_eq!(out.status.code(), Some(0), "{}{}", out.stdout, out.stderr);
+
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = check("check-644");
+    assert_eq!(out.status.code(), Some(1), "{}{}", out.stdout, out.stderr);
+    let all = format!("{}{}", out.stdout, out.stderr);
+    for want in [
+        "users[0].password_hash:",
+        &path.display().to_string(),
+        "readable by every local user",
+        "chmod 640",
+        "password_hash_file",
+    ] {
+        assert!(all.contains(want), "missing {want:?} in:\n{all}");
+    }
+    assert!(!all.contains(&hash), "the hash leaked: {all}");
+
+    let out = run_with_timeout(
+        mailbridge_cmd().arg("serve").arg("-c").arg(&path),
+        dir.path(),
+        "serve-644",
+        SHORT,
+    );
+    assert_eq!(out.status.code(), Some(1), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains("users[0].password_hash:"),
+        "{}",
+        out.stderr
+    );
 }
