@@ -803,7 +803,7 @@ mod tests {
         fs::write(queue.join("adir.msg/inside"), b"x").unwrap();
         rustix::fs::mknodat(
             rustix::fs::CWD,
-            &queue.join("afifo.msg"),
+            queue.join("afifo.msg"),
             rustix::fs::FileType::Fifo,
             rustix::fs::Mode::from_raw_mode(0o600),
             0,
