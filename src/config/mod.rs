@@ -195,7 +195,11 @@ pub struct Limits {
     pub max_message_size: u64,
     pub max_recipients: usize,
     pub max_connections: usize,
+    /// Counted per address for IPv4, per /64 for IPv6.
     pub max_connections_per_ip: usize,
+    /// Of `max_connections`, the slots that clients only in `auth_networks` may not take, so
+    /// that they cannot crowd out the `allow_networks` printers (issue 8 §3.3).
+    pub reserved_connections: usize,
     pub command_timeout: Duration,
     pub data_timeout: Duration,
 }
@@ -502,10 +506,16 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         "access.lf_only_networks",
         &raw.access.lf_only_networks.unwrap_or_default(),
     );
+    // Without users nobody can authenticate: admitting the private ranges would only let
+    // every LAN host hold connection slots (issue 8 §3.3). So the default is empty then.
+    let no_users = raw.users.is_empty();
     let auth_networks = networks(
         &mut errs,
         "access.auth_networks",
         &raw.access.auth_networks.unwrap_or_else(|| {
+            if no_users {
+                return Vec::new();
+            }
             DEFAULT_AUTH_NETWORKS
                 .iter()
                 .map(|s| s.to_string())
@@ -574,6 +584,16 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         32,
     );
     let workers = positive("queue.workers", raw.queue.workers, 8);
+    let reserved_connections = match l.reserved_connections {
+        None => max_connections / 4,
+        Some(n) if n as usize >= max_connections => {
+            errs.push(format!(
+                "limits.reserved_connections: must be less than limits.max_connections ({max_connections}); 0 turns the reserve off"
+            ));
+            0
+        }
+        Some(n) => n as usize,
+    };
     let command_timeout = duration(
         &mut errs,
         "limits.command_timeout",
@@ -735,6 +755,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             max_recipients,
             max_connections,
             max_connections_per_ip,
+            reserved_connections,
             command_timeout,
             data_timeout,
         },
@@ -765,7 +786,8 @@ fn duration(errs: &mut Vec<String>, key: &str, v: Option<&str>, default: &str) -
     }
 }
 
-/// `access.auth_networks` when not set: private ranges and loopback.
+/// `access.auth_networks` when not set and `users` are configured: private ranges and
+/// loopback. Without users the default is empty.
 pub const DEFAULT_AUTH_NETWORKS: [&str; 6] = [
     "10.0.0.0/8",
     "172.16.0.0/12",
@@ -1059,6 +1081,36 @@ log:
         // Without overrides the file's values stand.
         let c = load_with_env(&path, Some(config::Map::new())).unwrap();
         assert_eq!(c.limits.max_recipients, 100);
+    }
+
+    #[test]
+    fn reserved_connections_default_and_auth_networks_without_users() {
+        let base = "upstreams: [{name: o, type: outbox, path: /tmp/o}]\n";
+        let c = from_yaml_str(base).unwrap();
+        assert_eq!(c.limits.max_connections, 256);
+        assert_eq!(c.limits.reserved_connections, 64);
+        // No users: nobody can authenticate, so nobody is admitted for it.
+        assert!(c.access.auth_networks.is_empty());
+        assert!(!c.access.may_connect("192.168.1.9".parse().unwrap()));
+        let c = from_yaml_str(&format!("{base}limits: {{max_connections: 10}}\n")).unwrap();
+        assert_eq!(c.limits.reserved_connections, 2);
+        let c = from_yaml_str(&format!(
+            "{base}limits: {{reserved_connections: 0}}\naccess: {{auth_networks: [10.0.0.0/8]}}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.limits.reserved_connections, 0);
+        assert!(c.access.may_connect("10.1.2.3".parse().unwrap()));
+        let e = from_yaml_str(&format!(
+            "{base}limits: {{max_connections: 10, reserved_connections: 10}}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(
+                "limits.reserved_connections: must be less than limits.max_connections (10)"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

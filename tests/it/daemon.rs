@@ -1725,7 +1725,7 @@ fn unreadable_queue_entries_go_to_corrupt_and_the_daemon_starts() {
     std::fs::create_dir(queue.join("adir.msg")).unwrap();
     rustix::fs::mknodat(
         rustix::fs::CWD,
-        &queue.join("afifo.msg"),
+        queue.join("afifo.msg"),
         rustix::fs::FileType::Fifo,
         rustix::fs::Mode::from_raw_mode(0o600),
         0,
@@ -1835,4 +1835,120 @@ fn inline_secrets_in_a_world_readable_config_are_refused() {
         "{}",
         out.stderr
     );
+}
+
+/// Issue 8 §3.3: clients only in `auth_networks` may not take the slots
+/// `limits.reserved_connections` keeps for `allow_networks`, so hosts that never
+/// authenticate cannot lock the printers out.
+#[test]
+fn reserved_connections_are_kept_for_allow_networks() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = RelayConfig::new(dir.path());
+    cfg.extra = "access:\n  allow_networks: [\"127.0.0.1/32\"]\n  auth_networks: [\"127.0.0.0/8\"]\n\
+                 limits:\n  max_connections: 4\n  max_connections_per_ip: 10\n  reserved_connections: 2\n"
+        .into();
+    let relay = cfg.start();
+    let addr = relay.addr();
+    let printer: IpAddr = "127.0.0.1".parse().unwrap();
+    let lan: IpAddr = "127.0.0.2".parse().unwrap();
+    let other_lan: IpAddr = "127.0.0.3".parse().unwrap();
+    if connect_from(lan, addr).is_err() {
+        eprintln!("skipping: cannot connect from {lan}");
+        return;
+    }
+    // That probe's slot is released when its session ends; wait for it.
+    let mut held = Vec::new();
+    assert!(wait_until(SHORT, || {
+        let Ok(mut c) = connect_from(lan, addr) else {
+            return false;
+        };
+        match c.read_reply() {
+            Ok(r) if r.code == 220 => {
+                held.push(c);
+                held.len() == 2
+            }
+            _ => false,
+        }
+    }));
+    // Two auth_networks clients hold the unreserved slots: a third is refused...
+    let mut c = connect_from(other_lan, addr).unwrap();
+    let (r, closed) = first_reply_and_close(&mut c);
+    assert!(r.last().starts_with("421 4.7.0"), "{:?}", r.lines);
+    assert!(closed);
+    // ... while the printer gets both reserved slots...
+    let mut p1 = connect_from(printer, addr).unwrap();
+    p1.expect_reply(220).unwrap();
+    let mut p2 = connect_from(printer, addr).unwrap();
+    p2.expect_reply(220).unwrap();
+    // ... and max_connections still bounds the total.
+    let mut p3 = connect_from(printer, addr).unwrap();
+    let (r, _) = first_reply_and_close(&mut p3);
+    assert!(r.last().starts_with("421 4.7.0"), "{:?}", r.lines);
+    // The printers' sessions work.
+    p1.expect("EHLO printer.test", 250).unwrap();
+    p2.expect("NOOP", 250).unwrap();
+    assert!(
+        relay.logs().iter().any(|v| v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("limits.reserved_connections"))),
+        "{}",
+        relay.transcript()
+    );
+}
+
+#[test]
+fn reserved_connections_must_be_below_max_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = RelayConfig::new(dir.path());
+    cfg.extra = "limits:\n  max_connections: 8\n  reserved_connections: 8\n".into();
+    cfg.write();
+    let out = run_with_timeout(
+        mailbridge_cmd()
+            .arg("check-config")
+            .arg("-c")
+            .arg(cfg.path()),
+        dir.path(),
+        "check-reserved",
+        SHORT,
+    );
+    assert_eq!(out.status.code(), Some(1), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr
+            .contains("limits.reserved_connections: must be less than limits.max_connections (8)"),
+        "{}",
+        out.stderr
+    );
+}
+
+/// Issue 8 §3.3: without `users` nobody can authenticate, so `access.auth_networks`
+/// defaults to empty: a LAN host outside `allow_networks` gets `554 5.7.1` instead of a
+/// session (and a slot) it can do nothing with. With users the default stays the private
+/// ranges.
+#[test]
+fn auth_networks_default_is_empty_without_users() {
+    let lan: IpAddr = "127.0.0.2".parse().unwrap();
+    for with_users in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = RelayConfig::new(dir.path());
+        cfg.extra = "access:\n  allow_networks: [\"127.0.0.1/32\"]\n".into();
+        if with_users {
+            let hash =
+                mailbridge::inbound::auth::hash_password(&mailbridge::secret::Secret::new("pw"))
+                    .unwrap();
+            cfg.extra.push_str(&format!(
+                "users:\n  - username: scanner01\n    password_hash: {hash:?}\n    allowed_senders: [\"*\"]\n"
+            ));
+        }
+        let relay = cfg.start();
+        let Ok(mut c) = connect_from(lan, relay.addr()) else {
+            eprintln!("skipping: cannot connect from {lan}");
+            return;
+        };
+        let r = c.read_reply().unwrap();
+        if with_users {
+            assert_eq!(r.code, 220, "{:?}", r.lines);
+        } else {
+            assert!(r.last().starts_with("554 5.7.1"), "{:?}", r.lines);
+        }
+    }
 }
