@@ -265,7 +265,7 @@ pub struct Authenticator {
     slots: Arc<Semaphore>,
     /// How long an attempt waits for a slot before `454 4.7.0`.
     slot_timeout: Duration,
-    stats: Stats,
+    stats: Arc<Stats>,
 }
 
 /// Counters of password checks, for tests and metrics.
@@ -346,7 +346,7 @@ impl Authenticator {
             },
             slots: Arc::new(Semaphore::new(parallelism.clamp(1, 8))),
             slot_timeout: SLOT_TIMEOUT,
-            stats: Stats::default(),
+            stats: Arc::default(),
         }
     }
 
@@ -453,31 +453,26 @@ impl Authenticator {
             tokio::time::timeout(wait, slot).await.ok()?.ok()?
         };
         self.stats.started.fetch_add(1, Ordering::Relaxed);
+        let stats = self.stats.clone();
         let matched = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let Ok(parsed) = PasswordHash::new(hash.expose()) else {
-                return None;
+                return false;
             };
             // Algorithm, version and parameters come from the PHC string.
-            Some(
-                Argon2::default()
-                    .verify_password(password.expose().as_bytes(), &parsed)
-                    .is_ok(),
-            )
+            let ok = Argon2::default()
+                .verify_password(password.expose().as_bytes(), &parsed)
+                .is_ok();
+            // Counted right after the argon2 run, so the count proves the work was done.
+            stats.completed.fetch_add(1, Ordering::Relaxed);
+            if dummy {
+                stats.dummy.fetch_add(1, Ordering::Relaxed);
+            }
+            ok
         })
         .await
-        .unwrap_or(None);
-        if matched.is_some() {
-            self.stats.completed.fetch_add(1, Ordering::Relaxed);
-            if dummy {
-                self.stats.dummy.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        Some(if matched == Some(true) {
-            canonical
-        } else {
-            None
-        })
+        .unwrap_or(false);
+        Some(if matched { canonical } else { None })
     }
 
     fn lookup(&self, username: &str) -> Option<&Account> {
