@@ -316,7 +316,14 @@ impl Spool {
             }
         }
         for orphan in states {
-            let _ = fs::remove_file(self.queue_path(&orphan, "state"));
+            let p = self.queue_path(&orphan, "state");
+            // Gone already (moved with its message), or removed now; anything that cannot be
+            // removed (a directory) is set aside rather than met again at every start.
+            if fs::remove_file(&p).is_err() && fs::symlink_metadata(&p).is_ok() {
+                tracing::warn!(file = %p.display(), "state entry without a message could not be removed, moving it to corrupt/");
+                self.quarantine(&p);
+                out.corrupt += 1;
+            }
         }
         sync_dir(queue).map_err(io_err(queue))?;
         Ok(out)
@@ -835,6 +842,19 @@ mod tests {
         assert!(corrupt.join("adir.msg/inside").exists());
         // The good message is intact and loads.
         assert!(spool.load(&good).is_ok());
+    }
+
+    #[test]
+    fn an_orphan_state_that_cannot_be_removed_goes_to_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        fs::create_dir(dir.path().join("queue/lost.state")).unwrap();
+        fs::write(dir.path().join("queue/gone.state"), b"x").unwrap();
+        let r = spool.recover().unwrap();
+        assert_eq!(r.corrupt, 1);
+        assert!(dir.path().join("corrupt/lost.state").is_dir());
+        assert!(!dir.path().join("queue/gone.state").exists());
+        assert!(!dir.path().join("corrupt/gone.state").exists());
     }
 
     #[test]
