@@ -350,9 +350,9 @@ impl Authenticator {
         }
     }
 
-    /// Like [`new`](Self::new) with `slots` argon2 checks at once and another slot timeout
-    /// (tests).
-    pub fn with_slots(users: &[User], slots: usize, slot_timeout: Duration) -> Authenticator {
+    /// Like [`new`](Self::new) with `slots` argon2 checks at once and another slot timeout.
+    #[cfg(test)]
+    fn with_slots(users: &[User], slots: usize, slot_timeout: Duration) -> Authenticator {
         let mut a = Authenticator::new(users);
         a.slots = Arc::new(Semaphore::new(slots.max(1)));
         a.slot_timeout = slot_timeout;
