@@ -195,7 +195,11 @@ pub struct Limits {
     pub max_message_size: u64,
     pub max_recipients: usize,
     pub max_connections: usize,
+    /// Counted per address for IPv4, per /64 for IPv6.
     pub max_connections_per_ip: usize,
+    /// Of `max_connections`, the slots that clients only in `auth_networks` may not take, so
+    /// that they cannot crowd out the `allow_networks` printers (issue 8 §3.3).
+    pub reserved_connections: usize,
     pub command_timeout: Duration,
     pub data_timeout: Duration,
 }
@@ -309,7 +313,64 @@ pub fn load_with_env(
     let raw: RawConfig = built
         .try_deserialize()
         .map_err(|e| ConfigErrors(vec![format!("{}: {e}", path.display())]))?;
-    validate(raw)
+    let exposed = inline_secrets_readable_by_others(path);
+    match validate(raw) {
+        Ok(c) if exposed.is_empty() => Ok(c),
+        Ok(_) => Err(ConfigErrors(exposed)),
+        Err(mut e) => {
+            e.0.extend(exposed);
+            Err(e)
+        }
+    }
+}
+
+/// One error per inline `client_secret` or `password_hash` in the file at `path` when any
+/// local user may read that file (issue 8 §3.8; the `*_file` keys are held to mode 600 by
+/// [`read_secret_file`]). Group read stays allowed: the installed file is `root:mailbridge`
+/// mode 640, and the daemon reads it through its group. Only the file itself counts, not
+/// environment overrides (those are not readable by others).
+fn inline_secrets_readable_by_others(path: &Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(mode) = std::fs::metadata(path).map(|m| m.permissions().mode()) else {
+        return Vec::new();
+    };
+    if mode & 0o004 == 0 {
+        return Vec::new();
+    }
+    // The file alone, without the environment: which keys does it hold?
+    let Ok(raw) = config::Config::builder()
+        .add_source(config::File::from(path).format(config::FileFormat::Yaml))
+        .build()
+        .and_then(|c| c.try_deserialize::<RawConfig>())
+    else {
+        return Vec::new();
+    };
+    let keys = raw
+        .upstreams
+        .iter()
+        .enumerate()
+        .filter(|(_, u)| matches!(u, RawUpstream::ExchangeOnline(e) if e.client_secret.is_some()))
+        .map(|(i, _)| {
+            (
+                format!("upstreams[{i}].client_secret"),
+                "client_secret_file",
+            )
+        })
+        .chain(
+            raw.users
+                .iter()
+                .enumerate()
+                .filter(|(_, u)| u.password_hash.is_some())
+                .map(|(i, _)| (format!("users[{i}].password_hash"), "password_hash_file")),
+        );
+    let p = path.display();
+    keys.map(|(key, file_key)| {
+        format!(
+            "{key}: {p} holds this secret inline and is readable by every local user (mode {:o}); run: chown root:mailbridge {p} && chmod 640 {p} (or chmod 600 if mailbridge owns it), or move the secret to {file_key} (a file with mode 600)",
+            mode & 0o777
+        )
+    })
+    .collect()
 }
 
 /// Parses a YAML string (no environment overrides); for tests and embedded configs.
@@ -445,10 +506,16 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         "access.lf_only_networks",
         &raw.access.lf_only_networks.unwrap_or_default(),
     );
+    // Without users nobody can authenticate: admitting the private ranges would only let
+    // every LAN host hold connection slots (issue 8 §3.3). So the default is empty then.
+    let no_users = raw.users.is_empty();
     let auth_networks = networks(
         &mut errs,
         "access.auth_networks",
         &raw.access.auth_networks.unwrap_or_else(|| {
+            if no_users {
+                return Vec::new();
+            }
             DEFAULT_AUTH_NETWORKS
                 .iter()
                 .map(|s| s.to_string())
@@ -517,6 +584,16 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         32,
     );
     let workers = positive("queue.workers", raw.queue.workers, 8);
+    let reserved_connections = match l.reserved_connections {
+        None => max_connections / 4,
+        Some(n) if n as usize >= max_connections => {
+            errs.push(format!(
+                "limits.reserved_connections: must be less than limits.max_connections ({max_connections}); 0 turns the reserve off"
+            ));
+            0
+        }
+        Some(n) => n as usize,
+    };
     let command_timeout = duration(
         &mut errs,
         "limits.command_timeout",
@@ -678,6 +755,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             max_recipients,
             max_connections,
             max_connections_per_ip,
+            reserved_connections,
             command_timeout,
             data_timeout,
         },
@@ -708,7 +786,8 @@ fn duration(errs: &mut Vec<String>, key: &str, v: Option<&str>, default: &str) -
     }
 }
 
-/// `access.auth_networks` when not set: private ranges and loopback.
+/// `access.auth_networks` when not set and `users` are configured: private ranges and
+/// loopback. Without users the default is empty.
 pub const DEFAULT_AUTH_NETWORKS: [&str; 6] = [
     "10.0.0.0/8",
     "172.16.0.0/12",
@@ -1002,6 +1081,81 @@ log:
         // Without overrides the file's values stand.
         let c = load_with_env(&path, Some(config::Map::new())).unwrap();
         assert_eq!(c.limits.max_recipients, 100);
+    }
+
+    #[test]
+    fn reserved_connections_default_and_auth_networks_without_users() {
+        let base = "upstreams: [{name: o, type: outbox, path: /tmp/o}]\n";
+        let c = from_yaml_str(base).unwrap();
+        assert_eq!(c.limits.max_connections, 256);
+        assert_eq!(c.limits.reserved_connections, 64);
+        // No users: nobody can authenticate, so nobody is admitted for it.
+        assert!(c.access.auth_networks.is_empty());
+        assert!(!c.access.may_connect("192.168.1.9".parse().unwrap()));
+        let c = from_yaml_str(&format!("{base}limits: {{max_connections: 10}}\n")).unwrap();
+        assert_eq!(c.limits.reserved_connections, 2);
+        let c = from_yaml_str(&format!(
+            "{base}limits: {{reserved_connections: 0}}\naccess: {{auth_networks: [10.0.0.0/8]}}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.limits.reserved_connections, 0);
+        assert!(c.access.may_connect("10.1.2.3".parse().unwrap()));
+        let e = from_yaml_str(&format!(
+            "{base}limits: {{max_connections: 10, reserved_connections: 10}}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(
+                "limits.reserved_connections: must be less than limits.max_connections (10)"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn inline_secrets_in_a_file_others_can_read_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.yaml");
+        let hash = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHQ$K8ZzTHKJfHnJh0eR1X3QP1DVa5kzfN3d2kTXFVJ4a8o";
+        let yaml = format!(
+            "upstreams:\n  - {{name: o, type: outbox, path: /tmp/o}}\n  - {{name: x, type: exchange-online, mailbox: a@b.com, tenant_id: contoso.com, client_id: 11111111-1111-1111-1111-111111111111, client_secret: Inline-S3cret}}\nusers:\n  - {{username: scanner01, password_hash: \"{hash}\", allowed_senders: [\"*\"]}}\n"
+        );
+        std::fs::write(&path, &yaml).unwrap();
+        let set = |mode| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode));
+        let no_env = || load_with_env(&path, Some(config::Map::new()));
+        for mode in [0o600, 0o640, 0o660] {
+            set(mode).unwrap();
+            assert!(no_env().is_ok(), "mode {mode:o}: {:?}", no_env().err());
+        }
+        set(0o644).unwrap();
+        let e = no_env().unwrap_err().to_string();
+        let p = path.display();
+        for key in [
+            "upstreams[1].client_secret:",
+            "users[0].password_hash:",
+            "chmod 640",
+            "client_secret_file",
+            "password_hash_file",
+        ] {
+            assert!(e.contains(key), "{key} missing: {e}");
+        }
+        assert!(e.contains(&format!("{p} holds this secret inline")), "{e}");
+        assert_eq!(e.lines().count(), 2, "{e}");
+        for secret in ["Inline-S3cret", "c29tZXNhbHQ", "$argon2id"] {
+            assert!(!e.contains(secret), "{secret} in {e}");
+        }
+        // Other errors are reported alongside.
+        std::fs::write(&path, format!("{yaml}limits: {{max_connections: 0}}\n")).unwrap();
+        set(0o604).unwrap();
+        let e = no_env().unwrap_err().to_string();
+        assert!(e.contains("limits.max_connections"), "{e}");
+        assert!(e.contains("users[0].password_hash:"), "{e}");
+        // Without inline secrets a readable file is fine (secrets in *_file or none at all).
+        std::fs::write(&path, GOOD).unwrap();
+        set(0o644).unwrap();
+        assert!(no_env().is_ok());
     }
 
     #[test]

@@ -115,6 +115,8 @@ pub struct RawLimits {
     pub max_recipients: Option<u64>,
     pub max_connections: Option<u64>,
     pub max_connections_per_ip: Option<u64>,
+    /// Slots only `allow_networks` clients may take (default: a quarter of max_connections).
+    pub reserved_connections: Option<u64>,
     pub command_timeout: Option<String>,
     pub data_timeout: Option<String>,
 }

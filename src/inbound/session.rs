@@ -499,14 +499,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.reply(&r);
             return self.error();
         }
-        let delay = match self.ctx.auth_failures.check(self.client_ip) {
-            Ok(d) => d,
+        // A blocked client is turned away before the exchange; the delays come in
+        // `Authenticator::attempt`, before the password check.
+        match self.ctx.auth_failures.check(self.client_ip) {
+            Ok(_) => {}
             Err(r) => {
                 tracing::warn!(client = %self.client_ip, "AUTH refused: too many failures from this address");
                 self.close_with(&r).await;
                 return Next::Close;
             }
-        };
+        }
         let mechanism = match auth::Mechanism::from_smtp_proto(mechanism) {
             Ok(m) => m,
             Err(r) => {
@@ -554,15 +556,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
                 Step::Done { username, password } => {
                     let shown = headers::clean_token(&username);
-                    let verified = self.ctx.auth.verify(&username, password).await;
-                    // FailureLimiter: the delay comes before the answer, success or failure
-                    // alike, so a quick answer does not give a right password away.
-                    if !delay.is_zero() {
-                        tokio::time::sleep(delay).await;
-                    }
-                    return match verified {
-                        Some(name) => {
-                            self.ctx.auth_failures.succeeded(self.client_ip);
+                    let attempt = self.ctx.auth.attempt(
+                        &self.ctx.auth_failures,
+                        self.client_ip,
+                        &username,
+                        password,
+                    );
+                    return match attempt.await {
+                        auth::Attempt::Authenticated(name) => {
                             let allowed_senders = self
                                 .ctx
                                 .config
@@ -579,10 +580,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             self.reply(&reply::AUTH_OK);
                             Next::Continue
                         }
-                        None => {
-                            self.ctx.auth_failures.failed(self.client_ip);
+                        auth::Attempt::Failed => {
                             tracing::warn!(client = %self.client_ip, user = %shown, "authentication failed (unknown user or wrong password)");
                             self.reply(&reply::AUTH_FAILED);
+                            self.error()
+                        }
+                        auth::Attempt::Blocked => {
+                            tracing::warn!(client = %self.client_ip, "AUTH refused: too many failures from this address");
+                            self.close_with(&reply::AUTH_TOO_MANY_FAILURES).await;
+                            Next::Close
+                        }
+                        auth::Attempt::Busy => {
+                            tracing::warn!(client = %self.client_ip, user = %shown, "authentication not checked: every password-check slot stayed busy (a flood of AUTH attempts?)");
+                            self.reply(&reply::AUTH_BUSY);
                             self.error()
                         }
                     };

@@ -228,6 +228,12 @@ pub const AUTH_TOO_MANY_FAILURES: Reply = Reply::fixed(
     "4.7.0",
     "Too many authentication failures, try again later",
 );
+/// RFC 4954 §6: no password check could be run in time (every argon2 slot stayed busy).
+pub const AUTH_BUSY: Reply = Reply::fixed(
+    454,
+    "4.7.0",
+    "Temporary authentication failure, try again later",
+);
 pub const AUTH_ALREADY: Reply = Reply::fixed(503, "5.5.1", "Already authenticated");
 pub const AUTH_IN_TRANSACTION: Reply =
     Reply::fixed(503, "5.5.1", "AUTH not permitted during a mail transaction");
