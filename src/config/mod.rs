@@ -32,6 +32,9 @@ pub struct Config {
     pub routes: Vec<Route>,
     pub queue: QueueConfig,
     pub log: LogConfig,
+    /// `Received:` carries `(Authenticated sender: USER)` (off by default: the header goes to
+    /// every recipient, and device account names are nobody's business outside).
+    pub received_auth_user: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -141,6 +144,8 @@ pub struct Listener {
     pub require_auth: bool,
     /// AUTH may be used before TLS (legacy devices only).
     pub allow_plaintext_auth: bool,
+    /// EHLO also lists `AUTH=PLAIN LOGIN` (Postfix's `broken_sasl_auth_clients`).
+    pub broken_sasl_auth_clients: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -369,6 +374,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             bare_lf: None,
             require_auth: None,
             allow_plaintext_auth: None,
+            broken_sasl_auth_clients: None,
         }]
     });
     if raw_listeners.is_empty() {
@@ -415,6 +421,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
                 bare_lf,
                 require_auth: l.require_auth.unwrap_or(false),
                 allow_plaintext_auth: l.allow_plaintext_auth.unwrap_or(false),
+                broken_sasl_auth_clients: l.broken_sasl_auth_clients.unwrap_or(true),
             });
         }
     }
@@ -692,6 +699,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         },
         log: LogConfig { level, format },
         routes,
+        received_auth_user: raw.received_auth_user.unwrap_or(false),
     })
 }
 
@@ -885,6 +893,7 @@ pub fn demo(dir: &Path) -> Config {
             bare_lf: None,
             require_auth: None,
             allow_plaintext_auth: None,
+            broken_sasl_auth_clients: None,
         }]),
         upstreams: vec![RawUpstream::Outbox(raw::RawOutbox {
             name: "demo-outbox".into(),

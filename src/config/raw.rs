@@ -32,6 +32,9 @@ pub struct RawConfig {
     /// Sender pattern -> upstream; first match wins.
     #[serde(default)]
     pub routes: Vec<RawRoute>,
+    /// Name the AUTH user in our `Received:` header (Postfix's
+    /// `smtpd_sasl_authenticated_header`; default false).
+    pub received_auth_user: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -86,6 +89,8 @@ pub struct RawListener {
     pub require_auth: Option<bool>,
     /// AUTH before TLS (legacy devices only).
     pub allow_plaintext_auth: Option<bool>,
+    /// Also advertise `AUTH=PLAIN LOGIN` in EHLO (Postfix's name; default true).
+    pub broken_sasl_auth_clients: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

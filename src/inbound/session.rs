@@ -350,6 +350,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.reply(&reply::NUL_IN_COMMAND);
             return self.error();
         }
+        // `MAIL FROM:user@domain` from old senders becomes `MAIL FROM:<user@domain>` (Postfix's
+        // strict_rfc821_envelopes = no); the bracketed line is what every later check sees.
+        let bracketed = crate::smtp::command::bracket_bare_path(line);
+        let line = bracketed.as_deref().unwrap_or(line);
         let parsed = Request::parse(&mut line.iter());
         let next = match parsed {
             Ok(req) => {
@@ -412,6 +416,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 // B12: AUTH only where it may be used (inside TLS unless allow_plaintext_auth).
                 if self.auth_available() {
                     lines.push(format!("AUTH {}", auth::MECHANISMS));
+                    // Postfix's broken_sasl_auth_clients: Outlook Express 4 and some printer
+                    // firmware only look for the pre-RFC 2554 `AUTH=` form.
+                    if self.ctx.listener.broken_sasl_auth_clients {
+                        lines.push(format!("AUTH={}", auth::MECHANISMS));
+                    }
                 }
                 reply::ehlo(&lines, &mut self.wbuf);
                 Next::Continue
@@ -795,7 +804,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     hostname: &cfg.hostname,
                     protocol,
                     queue_id: &id,
-                    auth_user: envelope.auth_user.as_deref(),
+                    // The envelope keeps the user for logs and routing either way.
+                    auth_user: envelope
+                        .auth_user
+                        .as_deref()
+                        .filter(|_| cfg.received_auth_user),
                     single_rcpt: single_rcpt.as_deref(),
                     now,
                 },

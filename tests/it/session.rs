@@ -1074,8 +1074,9 @@ async fn b25_bad_sequence_503_unknown_verb_500_bad_syntax_501() {
     );
     assert_eq!(summary(&c.cmd("DATA").await), ["503 5.5.1"]);
     assert_eq!(summary(&c.cmd("FOO bar").await), ["500 5.5.2"]);
+    // A bare path is forgiven (issue 8 section 2), but not one with a stray bracket.
     assert_eq!(
-        summary(&c.cmd("MAIL FROM:a@lan.example").await),
+        summary(&c.cmd("MAIL FROM:a@lan.example>").await),
         ["501 5.5.4"]
     );
     assert_eq!(
@@ -1092,7 +1093,7 @@ async fn b25_bad_sequence_503_unknown_verb_500_bad_syntax_501() {
     );
     assert_eq!(summary(&c.cmd("DATA").await), ["503 5.5.1"]);
     assert_eq!(
-        summary(&c.cmd("RCPT TO:b@ext.example").await),
+        summary(&c.cmd("RCPT TO:b@ext.example>").await),
         ["501 5.5.4"]
     );
     assert_eq!(
@@ -1112,6 +1113,211 @@ async fn b25_bad_sequence_503_unknown_verb_500_bad_syntax_501() {
     let m = only_message(&h);
     assert_eq!(m.envelope.sender, "a@lan.example");
     assert_eq!(rcpts(&m), ["b@ext.example"]);
+}
+
+// ---------------------------------------------------------------------------------------
+// Old senders' habits (issue 8 section 2): paths without brackets, `AUTH=` in EHLO
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn quirk_mail_and_rcpt_without_brackets_are_accepted_as_bracketed() {
+    let h = Harness::new("");
+    let input = format!(
+        "{EHLO}MAIL FROM:a@lan.example SIZE=100\r\nRCPT TO:b@ext.example\r\nrcpt to: c@ext.example\r\nDATA\r\n{HDR}x\r\n.\r\nQUIT\r\n"
+    );
+    let out = h.converse(PEER, input.as_bytes()).await;
+    assert_eq!(
+        summary(&out),
+        codes(&[
+            "220",
+            "250",
+            "250 2.1.0",
+            "250 2.1.5",
+            "250 2.1.5",
+            "354",
+            "250 2.0.0",
+            "221 2.0.0"
+        ]),
+        "{out}"
+    );
+    let m = only_message(&h);
+    assert_eq!(m.envelope.sender, "a@lan.example");
+    assert_eq!(rcpts(&m), ["b@ext.example", "c@ext.example"]);
+    // The single recipient is not named in Received here (two recipients), and the
+    // envelope is exactly what the bracketed form gives.
+    assert_eq!(client_bytes(&m), format!("{HDR}x\r\n").as_bytes());
+}
+
+#[tokio::test]
+async fn quirk_bare_paths_keep_parameters_and_checks() {
+    let h = Harness::new("limits:\n  max_message_size: 1000\n");
+    let out = h
+        .converse(
+            PEER,
+            b"EHLO x\r\nMAIL FROM:a@lan.example SIZE=5000\r\nMAIL FROM:a@lan.example FOO=BAR\r\nMAIL FROM:j\xc3\xb6s\xc3\xa9@lan.example\r\nMAIL FROM:a@lan.example BODY=8BITMIME SIZE=10\r\nRCPT TO:u%ext.example@relay.test\r\nQUIT\r\n",
+        )
+        .await;
+    assert_eq!(
+        summary(&out),
+        codes(&[
+            "220",
+            "250",
+            "552 5.3.4",
+            "555 5.5.4",
+            "553 5.6.7",
+            "250 2.1.0",
+            "250 2.1.5",
+            "221 2.0.0"
+        ]),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn quirk_garbage_paths_are_still_refused_501() {
+    let h = Harness::new("");
+    let out = h
+        .converse(
+            PEER,
+            b"EHLO x\r\nMAIL FROM:\r\nMAIL FROM:printer\r\nMAIL FROM:a@b@c\r\nMAIL FROM:a@lan.example>\r\nMAIL FROM:<a@lan.example\r\nMAIL FROM:a(x)@lan.example\r\nMAIL FROM:a@lan.example\r\nRCPT TO:@relay.test:b@ext.example\r\nRCPT TO:b@ext.example, c@ext.example\r\nRCPT TO:\"b\"@ext.example\r\nQUIT\r\n",
+        )
+        .await;
+    let s = summary(&out);
+    assert_eq!(s[0..2], ["220", "250"], "{out}");
+    for (i, line) in [
+        "MAIL FROM:",
+        "MAIL FROM:printer",
+        "MAIL FROM:a@b@c",
+        "MAIL FROM:a@lan.example>",
+        "MAIL FROM:<a@lan.example",
+        "MAIL FROM:a(x)@lan.example",
+    ]
+    .iter()
+    .enumerate()
+    {
+        assert!(s[2 + i].starts_with("501 "), "{line}: {}", s[2 + i]);
+    }
+    assert_eq!(s[8], "250 2.1.0");
+    for r in &s[9..12] {
+        assert!(r.starts_with("501 ") || r.starts_with("553 "), "{out}");
+    }
+    assert_eq!(s[12], "221 2.0.0");
+    nothing_stored(&h);
+}
+
+/// An argon2id hash of [`USER_PW`], made once per test binary.
+fn user_hash() -> &'static str {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| {
+        mailbridge::inbound::auth::hash_password(&mailbridge::secret::Secret::new(USER_PW)).unwrap()
+    })
+}
+const USER: &str = "printer01";
+const USER_PW: &str = "Pr1nter-S3cret!pw";
+
+/// A plain listener that allows AUTH before TLS (`listener_opts` added to it), one user who
+/// may send as `*@lan.example`, and `extra` top-level YAML.
+fn auth_harness(listener_opts: &str, extra: &str) -> Harness {
+    Harness::new(&format!(
+        "listeners:\n  - address: \"127.0.0.1:0\"\n    allow_plaintext_auth: true\n{listener_opts}users:\n  - username: {USER}\n    password_hash: \"{}\"\n    allowed_senders: [\"*@lan.example\"]\n{extra}",
+        user_hash()
+    ))
+}
+
+/// `AUTH PLAIN` with the initial response for [`USER`].
+fn auth_plain() -> String {
+    use base64::Engine as _;
+    let b = base64::engine::general_purpose::STANDARD.encode(format!("\0{USER}\0{USER_PW}"));
+    format!("AUTH PLAIN {b}\r\n")
+}
+
+/// The keywords of the EHLO reply in `out` (every `250-`/`250 ` line after the first).
+fn ehlo_keywords(out: &str) -> Vec<&str> {
+    out.split("\r\n")
+        .skip_while(|l| !l.starts_with("250-"))
+        .skip(1)
+        .take_while(|l| l.starts_with("250"))
+        .map(|l| &l[4..])
+        .collect()
+}
+
+#[tokio::test]
+async fn quirk_ehlo_also_offers_the_old_auth_equals_form() {
+    let h = auth_harness("", "");
+    let out = h.converse(PEER, b"EHLO printer.lan\r\nQUIT\r\n").await;
+    let keywords = ehlo_keywords(&out);
+    assert!(keywords.contains(&"AUTH PLAIN LOGIN"), "{out}");
+    assert!(keywords.contains(&"AUTH=PLAIN LOGIN"), "{out}");
+    // Where AUTH is not offered, neither form is.
+    let h = Harness::new("");
+    let out = h.converse(PEER, b"EHLO printer.lan\r\nQUIT\r\n").await;
+    assert!(!out.contains("AUTH"), "{out}");
+}
+
+#[tokio::test]
+async fn quirk_auth_equals_form_can_be_turned_off_per_listener() {
+    let h = auth_harness("    broken_sasl_auth_clients: false\n", "");
+    let out = h.converse(PEER, b"EHLO printer.lan\r\nQUIT\r\n").await;
+    assert!(ehlo_keywords(&out).contains(&"AUTH PLAIN LOGIN"), "{out}");
+    assert!(!out.contains("AUTH="), "{out}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Received names the AUTH user only when asked to (issue 8 section 3.8)
+// ---------------------------------------------------------------------------------------
+
+async fn authenticated_message(h: &Harness) -> QueuedMessage {
+    let input = format!(
+        "{EHLO}{}MAIL FROM:<scanner@lan.example>\r\nRCPT TO:<b@ext.example>\r\nDATA\r\n{}x\r\n.\r\nQUIT\r\n",
+        auth_plain(),
+        HDR.replace("a@lan.example", "scanner@lan.example")
+    );
+    let out = h.converse(PEER, input.as_bytes()).await;
+    assert_eq!(
+        summary(&out),
+        codes(&[
+            "220",
+            "250",
+            "235 2.7.0",
+            "250 2.1.0",
+            "250 2.1.5",
+            "354",
+            "250 2.0.0",
+            "221 2.0.0"
+        ]),
+        "{out}"
+    );
+    only_message(h)
+}
+
+#[tokio::test]
+async fn c35_received_does_not_name_the_auth_user_by_default() {
+    let h = auth_harness("", "");
+    let m = authenticated_message(&h).await;
+    assert_eq!(m.envelope.auth_user.as_deref(), Some(USER));
+    let (field, _) = split_received(&m.content);
+    check_received(
+        &field,
+        "printer.lan",
+        "127.0.0.1",
+        "ESMTPA",
+        &m.envelope.id,
+        Some("b@ext.example"),
+    );
+    let all = String::from_utf8_lossy(&m.content);
+    assert!(!all.contains(USER), "{all}");
+}
+
+#[tokio::test]
+async fn c35_received_names_the_auth_user_with_received_auth_user() {
+    let h = auth_harness("", "received_auth_user: true\n");
+    let m = authenticated_message(&h).await;
+    let (field, _) = split_received(&m.content);
+    let want = format!(
+        "Received: from printer.lan ([127.0.0.1])\r\n\tby relay.test (mailbridge) with ESMTPA id {}\r\n\t(Authenticated sender: {USER})\r\n\tfor <b@ext.example>; ",
+        m.envelope.id
+    );
+    assert!(field.starts_with(&want), "{field:?}");
 }
 
 // ---------------------------------------------------------------------------------------
