@@ -203,6 +203,10 @@ pub struct Limits {
     pub max_connections_per_ip: usize,
     pub command_timeout: Duration,
     pub data_timeout: Duration,
+    /// Oldest a session may get; checked at each command and while idle, never in DATA.
+    pub max_session_age: Duration,
+    /// Commands without progress a session may send (Postfix's smtpd_junk_command_limit).
+    pub max_junk_commands: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -524,6 +528,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         32,
     );
     let workers = positive("queue.workers", raw.queue.workers, 8);
+    let max_junk_commands =
+        positive("limits.max_junk_commands", l.max_junk_commands, 30).min(u32::MAX as usize) as u32;
     let command_timeout = duration(
         &mut errs,
         "limits.command_timeout",
@@ -535,6 +541,12 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         "limits.data_timeout",
         l.data_timeout.as_deref(),
         "10m",
+    );
+    let max_session_age = duration(
+        &mut errs,
+        "limits.max_session_age",
+        l.max_session_age.as_deref(),
+        "30m",
     );
 
     let spool_path = PathBuf::from(
@@ -687,6 +699,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             max_connections_per_ip,
             command_timeout,
             data_timeout,
+            max_session_age,
+            max_junk_commands,
         },
         spool: SpoolConfig { path: spool_path },
         upstreams,

@@ -122,6 +122,10 @@ pub struct RawLimits {
     pub max_connections_per_ip: Option<u64>,
     pub command_timeout: Option<String>,
     pub data_timeout: Option<String>,
+    /// A session is closed (421 4.7.0) once it is this old (default 30m).
+    pub max_session_age: Option<String>,
+    /// Commands without progress (EHLO, NOOP, RSET, ...) before 421 4.7.0 (default 30).
+    pub max_junk_commands: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

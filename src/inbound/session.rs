@@ -48,6 +48,8 @@ enum Input {
     Closed,
     Timeout,
     Shutdown,
+    /// `limits.max_session_age` reached at a command boundary.
+    SessionTooOld,
 }
 
 enum Next {
@@ -73,6 +75,11 @@ pub struct Session<S> {
     tls_active: bool,
     /// Set by a successful AUTH; cleared by STARTTLS (a new session).
     auth: Option<AuthedUser>,
+    /// When the connection was accepted; carried across STARTTLS (`limits.max_session_age`).
+    started: Instant,
+    /// Commands without progress since the session began or the last accepted message
+    /// (`limits.max_junk_commands`); carried across STARTTLS.
+    junk: u32,
 }
 
 struct AuthedUser {
@@ -104,11 +111,13 @@ where
                 && let Some(acceptor) = acceptor
             {
                 let errors = plain.errors;
+                let (started, junk) = (plain.started, plain.junk);
                 if let Some(tls) = handshake(&acceptor, plain.stream, ip).await {
                     // RFC 3207 §4.2: everything learnt before TLS is forgotten; the client
                     // starts again with EHLO, and no new greeting is sent.
                     let mut s = Session::new(tls, ip, ctx, true);
                     s.errors = errors;
+                    (s.started, s.junk) = (started, junk);
                     s.serve(false).await;
                 }
             }
@@ -160,6 +169,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             discarding: 0,
             tls_active,
             auth: None,
+            started: Instant::now(),
+            junk: 0,
         }
     }
 
@@ -242,6 +253,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.close_with(&reply::SHUTTING_DOWN).await;
                     Next::Close
                 }
+                Input::SessionTooOld => {
+                    tracing::info!(client = %self.client_ip, "session older than limits.max_session_age: closing it with 421 4.7.0");
+                    self.close_with(&reply::SESSION_TOO_OLD).await;
+                    Next::Close
+                }
             };
             match next {
                 Next::Continue => {}
@@ -292,11 +308,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Reads a command line. AUTH may carry an initial response up to the SASL limit
     /// (RFC 4954 §4); every other command is held to 512 octets.
     async fn next_command(&mut self) -> Input {
-        let deadline = Instant::now() + self.ctx.config.limits.command_timeout;
+        // Issue 8 §3.3: NOOP and friends must not keep a session (and its slot) for ever.
+        // The age is checked between commands and while idle, never inside DATA, so a
+        // message in transfer is finished (and answered) first.
+        let now = Instant::now();
+        let too_old_at = self.started + self.ctx.config.limits.max_session_age;
+        if now >= too_old_at {
+            return Input::SessionTooOld;
+        }
+        let timeout_at = now + self.ctx.config.limits.command_timeout;
+        let deadline = timeout_at.min(too_old_at);
+        let expired = |input: Input| match input {
+            Input::Timeout if too_old_at < timeout_at => Input::SessionTooOld,
+            input => input,
+        };
         // Read until the verb is known (5 bytes, or a shorter complete line).
         while self.discarding == 0 && self.unread().len() < 5 && !self.unread().contains(&b'\n') {
             if let Err(e) = self.fill(deadline, true).await {
-                return e;
+                return expired(e);
             }
         }
         let u = self.unread();
@@ -308,7 +337,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         match self.next_line(max, deadline).await {
             Input::TooLong if is_auth => Input::AuthTooLong,
-            input => input,
+            input => expired(input),
         }
     }
 
@@ -397,6 +426,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn request(&mut self, req: Request<String>, line: &[u8]) -> Next {
+        // Commands that make no progress towards a message (Postfix's junk commands, plus
+        // the greetings and HELP). MAIL, RCPT, DATA, AUTH and STARTTLS are not counted; an
+        // accepted message or a successful AUTH starts the count again. Errors have their
+        // own cap (MAX_ERRORS).
+        if matches!(
+            req,
+            Request::Ehlo { .. }
+                | Request::Helo { .. }
+                | Request::Rset
+                | Request::Noop { .. }
+                | Request::Vrfy { .. }
+                | Request::Help { .. }
+        ) {
+            self.junk += 1;
+            if self.junk > self.ctx.config.limits.max_junk_commands {
+                tracing::info!(client = %self.client_ip, "more than limits.max_junk_commands commands without mail: closing the session with 421 4.7.0");
+                self.reply(&reply::TOO_MANY_JUNK_COMMANDS);
+                return Next::Close;
+            }
+        }
         match req {
             Request::Ehlo { host } => {
                 self.helo = Some(host);
@@ -461,7 +510,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Request::Auth {
                 mechanism,
                 initial_response,
-            } => self.authenticate(mechanism, &initial_response).await,
+            } => {
+                let before = self.auth.is_some();
+                let next = self.authenticate(mechanism, &initial_response).await;
+                if !before && self.auth.is_some() {
+                    self.junk = 0; // a successful AUTH is progress
+                }
+                next
+            }
             Request::Expn { .. }
             | Request::Bdat { .. }
             | Request::Etrn { .. }
@@ -540,7 +596,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             self.close_with(&reply::AUTH_LINE_TOO_LONG).await;
                             return Next::Close;
                         }
-                        Input::Closed => return Next::Close,
+                        // SessionTooOld comes only from `next_command`.
+                        Input::Closed | Input::SessionTooOld => return Next::Close,
                         Input::Timeout => {
                             self.close_with(&reply::TIMEOUT).await;
                             return Next::Close;
@@ -885,6 +942,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     "message accepted"
                 );
                 self.ctx.scheduler.queued(queued);
+                self.junk = 0;
                 self.reply(&reply::queued(&id));
             }
             Err(e) => {

@@ -97,6 +97,18 @@ pub const TOO_MANY_FROM_IP: Reply = Reply::fixed(
 pub const TOO_MANY_ERRORS: Reply =
     Reply::fixed(421, "4.7.0", "Too many errors, closing connection");
 pub const TIMEOUT: Reply = Reply::fixed(421, "4.4.2", "Timeout exceeded, closing connection");
+/// `limits.max_session_age` reached (issue 8 §3.3).
+pub const SESSION_TOO_OLD: Reply = Reply::fixed(
+    421,
+    "4.7.0",
+    "Session time limit reached, closing connection",
+);
+/// `limits.max_junk_commands` reached: EHLO/NOOP/RSET/VRFY/HELP without a message.
+pub const TOO_MANY_JUNK_COMMANDS: Reply = Reply::fixed(
+    421,
+    "4.7.0",
+    "Too many commands without mail, closing connection",
+);
 pub const STORAGE_FULL: Reply =
     Reply::fixed(452, "4.3.1", "Insufficient system storage, try again later");
 pub const TOO_MANY_RECIPIENTS: Reply = Reply::fixed(452, "4.5.3", "Too many recipients");

@@ -1488,6 +1488,136 @@ async fn b29_data_timeout_cuts_off_a_slow_sender_without_250() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Issue 8 section 3.3: session age and commands that make no progress (paused time)
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn max_session_age_ends_an_idle_session_with_421_4_7_0() {
+    let h = Harness::new("limits:\n  max_session_age: 10m\n  command_timeout: 5m\n");
+    let start = Instant::now();
+    let mut c = h.connect(PEER);
+    assert_eq!(summary(&c.reply().await), ["220"]);
+    assert_eq!(summary(&c.cmd("EHLO printer.lan").await), ["250"]);
+    // A NOOP every 4 minutes keeps the command timeout from ever firing.
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_secs(240)).await;
+        assert_eq!(summary(&c.cmd("NOOP").await), ["250 2.0.0"]);
+    }
+    let out = c.read_to_end().await;
+    let age = start.elapsed();
+    assert_eq!(
+        out,
+        "421 4.7.0 Session time limit reached, closing connection\r\n"
+    );
+    assert!(
+        age >= Duration::from_secs(600) && age < Duration::from_secs(601),
+        "closed after {age:?}"
+    );
+    c.task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_session_age_lets_a_data_transfer_finish_then_421() {
+    let h = Harness::new("limits:\n  max_session_age: 10m\n  command_timeout: 5m\n");
+    let start = Instant::now();
+    let mut c = h.connect(PEER);
+    assert_eq!(summary(&c.reply().await), ["220"]);
+    assert_eq!(summary(&c.cmd("EHLO printer.lan").await), ["250"]);
+    tokio::time::sleep(Duration::from_secs(240)).await;
+    assert_eq!(
+        summary(&c.cmd("MAIL FROM:<a@lan.example>").await),
+        ["250 2.1.0"]
+    );
+    assert_eq!(
+        summary(&c.cmd("RCPT TO:<b@ext.example>").await),
+        ["250 2.1.5"]
+    );
+    assert_eq!(summary(&c.cmd("DATA").await), ["354"]);
+    c.send(HDR.as_bytes()).await;
+    // The session passes its age in the middle of the message.
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_secs(240)).await;
+        c.send(b"slow line\r\n").await;
+    }
+    assert!(start.elapsed() > Duration::from_secs(600));
+    c.send(b".\r\n").await;
+    assert_eq!(summary(&c.reply().await), ["250 2.0.0"]);
+    let m = only_message(&h);
+    assert_eq!(
+        client_bytes(&m),
+        format!("{HDR}slow line\r\nslow line\r\n").as_bytes()
+    );
+    // Past its age, the session ends at the next command boundary: right after the 250.
+    assert_eq!(
+        c.read_to_end().await,
+        "421 4.7.0 Session time limit reached, closing connection\r\n"
+    );
+    c.task.await.unwrap();
+}
+
+#[tokio::test]
+async fn max_session_age_defaults_to_30_minutes() {
+    let h = Harness::new("limits:\n  max_session_age: 90s\n");
+    assert_eq!(h.ctx.config.limits.max_session_age, Duration::from_secs(90));
+    assert_eq!(
+        Harness::new("").ctx.config.limits.max_session_age,
+        Duration::from_secs(30 * 60)
+    );
+}
+
+#[tokio::test]
+async fn junk_commands_are_capped_at_30_by_default_then_421_4_7_0() {
+    let h = Harness::new("");
+    let mut input = EHLO.as_bytes().to_vec();
+    // EHLO plus 29 more commands that make no progress: 30 in all are answered.
+    let junk = [
+        "NOOP\r\n",
+        "RSET\r\n",
+        "VRFY root\r\n",
+        "HELP\r\n",
+        "EHLO again\r\n",
+    ];
+    for i in 0..29 {
+        input.extend_from_slice(junk[i % junk.len()].as_bytes());
+    }
+    input.extend_from_slice(b"NOOP\r\nMAIL FROM:<a@lan.example>\r\n");
+    let out = h.converse(PEER, &input).await;
+    let s = summary(&out);
+    assert_eq!(s.len(), 32, "{out}");
+    assert!(
+        s[1..31]
+            .iter()
+            .all(|r| !r.starts_with('4') && !r.starts_with('5')),
+        "{out}"
+    );
+    assert_eq!(s[31], "421 4.7.0", "{out}");
+    assert!(
+        out.ends_with("421 4.7.0 Too many commands without mail, closing connection\r\n"),
+        "{out}"
+    );
+    nothing_stored(&h);
+}
+
+#[tokio::test]
+async fn junk_command_count_restarts_after_a_delivered_message() {
+    let h = Harness::new("limits:\n  max_junk_commands: 5\n");
+    let msg = String::from_utf8(tx("a@lan.example", &["b@ext.example"], HDR.as_bytes())).unwrap();
+    // EHLO + 4 NOOP = 5; the message starts the count again; 5 more; MAIL and RCPT do
+    // not count, but the RSET that throws them away is the sixth.
+    let input = format!(
+        "{EHLO}NOOP\r\nNOOP\r\nNOOP\r\nNOOP\r\n{msg}NOOP\r\nNOOP\r\nNOOP\r\nNOOP\r\nNOOP\r\nMAIL FROM:<a@lan.example>\r\nRCPT TO:<b@ext.example>\r\nRSET\r\nNOOP\r\n"
+    );
+    let out = h.converse(PEER, input.as_bytes()).await;
+    let mut want = vec!["220", "250"];
+    want.extend(["250 2.0.0"; 4]);
+    want.extend(["250 2.1.0", "250 2.1.5", "354", "250 2.0.0"]);
+    want.extend(["250 2.0.0"; 5]);
+    want.extend(["250 2.1.0", "250 2.1.5", "421 4.7.0"]);
+    assert_eq!(summary(&out), codes(&want), "{out}");
+    assert_eq!(h.queued().len(), 1);
+}
+
+// ---------------------------------------------------------------------------------------
 // C30, C31: relay tests from an allowed client, junk
 // ---------------------------------------------------------------------------------------
 
