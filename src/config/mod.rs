@@ -207,6 +207,8 @@ pub struct Limits {
     pub max_session_age: Duration,
     /// Commands without progress a session may send (Postfix's smtpd_junk_command_limit).
     pub max_junk_commands: u32,
+    /// Longest header section accepted (everything before the first empty line).
+    pub max_header_size: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -510,6 +512,20 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             Some(n) => Some(n),
         },
     };
+    // 256 KiB is Exchange Online's own header limit.
+    let max_header_size = match &l.max_header_size {
+        None => 256 * 1024,
+        Some(s) => match parse_size(s) {
+            Some(n) if (1024..=64 * 1024 * 1024).contains(&n) => n as usize,
+            _ => {
+                errs.push(format!(
+                    "limits.max_header_size: invalid size {} (expected 1KiB to 64MiB, e.g. 256KiB)",
+                    show_size(s)
+                ));
+                256 * 1024
+            }
+        },
+    };
     let mut positive = |key: &str, v: Option<u64>, default: u64| -> usize {
         match v {
             None => default as usize,
@@ -701,6 +717,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             data_timeout,
             max_session_age,
             max_junk_commands,
+            max_header_size,
         },
         spool: SpoolConfig { path: spool_path },
         upstreams,
@@ -1003,6 +1020,38 @@ log:
             .unwrap_err()
             .to_string();
         assert!(e.contains("max_recipents"), "{e}");
+    }
+
+    #[test]
+    fn issue_8_session_and_header_keys() {
+        const MIN: &str = "upstreams:\n  - name: local\n    type: outbox\n    path: /tmp/outbox\n";
+        let c = from_yaml_str(MIN).unwrap();
+        assert_eq!(c.limits.max_header_size, 256 * 1024);
+        assert_eq!(c.limits.max_session_age, Duration::from_secs(30 * 60));
+        assert_eq!(c.limits.max_junk_commands, 30);
+        assert!(!c.received_auth_user);
+        assert!(c.listeners[0].broken_sasl_auth_clients);
+        let c = from_yaml_str(&format!(
+            "{MIN}limits:\n  max_header_size: 1MiB\n  max_session_age: 2h\n  max_junk_commands: 5\nreceived_auth_user: true\nlisteners:\n  - address: \"127.0.0.1:25\"\n    broken_sasl_auth_clients: false\n"
+        ))
+        .unwrap();
+        assert_eq!(c.limits.max_header_size, 1024 * 1024);
+        assert_eq!(c.limits.max_session_age, Duration::from_secs(2 * 3600));
+        assert_eq!(c.limits.max_junk_commands, 5);
+        assert!(c.received_auth_user);
+        assert!(!c.listeners[0].broken_sasl_auth_clients);
+        let e = from_yaml_str(&format!(
+            "{MIN}limits:\n  max_header_size: 100\n  max_session_age: never\n  max_junk_commands: 0\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "limits.max_header_size: invalid size 100 (expected 1KiB to 64MiB",
+            "limits.max_session_age: invalid duration \"never\"",
+            "limits.max_junk_commands: must be at least 1",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in:\n{e}");
+        }
     }
 
     #[test]

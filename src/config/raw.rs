@@ -126,6 +126,8 @@ pub struct RawLimits {
     pub max_session_age: Option<String>,
     /// Commands without progress (EHLO, NOOP, RSET, ...) before 421 4.7.0 (default 30).
     pub max_junk_commands: Option<u64>,
+    /// Longest header section accepted (default 256 KiB, Exchange Online's limit).
+    pub max_header_size: Option<RawSize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -18,7 +18,7 @@ use super::SessionCtx;
 use super::auth::{self, SaslExchange, Step};
 use crate::config::{BareLf, TlsMode};
 use crate::smtp::data::DataDecoder;
-use crate::smtp::headers::{self, TraceInfo};
+use crate::smtp::headers::{self, FromProblem, HeadState, TraceInfo};
 use crate::smtp::reply::{self, Reply};
 use crate::spool::{Envelope, Recipient, new_id, now_ms};
 
@@ -830,7 +830,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // Content is held here until the header section has been scanned for Date and
         // Message-ID, then our headers go first and everything streams to the spool.
         let mut head: Option<Vec<u8>> = Some(Vec::new());
-        let mut header_from: Vec<String> = Vec::new();
+        // Issue 8 §3.2/§3.7: the whole header section is scanned (incrementally) and its
+        // From parsed; a refused message is not written to the spool at all.
+        let mut scan = headers::HeaderScan::new(cfg.limits.max_header_size);
+        let mut head_refusal: Option<Reply> = None;
         let mut out = Vec::with_capacity(READ_CHUNK + 1024);
         let deadline = Instant::now() + cfg.limits.data_timeout;
         // RFC 3848 / RFC 6531 "with" keywords: S for TLS, A for AUTH.
@@ -881,13 +884,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             };
             if let Some(h) = head.as_mut() {
                 h.extend_from_slice(&out);
-                if let Some(present) = headers::scan(h, found.is_some()) {
-                    let h = head.take().unwrap_or_default();
-                    header_from = headers::from_addresses(&h);
-                    incoming.write(&trace(present)).await;
-                    incoming.write(&h).await;
+                match scan.feed(h, found.is_some()) {
+                    HeadState::Pending => {}
+                    HeadState::TooBig => {
+                        head = None;
+                        tracing::warn!(client = %self.client_ip, max = cfg.limits.max_header_size, "header section over limits.max_header_size: refusing the message");
+                        head_refusal = Some(reply::header_too_big(cfg.limits.max_header_size));
+                    }
+                    HeadState::Done { end, present } => {
+                        let h = head.take().unwrap_or_default();
+                        head_refusal = self.header_from_refusal(&h[..end], scan.from_fields());
+                        if head_refusal.is_none() {
+                            incoming.write(&trace(present)).await;
+                            incoming.write(&h).await;
+                        }
+                    }
                 }
-            } else if !out.is_empty() {
+            } else if !out.is_empty() && head_refusal.is_none() {
                 incoming.write(&out).await;
             }
             if found.is_some() {
@@ -914,15 +927,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Some(reply::LINE_OVER_998)
         } else if flags.bare_lf && self.ctx.listener.bare_lf == BareLf::Reject {
             Some(reply::BARE_LF)
-        } else if let Some(bad) = header_from
-            .iter()
-            .find(|a| !crate::config::sender_allowed(self.sender_patterns(), a))
-        {
-            // Refused here rather than bounced later by Exchange with 5.7.60 (C34).
-            tracing::warn!(client = %self.client_ip, header_from = %bad, "header From not allowed for this client or user");
-            Some(reply::HEADER_FROM_NOT_ALLOWED)
         } else {
-            None
+            head_refusal
         };
         if let Some(r) = refusal {
             drop(incoming);
@@ -951,6 +957,42 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
         Next::Continue
+    }
+}
+
+impl<S> Session<S> {
+    /// The header From policy (behaviour.md C34, issue 8 §3.2) for a complete header
+    /// section: every mailbox's addr-spec must match the client's sender patterns. Several
+    /// From fields are always refused; a From without mailboxes only where the patterns
+    /// restrict the sender (with `*` there is nothing to protect, and `sender_rewrite:
+    /// mailbox` replaces such a From upstream).
+    fn header_from_refusal(&self, head: &[u8], from_fields: usize) -> Option<Reply> {
+        let patterns = match &self.auth {
+            Some(user) => &user.allowed_senders,
+            None => &self.ctx.config.access.allowed_senders,
+        };
+        match headers::header_from(head, from_fields) {
+            Ok(addresses) => {
+                let bad = addresses
+                    .iter()
+                    .find(|a| !crate::config::sender_allowed(patterns, a))?;
+                // Refused here rather than bounced later by Exchange with 5.7.60 (C34).
+                tracing::warn!(client = %self.client_ip, header_from = %bad, "header From not allowed for this client or user");
+                Some(reply::HEADER_FROM_NOT_ALLOWED)
+            }
+            Err(FromProblem::NotMailboxes)
+                if patterns.contains(&crate::config::SenderPattern::Any) =>
+            {
+                None
+            }
+            Err(problem) => {
+                tracing::warn!(client = %self.client_ip, %problem, "header From refused");
+                Some(match problem {
+                    FromProblem::Several(_) => reply::SEVERAL_HEADER_FROM,
+                    FromProblem::NotMailboxes => reply::HEADER_FROM_NOT_MAILBOXES,
+                })
+            }
+        }
     }
 }
 

@@ -708,6 +708,142 @@ async fn c34_header_from_outside_allowed_senders_is_refused_before_queueing() {
     assert!(String::from_utf8_lossy(&msgs[0].content).contains("Subject: ok"));
 }
 
+/// One message from an allowed client whose header section is `head` (ending in its empty
+/// line), envelope sender `from`; returns the reply to the final dot.
+async fn header_from_verdict(h: &Harness, from: &str, head: &str) -> String {
+    let input = format!(
+        "{EHLO}MAIL FROM:<{from}>\r\nRCPT TO:<b@ext.example>\r\nDATA\r\n{head}body\r\n.\r\nQUIT\r\n"
+    );
+    let out = h.converse(PEER, input.as_bytes()).await;
+    let s = summary(&out);
+    assert_eq!(
+        s[..5],
+        ["220", "250", "250 2.1.0", "250 2.1.5", "354"],
+        "{out}"
+    );
+    assert_eq!(s[6], "221 2.0.0", "{out}");
+    assert_eq!(s.len(), 7, "{out}");
+    s[5].clone()
+}
+
+const PRINTERS: &str = "access:\n  allowed_senders: [\"*@printers.corp.example\"]\n";
+
+#[tokio::test]
+async fn c34_header_from_after_64_kib_of_other_headers_is_checked() {
+    let h = Harness::new(PRINTERS);
+    // Far enough past 64 KiB that the From arrives in a later read than the first 64 KiB.
+    let mut filler = String::new();
+    while filler.len() < 200 * 1024 {
+        filler.push_str(&format!(
+            "X-Filler-{:05}: {}\r\n",
+            filler.len(),
+            "y".repeat(60)
+        ));
+    }
+    let head = format!("{filler}From: ceo@corp.example\r\nSubject: x\r\n\r\n");
+    let r = header_from_verdict(&h, "x@printers.corp.example", &head).await;
+    assert_eq!(r, "550 5.7.1");
+    nothing_stored(&h);
+    // The same header section with an allowed From goes through whole.
+    let head = format!("{filler}From: x@printers.corp.example\r\nSubject: x\r\n\r\n");
+    let r = header_from_verdict(&h, "x@printers.corp.example", &head).await;
+    assert_eq!(r, "250 2.0.0");
+    let m = only_message(&h);
+    assert!(m.content.ends_with(format!("{head}body\r\n").as_bytes()));
+}
+
+#[tokio::test]
+async fn c34_comments_holding_a_quote_or_angle_do_not_hide_a_mailbox() {
+    let h = Harness::new(PRINTERS);
+    for from in [
+        "From: ceo@corp.example (\"), x@printers.corp.example",
+        "From: (<) ceo@corp.example, x@printers.corp.example",
+    ] {
+        let r =
+            header_from_verdict(&h, "x@printers.corp.example", &format!("{from}\r\n\r\n")).await;
+        assert_eq!(r, "550 5.7.1", "{from}");
+    }
+    nothing_stored(&h);
+}
+
+#[tokio::test]
+async fn c34_quoted_angle_address_after_the_mailbox_is_not_what_is_checked() {
+    let h = Harness::new("access:\n  allowed_senders: [\"scanner@ok.example\"]\n");
+    let r = header_from_verdict(
+        &h,
+        "scanner@ok.example",
+        "From: <ceo@corp.example> \"<scanner@ok.example>\"\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r, "550 5.7.1");
+    nothing_stored(&h);
+}
+
+#[tokio::test]
+async fn c34_empty_angle_brackets_after_an_address_do_not_check_nothing() {
+    let h = Harness::new(PRINTERS);
+    let r = header_from_verdict(
+        &h,
+        "x@printers.corp.example",
+        "From: ceo@corp.example <>\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r, "550 5.7.1");
+    nothing_stored(&h);
+}
+
+#[tokio::test]
+async fn c34_several_from_fields_are_refused_even_for_any_sender() {
+    let h = Harness::new("");
+    for head in [
+        "From: a@lan.example\r\nFrom: ceo@corp.example\r\n\r\n",
+        "From: a@lan.example\r\nSubject: x\r\nfrom : ceo@corp.example\r\n\r\n",
+    ] {
+        let r = header_from_verdict(&h, "a@lan.example", head).await;
+        assert_eq!(r, "550 5.7.1", "{head}");
+    }
+    nothing_stored(&h);
+}
+
+#[tokio::test]
+async fn c34_from_without_a_mailbox_is_refused_where_senders_are_restricted() {
+    let h = Harness::new(PRINTERS);
+    for head in [
+        "From: Scanner\r\n\r\n",
+        "From: <>\r\n\r\n",
+        "From: undisclosed:;\r\n\r\n",
+        "junk line\r\nFrom: ceo@corp.example\r\n\r\n",
+    ] {
+        let r = header_from_verdict(&h, "x@printers.corp.example", head).await;
+        assert_eq!(r, "550 5.7.1", "{head}");
+    }
+    nothing_stored(&h);
+    // With `*` (the default) there is no sender to protect: such a From passes.
+    let h = Harness::new("");
+    let r = header_from_verdict(&h, "a@lan.example", "From: Scanner\r\n\r\n").await;
+    assert_eq!(r, "250 2.0.0");
+}
+
+#[tokio::test]
+async fn header_section_over_limits_max_header_size_is_refused_550_5_7_1() {
+    let h = Harness::new("limits:\n  max_header_size: 4KiB\n");
+    let mut head = String::new();
+    while head.len() < 5 * 1024 {
+        head.push_str(&format!("X-Filler: {}\r\n", "y".repeat(60)));
+    }
+    let r = header_from_verdict(&h, "a@lan.example", &format!("{head}\r\n")).await;
+    assert_eq!(r, "550 5.7.1");
+    // A message without the empty line is all header section.
+    let r = header_from_verdict(&h, "a@lan.example", &head).await;
+    assert_eq!(r, "550 5.7.1");
+    nothing_stored(&h);
+    // Just under the limit is fine.
+    let small = &head[..3 * 1024 + 4];
+    let cut = small.rfind("\r\n").unwrap() + 2;
+    let r = header_from_verdict(&h, "a@lan.example", &format!("{}\r\n", &head[..cut])).await;
+    assert_eq!(r, "250 2.0.0");
+}
+
 #[tokio::test]
 async fn b20_nul_in_command_is_500_5_5_2() {
     let h = Harness::new("");
