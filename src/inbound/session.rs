@@ -312,11 +312,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // The age is checked between commands and while idle, never inside DATA, so a
         // message in transfer is finished (and answered) first.
         let now = Instant::now();
-        let too_old_at = self.started + self.ctx.config.limits.max_session_age;
+        let timeout_at = now + self.ctx.config.limits.command_timeout;
+        // An age too large for the clock means no age limit, not a panic.
+        let too_old_at = self
+            .started
+            .checked_add(self.ctx.config.limits.max_session_age)
+            .unwrap_or(timeout_at);
         if now >= too_old_at {
             return Input::SessionTooOld;
         }
-        let timeout_at = now + self.ctx.config.limits.command_timeout;
         let deadline = timeout_at.min(too_old_at);
         let expired = |input: Input| match input {
             Input::Timeout if too_old_at < timeout_at => Input::SessionTooOld,

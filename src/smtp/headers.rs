@@ -1,6 +1,9 @@
-//! Trace and missing headers: the `Received:` line we prepend (RFC 5321 §4.4), and `Date:` /
-//! `Message-ID:` for devices that leave them out (RFC 5322 §3.6 requires Date; many printers
-//! omit both). Inputs here (HELO names, header bytes) are untrusted and are cleaned.
+//! The client's header section and the headers we add: an incremental scan that finds the
+//! end of the header section, `Date:`, `Message-ID:` and the `From:` fields; the `From:`
+//! mailboxes for the sender policy (RFC 5322 parsing by mail-parser); the `Received:` line
+//! we prepend (RFC 5321 §4.4), and `Date:` / `Message-ID:` for devices that leave them out
+//! (RFC 5322 §3.6 requires Date; many printers omit both). Inputs here (HELO names, header
+//! bytes) are untrusted: they are bounded, parsed without panics, and cleaned.
 
 use std::time::SystemTime;
 
