@@ -1256,6 +1256,22 @@ async fn b25_bad_sequence_503_unknown_verb_500_bad_syntax_501() {
 // ---------------------------------------------------------------------------------------
 
 #[tokio::test]
+async fn quirk_space_after_colon_lowercase_verbs_and_8bit_without_body_param() {
+    let h = Harness::new("");
+    let body = "Subject: caf\u{e9}\r\nDate: Mon, 01 Jan 2024 00:00:00 +0000\r\nMessage-ID: <q@lan.example>\r\n\r\nCaf\u{e9} cr\u{e8}me\r\n";
+    let input = format!(
+        "ehlo printer.lan\r\nmail from: <a@lan.example>\r\nrcpt to: <b@ext.example>\r\ndata\r\n{body}.\r\nquit\r\n"
+    );
+    let out = h.converse(PEER, input.as_bytes()).await;
+    assert_eq!(summary(&out), codes(&OK_SESSION), "{out}");
+    let m = only_message(&h);
+    assert_eq!(m.envelope.sender, "a@lan.example");
+    assert_eq!(rcpts(&m), ["b@ext.example"]);
+    assert_eq!(m.envelope.body, None, "no BODY= given, none invented");
+    assert_eq!(client_bytes(&m), body.as_bytes());
+}
+
+#[tokio::test]
 async fn quirk_mail_and_rcpt_without_brackets_are_accepted_as_bracketed() {
     let h = Harness::new("");
     let input = format!(
