@@ -1707,6 +1707,67 @@ async fn max_session_age_lets_a_data_transfer_finish_then_421() {
     c.task.await.unwrap();
 }
 
+/// Sends `line` inside TLS and reads one reply (all lines of a multi-line one).
+async fn tls_cmd<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    t: &mut S,
+    line: &str,
+) -> String {
+    use tokio::io::AsyncReadExt;
+    t.write_all(format!("{line}\r\n").as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        assert_eq!(t.read(&mut byte).await.unwrap(), 1, "closed: {out:?}");
+        out.push(byte[0]);
+        if out.ends_with(b"\r\n") {
+            let last = out[..out.len() - 2]
+                .rsplit(|&b| b == b'\n')
+                .next()
+                .unwrap_or_default();
+            if last.get(3) != Some(&b'-') {
+                return String::from_utf8_lossy(&out).into_owned();
+            }
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_session_age_counts_from_the_connection_across_starttls() {
+    let h = Harness::new(
+        "listeners:\n  - address: \"127.0.0.1:0\"\n    tls: starttls\nlimits:\n  max_session_age: 10m\n  command_timeout: 5m\n",
+    );
+    let start = Instant::now();
+    let mut c = h.connect(PEER);
+    assert_eq!(summary(&c.reply().await), ["220"]);
+    tokio::time::sleep(Duration::from_secs(240)).await;
+    assert_eq!(summary(&c.cmd("EHLO printer.lan").await), ["250"]);
+    assert_eq!(summary(&c.cmd("STARTTLS").await), ["220 2.0.0"]);
+    let (spare, _) = tokio::io::duplex(1);
+    let stream = std::mem::replace(&mut c.stream, spare);
+    let name = rustls_pki_types::ServerName::try_from("relay.test").unwrap();
+    let mut t = h.tls_connector().connect(name, stream).await.unwrap();
+    assert!(
+        tls_cmd(&mut t, "EHLO printer.lan")
+            .await
+            .starts_with("250-")
+    );
+    tokio::time::sleep(Duration::from_secs(240)).await;
+    assert_eq!(tls_cmd(&mut t, "NOOP").await, "250 2.0.0 Ok\r\n");
+    // 10 minutes after the connection, not after STARTTLS (which would be 14 minutes, and
+    // the command timeout would come first, at 13).
+    let mut out = Vec::new();
+    let _ = tokio::io::AsyncReadExt::read_to_end(&mut t, &mut out).await;
+    let age = start.elapsed();
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "421 4.7.0 Session time limit reached, closing connection\r\n"
+    );
+    assert!(
+        age >= Duration::from_secs(600) && age < Duration::from_secs(601),
+        "closed after {age:?}"
+    );
+}
+
 #[tokio::test]
 async fn max_session_age_defaults_to_30_minutes() {
     let h = Harness::new("limits:\n  max_session_age: 90s\n");
