@@ -32,6 +32,9 @@ pub struct Config {
     pub routes: Vec<Route>,
     pub queue: QueueConfig,
     pub log: LogConfig,
+    /// `Received:` carries `(Authenticated sender: USER)` (off by default: the header goes to
+    /// every recipient, and device account names are nobody's business outside).
+    pub received_auth_user: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -141,6 +144,8 @@ pub struct Listener {
     pub require_auth: bool,
     /// AUTH may be used before TLS (legacy devices only).
     pub allow_plaintext_auth: bool,
+    /// EHLO also lists `AUTH=PLAIN LOGIN` (Postfix's `broken_sasl_auth_clients`).
+    pub broken_sasl_auth_clients: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -202,6 +207,12 @@ pub struct Limits {
     pub reserved_connections: usize,
     pub command_timeout: Duration,
     pub data_timeout: Duration,
+    /// Oldest a session may get; checked at each command and while idle, never in DATA.
+    pub max_session_age: Duration,
+    /// Commands without progress a session may send (Postfix's smtpd_junk_command_limit).
+    pub max_junk_commands: u32,
+    /// Longest header section accepted (everything before the first empty line).
+    pub max_header_size: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -430,6 +441,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             bare_lf: None,
             require_auth: None,
             allow_plaintext_auth: None,
+            broken_sasl_auth_clients: None,
         }]
     });
     if raw_listeners.is_empty() {
@@ -476,6 +488,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
                 bare_lf,
                 require_auth: l.require_auth.unwrap_or(false),
                 allow_plaintext_auth: l.allow_plaintext_auth.unwrap_or(false),
+                broken_sasl_auth_clients: l.broken_sasl_auth_clients.unwrap_or(true),
             });
         }
     }
@@ -566,6 +579,20 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             Some(n) => Some(n),
         },
     };
+    // 256 KiB is Exchange Online's own header limit.
+    let max_header_size = match &l.max_header_size {
+        None => 256 * 1024,
+        Some(s) => match parse_size(s) {
+            Some(n) if (1024..=64 * 1024 * 1024).contains(&n) => n as usize,
+            _ => {
+                errs.push(format!(
+                    "limits.max_header_size: invalid size {} (expected 1KiB to 64MiB, e.g. 256KiB)",
+                    show_size(s)
+                ));
+                256 * 1024
+            }
+        },
+    };
     let mut positive = |key: &str, v: Option<u64>, default: u64| -> usize {
         match v {
             None => default as usize,
@@ -584,6 +611,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         32,
     );
     let workers = positive("queue.workers", raw.queue.workers, 8);
+    let max_junk_commands =
+        positive("limits.max_junk_commands", l.max_junk_commands, 30).min(u32::MAX as usize) as u32;
     let reserved_connections = match l.reserved_connections {
         None => max_connections / 4,
         Some(n) if n as usize >= max_connections => {
@@ -605,6 +634,12 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         "limits.data_timeout",
         l.data_timeout.as_deref(),
         "10m",
+    );
+    let max_session_age = duration(
+        &mut errs,
+        "limits.max_session_age",
+        l.max_session_age.as_deref(),
+        "30m",
     );
 
     let spool_path = PathBuf::from(
@@ -758,6 +793,9 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             reserved_connections,
             command_timeout,
             data_timeout,
+            max_session_age,
+            max_junk_commands,
+            max_header_size,
         },
         spool: SpoolConfig { path: spool_path },
         upstreams,
@@ -770,6 +808,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         },
         log: LogConfig { level, format },
         routes,
+        received_auth_user: raw.received_auth_user.unwrap_or(false),
     })
 }
 
@@ -964,6 +1003,7 @@ pub fn demo(dir: &Path) -> Config {
             bare_lf: None,
             require_auth: None,
             allow_plaintext_auth: None,
+            broken_sasl_auth_clients: None,
         }]),
         upstreams: vec![RawUpstream::Outbox(raw::RawOutbox {
             name: "demo-outbox".into(),
@@ -1059,6 +1099,38 @@ log:
             .unwrap_err()
             .to_string();
         assert!(e.contains("max_recipents"), "{e}");
+    }
+
+    #[test]
+    fn issue_8_session_and_header_keys() {
+        const MIN: &str = "upstreams:\n  - name: local\n    type: outbox\n    path: /tmp/outbox\n";
+        let c = from_yaml_str(MIN).unwrap();
+        assert_eq!(c.limits.max_header_size, 256 * 1024);
+        assert_eq!(c.limits.max_session_age, Duration::from_secs(30 * 60));
+        assert_eq!(c.limits.max_junk_commands, 30);
+        assert!(!c.received_auth_user);
+        assert!(c.listeners[0].broken_sasl_auth_clients);
+        let c = from_yaml_str(&format!(
+            "{MIN}limits:\n  max_header_size: 1MiB\n  max_session_age: 2h\n  max_junk_commands: 5\nreceived_auth_user: true\nlisteners:\n  - address: \"127.0.0.1:25\"\n    broken_sasl_auth_clients: false\n"
+        ))
+        .unwrap();
+        assert_eq!(c.limits.max_header_size, 1024 * 1024);
+        assert_eq!(c.limits.max_session_age, Duration::from_secs(2 * 3600));
+        assert_eq!(c.limits.max_junk_commands, 5);
+        assert!(c.received_auth_user);
+        assert!(!c.listeners[0].broken_sasl_auth_clients);
+        let e = from_yaml_str(&format!(
+            "{MIN}limits:\n  max_header_size: 100\n  max_session_age: never\n  max_junk_commands: 0\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "limits.max_header_size: invalid size 100 (expected 1KiB to 64MiB",
+            "limits.max_session_age: invalid duration \"never\"",
+            "limits.max_junk_commands: must be at least 1",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in:\n{e}");
+        }
     }
 
     #[test]

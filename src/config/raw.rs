@@ -32,6 +32,9 @@ pub struct RawConfig {
     /// Sender pattern -> upstream; first match wins.
     #[serde(default)]
     pub routes: Vec<RawRoute>,
+    /// Name the AUTH user in our `Received:` header (Postfix's
+    /// `smtpd_sasl_authenticated_header`; default false).
+    pub received_auth_user: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -86,6 +89,8 @@ pub struct RawListener {
     pub require_auth: Option<bool>,
     /// AUTH before TLS (legacy devices only).
     pub allow_plaintext_auth: Option<bool>,
+    /// Also advertise `AUTH=PLAIN LOGIN` in EHLO (Postfix's name; default true).
+    pub broken_sasl_auth_clients: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -119,6 +124,12 @@ pub struct RawLimits {
     pub reserved_connections: Option<u64>,
     pub command_timeout: Option<String>,
     pub data_timeout: Option<String>,
+    /// A session is closed (421 4.7.0) once it is this old (default 30m).
+    pub max_session_age: Option<String>,
+    /// Commands without progress (EHLO, NOOP, RSET, ...) before 421 4.7.0 (default 30).
+    pub max_junk_commands: Option<u64>,
+    /// Longest header section accepted (default 256 KiB, Exchange Online's limit).
+    pub max_header_size: Option<RawSize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
