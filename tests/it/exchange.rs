@@ -1086,3 +1086,155 @@ async fn a_probe_that_fails_after_auth_keeps_the_upstream_paused() {
     );
     assert_eq!(s.ex.received_count(), 0);
 }
+
+/// Messages in `queue/` addressed to `rcpt` (the spool's envelope files name recipients).
+fn queued_to(relay: &Relay, rcpt: &str) -> usize {
+    std::fs::read_dir(relay.queue_dir())
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".msg"))
+                .filter(|e| {
+                    std::fs::read(e.path())
+                        .map(|b| String::from_utf8_lossy(&b).contains(rcpt))
+                        .unwrap_or(false)
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// A sender or tenant block (`reply` at `stage`): the upstream pauses with the remedy, the
+/// message is never bounced, probes come at the longest `queue.retry` interval (15 min by
+/// default), and once Exchange lifts the block everything goes out by itself.
+async fn sender_block_pauses_then_resumes(stage: Stage, reply: &str, problem: &str) {
+    let s = Setup::new(Duration::from_secs(3600)).await;
+    s.ex.add_rule(Rule::reply(stage, reply));
+    let relay = s.relay(&limits(3, 6000), "").start();
+    send_scan(&relay, "blocked").await;
+    let v = relay.wait_log("upstream paused", LONG).expect("paused");
+    assert_eq!(v["problem"], problem, "{v}");
+    let remedy = v["remedy"].as_str().unwrap();
+    for want in [
+        "Restricted entities",
+        "probes every 15 minutes and resumes by itself",
+    ] {
+        assert!(remedy.contains(want), "{want}: {remedy}");
+    }
+    // Not along queue.retry's back-off (1 s first): at its longest interval.
+    assert_eq!(v["next_probe"], "2s", "{v}");
+    // A probe fails the same way: still paused, nothing bounced, no second alert.
+    assert!(
+        relay.wait_log("upstream still paused", LONG).is_some(),
+        "{}",
+        relay.transcript()
+    );
+    assert_eq!(count_files(&relay.spool.join("failed")), 0);
+    assert_eq!(s.ex.received_count(), 0);
+    assert!(
+        wait_until(SHORT, || queued_to(&relay, "postmaster@contoso.com") == 1).await,
+        "the alert waits too"
+    );
+    // Microsoft lifts the block: the next probe goes through and the upstream resumes.
+    s.ex.clear_rules();
+    assert!(
+        relay
+            .wait_log("upstream works again; delivery resumed", LONG)
+            .is_some(),
+        "{}",
+        relay.transcript()
+    );
+    assert!(
+        s.ex.wait_for_received(3, LONG).await,
+        "{}",
+        relay.transcript()
+    );
+    assert!(wait_until(SHORT, || count_files(&relay.queue_dir()) == 0).await);
+    assert_eq!(count_files(&relay.spool.join("failed")), 0);
+    let got = s.ex.received();
+    assert!(got.iter().any(|m| m.rcpt_to == vec!["a@fabrikam.com"]));
+    // Alerts: "paused" and "works again", to the postmaster; no DSN to the sender.
+    let alerts: Vec<String> = got
+        .iter()
+        .filter(|m| m.rcpt_to == vec!["postmaster@contoso.com"])
+        .map(|m| String::from_utf8_lossy(&m.data).into_owned())
+        .collect();
+    assert_eq!(alerts.len(), 2, "{alerts:?}");
+    assert!(
+        alerts
+            .iter()
+            .any(|a| a.contains(&format!("paused: {problem}")) && a.contains("Restricted entities")),
+        "{alerts:?}"
+    );
+    assert!(!got.iter().any(|m| m.rcpt_to == vec!["scanner@contoso.com"]));
+    let n = relay
+        .logs()
+        .iter()
+        .filter(|v| v["message"] == "upstream paused")
+        .count();
+    assert_eq!(n, 1, "one pause for the whole episode");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_outbound_sender_5_1_8_pauses_never_bounces_and_resumes_by_itself() {
+    use crate::fake_exchange::REPLY_BAD_OUTBOUND_SENDER;
+    sender_block_pauses_then_resumes(Stage::Mail, REPLY_BAD_OUTBOUND_SENDER, "sender_restricted")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_threshold_5_7_705_pauses_never_bounces_and_resumes_by_itself() {
+    use crate::fake_exchange::REPLY_TENANT_THRESHOLD;
+    sender_block_pauses_then_resumes(Stage::Dot, REPLY_TENANT_THRESHOLD, "tenant_blocked").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unregistered_domain_5_7_750_bounces_only_that_domain() {
+    use crate::fake_exchange::REPLY_UNREGISTERED_DOMAIN;
+    let s = Setup::new(Duration::from_secs(3600)).await;
+    s.ex.add_rule(
+        Rule::reply(Stage::Mail, REPLY_UNREGISTERED_DOMAIN).when("@unregistered.example"),
+    );
+    let relay = s.relay(&limits(3, 6000), "").start();
+    let stray = "scanner@unregistered.example";
+    assert_eq!(
+        send(
+            relay.addr(),
+            stray,
+            &["a@fabrikam.com"],
+            message(stray, "stray")
+        )
+        .await,
+        250
+    );
+    send_scan(&relay, "fine").await;
+    // The message from the registered domain and the DSN to the stray sender arrive.
+    assert!(
+        s.ex.wait_for_received(2, LONG).await,
+        "{}",
+        relay.transcript()
+    );
+    let got = s.ex.received();
+    assert!(
+        got.iter()
+            .any(|m| m.mail_from == "scanner@contoso.com" && m.rcpt_to == vec!["a@fabrikam.com"])
+    );
+    let dsn = got
+        .iter()
+        .find(|m| m.rcpt_to == vec![stray])
+        .expect("DSN to the sender");
+    let text = String::from_utf8_lossy(&dsn.data);
+    assert!(text.contains("Status: 5.7.750"), "{text}");
+    // The explanation is wrapped: compare with single spaces.
+    let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(
+        flat.contains("verify it in the Microsoft 365 admin center > Settings > Domains"),
+        "{text}"
+    );
+    assert!(wait_until(SHORT, || count_files(&relay.spool.join("failed")) == 1).await);
+    assert!(wait_until(SHORT, || count_files(&relay.queue_dir()) == 0).await);
+    assert!(
+        !log_has(&relay, "upstream paused"),
+        "{}",
+        relay.transcript()
+    );
+}

@@ -38,6 +38,13 @@ pub const REPLY_AUTH_FAILED: &str =
     "535 5.7.3 Authentication unsuccessful [SN4PR0501CA0000.namprd05.prod.outlook.com]";
 pub const REPLY_SEND_AS_DENIED: &str =
     "550 5.7.60 SMTP; Client does not have permissions to send as this sender";
+/// Exchange's sender blocks (exchange-online.md), for [`Rule::reply`]: the mailbox is
+/// restricted for outbound spam (every message gets it, usually at MAIL FROM or the dot) ...
+pub const REPLY_BAD_OUTBOUND_SENDER: &str = "550 5.1.8 Access denied, bad outbound sender";
+/// ... the whole tenant is blocked ...
+pub const REPLY_TENANT_THRESHOLD: &str = "550 5.7.705 Access denied, tenant has exceeded threshold";
+/// ... or the sender's domain is not an accepted domain of the tenant (one domain only).
+pub const REPLY_UNREGISTERED_DOMAIN: &str = "550 5.7.750 Service unavailable. Client blocked from sending from unregistered domains. For more information please go to https://go.microsoft.com/fwlink/?linkid=2147960";
 
 /// Where a [`Rule`] is checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -403,7 +403,7 @@ impl Exchange {
             _ => 0,
         };
         let changed = !matches!(&*st, State::Paused { problem: p, .. } if p.key() == problem.key());
-        let delay = self.retry[backoff.min(self.retry.len() - 1)];
+        let delay = self.probe_delay(&problem, backoff);
         let reason = format!("{} ({detail})", problem.meaning());
         if changed {
             let remedy = problem.remedy(&self.cfg.mailbox, &self.cfg.credentials.client_id);
@@ -420,11 +420,17 @@ impl Exchange {
                 self.send_alert(
                 format!("mailbridge: upstream {} paused: {}", self.name, problem.key()),
                 format!(
-                    "mailbridge stopped delivering through upstream {} (mailbox {}).\r\n\r\nCause: {}\r\nUpstream said: {detail}\r\n\r\nRemedy: {remedy}\r\n\r\nMail stays queued; mailbridge tries again by itself (back-off up to {}) and resumes when it works.\r\n",
+                    "mailbridge stopped delivering through upstream {} (mailbox {}).\r\n\r\nCause: {}\r\nUpstream said: {detail}\r\n\r\nRemedy: {remedy}\r\n\r\nMail stays queued; mailbridge tries again by itself ({}) and resumes when it works.\r\n",
                     self.name,
                     self.cfg.mailbox,
                     problem.meaning(),
-                    humantime::format_duration(*self.retry.last().unwrap()),
+                    match problem.probe_every() {
+                        Some(_) => format!("every {}", humantime::format_duration(delay)),
+                        None => format!(
+                            "back-off up to {}",
+                            humantime::format_duration(*self.retry.last().unwrap())
+                        ),
+                    },
                 ),
             );
             }
@@ -441,6 +447,16 @@ impl Exchange {
         drop(st);
         self.state_changed.notify_waiters();
         delay
+    }
+
+    /// When to probe a paused upstream: the next step of `queue.retry`, or, for blocks that
+    /// Microsoft lifts on its own schedule (5.1.8, 5.7.705), a fixed slow pace (15 min, or
+    /// the longest `queue.retry` interval if that is shorter).
+    fn probe_delay(&self, problem: &Problem, backoff: usize) -> Duration {
+        match problem.probe_every() {
+            Some(every) => every.min(*self.retry.last().unwrap()),
+            None => self.retry[backoff.min(self.retry.len() - 1)],
+        }
     }
 
     fn hold(&self, for_: Duration, reason: String, problem: Option<&Problem>) {
