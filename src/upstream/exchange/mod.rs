@@ -18,7 +18,8 @@ pub mod classify;
 pub mod conn;
 pub mod rewrite;
 
-use std::collections::HashMap;
+use std::collections::{HashSet, VecDeque};
+use std::hash::{BuildHasher, RandomState};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -142,7 +143,7 @@ pub struct Exchange {
     state: Mutex<State>,
     state_changed: Notify,
     /// Problems already explained in the log (per key + detail), so a remedy is written once.
-    noted: Mutex<HashMap<String, Instant>>,
+    noted: Mutex<Noted>,
     retry: Vec<Duration>,
     alerts: Option<mpsc::UnboundedSender<Alert>>,
     /// Cancelled when the daemon stops taking messages off the queue: waits for a send slot
@@ -204,7 +205,7 @@ impl Exchange {
             endpoint,
             state: Mutex::new(State::Ok),
             state_changed: Notify::new(),
-            noted: Mutex::new(HashMap::new()),
+            noted: Mutex::new(Noted::default()),
             retry: if retry.is_empty() {
                 vec![Duration::from_secs(60)]
             } else {
@@ -491,12 +492,9 @@ impl Exchange {
 
     /// Logs a problem's remedy the first time it is seen (per key and detail).
     fn note_once(&self, problem: &Problem, detail: &str) {
-        let key = format!("{}:{detail}", problem.key());
-        let mut noted = self.noted.lock().unwrap();
-        if noted.contains_key(&key) {
+        if !self.noted.lock().unwrap().first(problem.key(), detail) {
             return;
         }
-        noted.insert(key, Instant::now());
         tracing::warn!(
             upstream = %self.name,
             problem = problem.key(),
@@ -979,6 +977,47 @@ impl Exchange {
     }
 }
 
+/// How many (problem, detail) pairs are remembered as already logged.
+const NOTED_MAX: usize = 1024;
+
+/// The warn-once memory: which (problem, detail) pairs were already logged with their
+/// remedy. The detail is a sender address or a reply text, so it comes from outside and
+/// can take endless values: only a 64-bit keyed hash of each pair is kept (never the text),
+/// at most [`NOTED_MAX`] of them, the oldest forgotten first. A forgotten pair is at worst
+/// logged once more.
+#[derive(Default)]
+struct Noted {
+    hasher: RandomState,
+    seen: HashSet<u64>,
+    order: VecDeque<u64>,
+}
+
+impl Noted {
+    /// `true` the first time `(key, detail)` is seen (since it was forgotten).
+    fn first(&mut self, key: &str, detail: &str) -> bool {
+        let h = self.hasher.hash_one((key, detail));
+        if !self.seen.insert(h) {
+            return false;
+        }
+        self.order.push_back(h);
+        while self.order.len() > NOTED_MAX {
+            if let Some(old) = self.order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+        true
+    }
+
+    fn clear(&mut self) {
+        self.seen.clear();
+        self.order.clear();
+    }
+
+    fn len(&self) -> usize {
+        self.seen.len()
+    }
+}
+
 #[derive(Default)]
 struct TxResult {
     outcomes: Vec<(usize, RcptOutcome)>,
@@ -1075,5 +1114,33 @@ impl Upstream for Exchange {
 
     fn deliver(&self, attempt: Attempt) -> BoxFuture<'_, Report> {
         Box::pin(self.deliver_all(attempt))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_warn_once_memory_is_bounded() {
+        let mut n = Noted::default();
+        assert!(n.first("send_as_denied", "a@x.example"));
+        assert!(!n.first("send_as_denied", "a@x.example"));
+        assert!(n.first("not_authenticated", "a@x.example"));
+        // Every new sender or reply text is a new pair: the memory stays at its cap.
+        for i in 0..20 * NOTED_MAX {
+            assert!(n.first("send_as_denied", &format!("sender{i}@x.example")));
+            assert!(n.len() <= NOTED_MAX);
+        }
+        assert_eq!(n.len(), NOTED_MAX);
+        // The newest are still remembered; the oldest were forgotten first.
+        let last = format!("sender{}@x.example", 20 * NOTED_MAX - 1);
+        assert!(!n.first("send_as_denied", &last));
+        assert!(n.first("send_as_denied", "a@x.example"));
+        // A long detail costs no more than a short one (only its hash is kept).
+        assert!(n.first("send_as_denied", &"x".repeat(1 << 20)));
+        n.clear();
+        assert_eq!(n.len(), 0);
+        assert!(n.first("send_as_denied", &last));
     }
 }
