@@ -1013,6 +1013,7 @@ impl Noted {
         self.order.clear();
     }
 
+    #[cfg(test)]
     fn len(&self) -> usize {
         self.seen.len()
     }
