@@ -1238,3 +1238,80 @@ async fn unregistered_domain_5_7_750_bounces_only_that_domain() {
         relay.transcript()
     );
 }
+
+/// What a man in the middle sends after the 220 to STARTTLS so that the relay, reading it
+/// after the upgrade, sees the EHLO reply and then `rest` as Exchange's answers.
+fn injected(rest: &str) -> String {
+    format!(
+        "250-fake.outlook.office365.com Hello\r\n250-AUTH LOGIN XOAUTH2\r\n250 SMTPUTF8\r\n{rest}"
+    )
+}
+
+/// Injected replies after the 220 to STARTTLS are never believed: the connection is closed
+/// as tampered with, the message stays queued (no bounce, no hold, no alert) and goes out
+/// later over a clean connection, exactly once.
+async fn starttls_injection_is_refused(rest: &str) {
+    let s = Setup::new(Duration::from_secs(3600)).await;
+    s.ex.inject_after_starttls(&injected(rest), 1);
+    let relay = s.relay(&limits(3, 6000), "").start();
+    send_scan(&relay, "inj").await;
+    let v = relay.wait_log("upstream paused", LONG).expect("paused");
+    assert_eq!(v["problem"], "starttls_injection", "{v}");
+    assert!(
+        v["remedy"].as_str().unwrap().contains("SMTP inspection"),
+        "{v}"
+    );
+    let injected = s.ex.injected_connections();
+    assert_eq!(injected.len(), 1);
+    // The relay never finished the handshake on that connection.
+    assert!(
+        wait_until(SHORT, || s.ex.tls_failed_connections() == injected).await,
+        "{:?} {:?}",
+        s.ex.tls_failed_connections(),
+        injected
+    );
+    // Later, over a clean connection, the message goes out once.
+    assert!(
+        s.ex.wait_for_received(1, LONG).await,
+        "{}",
+        relay.transcript()
+    );
+    assert!(wait_until(SHORT, || count_files(&relay.queue_dir()) == 0).await);
+    let got = s.ex.received();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].rcpt_to, vec!["a@fabrikam.com"]);
+    assert!(!injected.contains(&got[0].conn));
+    assert!(s.ex.auths().iter().all(|a| !injected.contains(&a.conn)));
+    assert_eq!(count_files(&relay.spool.join("failed")), 0);
+    assert!(!log_has(&relay, "upstream held"), "{}", relay.transcript());
+    assert!(!log_has(&relay, "delivery failed permanently"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_injection_of_a_fake_235_is_refused() {
+    starttls_injection_is_refused("334 \r\n235 2.7.0 Authentication successful\r\n").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_injection_of_a_fake_250_to_the_dot_is_refused() {
+    starttls_injection_is_refused(
+        "334 \r\n235 2.7.0 Authentication successful\r\n250 2.1.0 Sender OK\r\n250 2.1.5 Recipient OK\r\n354 Start mail input; end with <CRLF>.<CRLF>\r\n250 2.6.0 <fake@x> [InternalId=1] Queued mail for delivery\r\n",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_injection_of_a_fake_550_is_refused() {
+    starttls_injection_is_refused(
+        "334 \r\n235 2.7.0 Authentication successful\r\n250 2.1.0 Sender OK\r\n550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup\r\n",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_injection_of_a_quota_reply_is_refused() {
+    starttls_injection_is_refused(
+        "334 \r\n235 2.7.0 Authentication successful\r\n250 2.1.0 Sender OK\r\n250 2.1.5 Recipient OK\r\n354 Start mail input; end with <CRLF>.<CRLF>\r\n554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed to process message\r\n",
+    )
+    .await;
+}

@@ -189,6 +189,13 @@ struct Inner {
     recipients: usize,
     bare_lf: bool,
     next_id: u64,
+    /// Raw bytes sent right behind the `220` to STARTTLS (same write), and how many more
+    /// connections get them.
+    inject: Option<(Vec<u8>, usize)>,
+    /// Connections that got the injection.
+    injected_conns: Vec<u64>,
+    /// Connections whose TLS handshake failed after the 220 to STARTTLS.
+    tls_failed_conns: Vec<u64>,
 }
 
 struct Shared {
@@ -292,6 +299,9 @@ impl FakeExchange {
                 recipients: 0,
                 bare_lf: false,
                 next_id: 0,
+                inject: None,
+                injected_conns: Vec::new(),
+                tls_failed_conns: Vec::new(),
             }),
         });
         let accept_shared = shared.clone();
@@ -418,6 +428,25 @@ impl FakeExchange {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
+    }
+
+    /// A man in the middle: on the next `times` connections, `raw` (replies with their
+    /// CRLFs, e.g. `"250 ok\r\n235 2.7.0 Authentication successful\r\n"`) is sent right
+    /// after the `220` to STARTTLS, in the same write, before the TLS handshake. A client
+    /// that reads them as replies after the upgrade has been fooled.
+    pub fn inject_after_starttls(&self, raw: &str, times: usize) {
+        self.shared.lock().inject = Some((raw.as_bytes().to_vec(), times));
+    }
+
+    /// Connections (ids as in [`Received::conn`]) that got an injection.
+    pub fn injected_connections(&self) -> Vec<u64> {
+        self.shared.lock().injected_conns.clone()
+    }
+
+    /// Connections whose TLS handshake failed after the `220` to STARTTLS (the client
+    /// closed, or did not trust us).
+    pub fn tls_failed_connections(&self) -> Vec<u64> {
+        self.shared.lock().tls_failed_conns.clone()
     }
 
     /// Benchmarks: keep only counts and byte totals, not the messages.
@@ -920,6 +949,16 @@ impl Session {
             return Ok(None);
         }
         self.reply("220 2.0.0 SMTP server ready");
+        {
+            let mut inner = self.shared.lock();
+            if let Some((raw, left)) = &mut inner.inject
+                && *left > 0
+            {
+                *left -= 1;
+                self.out.extend_from_slice(raw);
+                inner.injected_conns.push(self.conn);
+            }
+        }
         self.flush().await?;
         // Anything the client pipelined after STARTTLS is discarded (RFC 3207 §4.2): it stays
         // in the old buffer.
@@ -928,7 +967,13 @@ impl Session {
             return Err(io::Error::other("STARTTLS on a non-plain stream"));
         };
         // A failed handshake (TLS < 1.2, a client that does not trust us) ends the session.
-        let tls = self.shared.acceptor.accept(tcp).await?;
+        let tls = match self.shared.acceptor.accept(tcp).await {
+            Ok(tls) => tls,
+            Err(e) => {
+                self.shared.lock().tls_failed_conns.push(self.conn);
+                return Err(e);
+            }
+        };
         self.reader = BufReader::with_capacity(64 * 1024, Conn::Tls(Box::new(tls)));
         self.tls = true;
         self.helo = false;

@@ -73,6 +73,9 @@ pub enum Problem {
     NoXoauth2,
     /// The TLS handshake failed or timed out.
     Tls(String),
+    /// Bytes followed the `220` reply to STARTTLS (before the TLS handshake): someone on the
+    /// path tried to inject replies that would be read as if they came over TLS.
+    StartTlsInjection(String),
     /// TCP connect failed (refused, unreachable, DNS).
     Unreachable(String),
     /// The token endpoint refused or failed; the text has its own meaning and remedy.
@@ -102,6 +105,7 @@ impl Problem {
             Problem::NoStartTls => "no_starttls",
             Problem::NoXoauth2 => "no_xoauth2",
             Problem::Tls(_) => "tls_failed",
+            Problem::StartTlsInjection(_) => "starttls_injection",
             Problem::Unreachable(_) => "unreachable",
             Problem::Token { .. } => "token",
         }
@@ -113,6 +117,7 @@ impl Problem {
         matches!(
             self,
             Problem::Unreachable(_)
+                | Problem::StartTlsInjection(_)
                 | Problem::Token {
                     temporary: true,
                     ..
@@ -147,6 +152,7 @@ impl Problem {
             Problem::NoStartTls => "the upstream server does not offer STARTTLS; mailbridge never sends mail or tokens in plaintext".into(),
             Problem::NoXoauth2 => "the upstream server does not offer AUTH XOAUTH2 after STARTTLS".into(),
             Problem::Tls(e) => format!("the TLS handshake with the upstream failed: {e}"),
+            Problem::StartTlsInjection(e) => format!("the connection to the upstream was tampered with before TLS ({e}): something on the path sent data behind the server's go-ahead for STARTTLS, which would have been read as replies from Exchange; mailbridge closed the connection without trusting any of it"),
             Problem::Unreachable(e) => format!("cannot connect to the upstream: {e}"),
             Problem::Token { meaning, .. } => meaning.clone(),
         }
@@ -184,6 +190,7 @@ impl Problem {
             Problem::XoauthInvalid => format!("check that `mailbox` ({mailbox}) is the mailbox's primary address (UPN); run `mailbridge token` to inspect the token"),
             Problem::NoStartTls | Problem::NoXoauth2 => "check `host` and `port` of the upstream: Exchange Online is smtp.office365.com port 587".into(),
             Problem::Tls(_) => "allow outgoing TLS 1.2/1.3 to the upstream on port 587, exclude it from TLS inspection, or add the inspecting proxy's CA with `ca_file`".into(),
+            Problem::StartTlsInjection(_) => "look for a firewall, proxy or \"SMTP inspection\" (fixup) feature between mailbridge and the upstream that rewrites SMTP on port 587, and turn it off for this traffic; if there is none, treat it as an attack on the network path. Mail stays queued and is retried by itself; nothing was sent".into(),
             Problem::Unreachable(_) => "check DNS and that outgoing TCP port 587 to the upstream is open (firewall, proxy); `host` and `port` set the address".into(),
             Problem::Token { remedy, .. } => remedy.clone(),
         }
@@ -790,6 +797,7 @@ mod tests {
             Problem::NoStartTls,
             Problem::NoXoauth2,
             Problem::Tls("handshake".into()),
+            Problem::StartTlsInjection("12 bytes".into()),
             Problem::Unreachable("refused".into()),
         ];
         for p in &all {
