@@ -134,6 +134,18 @@ fn count_files(dir: &Path) -> usize {
         .unwrap_or(0)
 }
 
+/// "delivery deferred" log lines whose error contains `needle`.
+fn deferrals(relay: &Relay, needle: &str) -> usize {
+    relay
+        .logs()
+        .iter()
+        .filter(|v| {
+            v["message"] == "delivery deferred"
+                && v["error"].as_str().is_some_and(|e| e.contains(needle))
+        })
+        .count()
+}
+
 fn log_has(relay: &Relay, needle: &str) -> bool {
     relay.logs().iter().any(|v| v.to_string().contains(needle))
 }
@@ -297,8 +309,15 @@ async fn persistent_535_pauses_with_remedy_then_resumes_by_itself() {
             .unwrap()
             .contains("Add-MailboxPermission -Identity relay@contoso.com")
     );
-    // Never bounced: the message is still queued, nothing in failed/.
-    assert_eq!(count_files(&relay.queue_dir()), 1);
+    // Never bounced: the message is still queued next to the alert (queued on its own
+    // time, so waited for), nothing in failed/, no DSN.
+    assert!(
+        wait_until(SHORT, || queued_to(&relay, "postmaster@contoso.com") == 1).await,
+        "{}",
+        relay.transcript()
+    );
+    assert_eq!(queued_to(&relay, "a@fabrikam.com"), 1);
+    assert_eq!(count_files(&relay.queue_dir()), 2);
     assert_eq!(count_files(&relay.spool.join("failed")), 0);
     // Fixed upstream: a probe finds out and everything goes out, the alert included.
     s.ex.clear_rules();
@@ -537,8 +556,19 @@ async fn quota_exceeded_defers_and_holds_instead_of_bouncing() {
             .contains("recipients_per_day"),
         "{held}"
     );
-    // Still queued, not failed, and not retried within the next seconds (held ~1 h).
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Held ~1 h: the next attempts (every 2 s, the longest queue.retry) are deferred by the
+    // hold without reaching Exchange. Shown by those deferrals, not by waiting.
+    let conns = s.ex.connections_total();
+    assert!(
+        wait_until(LONG, || deferrals(&relay, "the mailbox reached") >= 2).await,
+        "{}",
+        relay.transcript()
+    );
+    assert_eq!(
+        s.ex.connections_total(),
+        conns,
+        "no new connection while held"
+    );
     assert_eq!(count_files(&relay.queue_dir()), 1);
     assert_eq!(count_files(&relay.spool.join("failed")), 0);
     assert_eq!(s.ex.received_count(), 0);
@@ -584,7 +614,14 @@ async fn tenant_wide_smtp_auth_disabled_pauses_and_explains() {
         "{}",
         relay.transcript()
     );
-    assert_eq!(count_files(&relay.queue_dir()), 1);
+    // Still queued (next to the postmaster alert, queued on its own time: waited for).
+    assert!(
+        wait_until(SHORT, || queued_to(&relay, "postmaster@contoso.com") == 1).await,
+        "{}",
+        relay.transcript()
+    );
+    assert_eq!(queued_to(&relay, "a@fabrikam.com"), 1);
+    assert_eq!(count_files(&relay.spool.join("failed")), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -599,7 +636,12 @@ async fn invalid_client_secret_is_explained_and_mail_waits() {
         relay.transcript()
     );
     assert!(log_has(&relay, "7000215"), "{}", relay.transcript());
-    assert_eq!(count_files(&relay.queue_dir()), 1);
+    assert!(
+        wait_until(SHORT, || queued_to(&relay, "postmaster@contoso.com") == 1).await,
+        "{}",
+        relay.transcript()
+    );
+    assert_eq!(queued_to(&relay, "a@fabrikam.com"), 1);
     assert!(!relay.transcript().contains("fake-secret-value"));
     s.token.fail_always(None);
     assert!(
@@ -724,7 +766,13 @@ async fn large_envelopes_are_split_and_the_daily_recipient_cap_holds_mail() {
             .contains("recipients_per_day"),
         "{held}"
     );
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Its next attempts are deferred by the hold (the reason starts with the key): shown by
+    // those deferrals, not by waiting.
+    assert!(
+        wait_until(LONG, || deferrals(&relay, "limits.recipients_per_day") >= 2).await,
+        "{}",
+        relay.transcript()
+    );
     assert_eq!(s.ex.received_count(), 3);
     assert_eq!(count_files(&relay.queue_dir()), 1);
     // The count survives a restart (the file under state_dir).
@@ -879,7 +927,10 @@ async fn a_spool_read_error_mid_message_never_sends_the_final_dot() {
     };
     let r = session.data(Vec::new(), len, reader).await;
     assert!(r.is_err(), "{r:?}");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(session);
+    // The fake ends the session when the relay closes it; only then is it certain that
+    // nothing more arrives.
+    assert!(wait_until(SHORT, || s.ex.open_connections() == 0).await);
     assert_eq!(
         s.ex.received_count(),
         0,
@@ -978,7 +1029,14 @@ async fn sigterm_does_not_wait_for_send_slots_and_keeps_the_mail() {
         );
     }
     assert!(s.ex.wait_for_received(1, LONG).await);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The others take a connection (the pooled one, or a new one with AUTH) before they
+    // wait for their send slots (30 s and 60 s away): wait until a second connection has
+    // authenticated, so SIGTERM finds at least one of them waiting.
+    assert!(
+        wait_until(SHORT, || s.ex.auths().len() >= 2).await,
+        "{:?}",
+        s.ex.auths()
+    );
     relay.sigterm();
     // Well before the 25 s grace: nobody waits for a slot 30 s away.
     let status = tokio::task::spawn_blocking(move || {
@@ -1079,9 +1137,8 @@ async fn a_probe_that_fails_after_auth_keeps_the_upstream_paused() {
         "{}",
         relay.transcript()
     );
-    assert_eq!(
-        count_files(&relay.queue_dir()),
-        2,
+    assert!(
+        wait_until(SHORT, || count_files(&relay.queue_dir()) == 2).await,
         "the message and the alert wait"
     );
     assert_eq!(s.ex.received_count(), 0);

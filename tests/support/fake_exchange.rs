@@ -196,6 +196,8 @@ struct Inner {
     injected_conns: Vec<u64>,
     /// Connections whose TLS handshake failed after the 220 to STARTTLS.
     tls_failed_conns: Vec<u64>,
+    /// Sessions that reached a `hang` rule (after flushing every reply before it).
+    hung: usize,
 }
 
 struct Shared {
@@ -302,6 +304,7 @@ impl FakeExchange {
                 inject: None,
                 injected_conns: Vec::new(),
                 tls_failed_conns: Vec::new(),
+                hung: 0,
             }),
         });
         let accept_shared = shared.clone();
@@ -447,6 +450,12 @@ impl FakeExchange {
     /// closed, or did not trust us).
     pub fn tls_failed_connections(&self) -> Vec<u64> {
         self.shared.lock().tls_failed_conns.clone()
+    }
+
+    /// Sessions that reached a `hang` rule. Counted after everything sent before the hang
+    /// was flushed: from then on that session sends nothing.
+    pub fn hung_connections(&self) -> usize {
+        self.shared.lock().hung
     }
 
     /// Benchmarks: keep only counts and byte totals, not the messages.
@@ -666,6 +675,7 @@ async fn connection(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
         Ok(End::Hang) => {
             // Never answer; keep reading until the client gives up. Still counts as open.
             let _ = session.flush().await;
+            session.shared.lock().hung += 1;
             let mut sink = tokio::io::sink();
             let _ = tokio::io::copy(&mut session.reader, &mut sink).await;
             drop(guard);
