@@ -599,12 +599,14 @@ async fn tenant_wide_smtp_auth_disabled_pauses_and_explains() {
     send_scan(&relay, "t").await;
     let v = relay.wait_log("upstream paused", LONG).expect("paused");
     assert_eq!(v["problem"], "smtp_auth_disabled");
+    let remedy = v["remedy"].as_str().unwrap();
     assert!(
-        v["remedy"]
-            .as_str()
-            .unwrap()
-            .contains("Set-TransportConfig -SmtpClientAuthenticationDisabled $false")
+        remedy.contains(
+            "Set-CASMailbox -Identity relay@contoso.com -SmtpClientAuthenticationDisabled $false"
+        ),
+        "{remedy}"
     );
+    assert!(!remedy.contains("Set-TransportConfig"), "{remedy}");
     // No forced token refresh for this one: it is not a token problem.
     assert!(
         !log_has(

@@ -43,7 +43,7 @@ impl Step {
 pub enum Problem {
     /// `535 5.7.3` even with a freshly issued token.
     AuthRejected,
-    /// `535 5.7.139`: SMTP AUTH disabled for the tenant (or security defaults).
+    /// `535 5.7.139`: SMTP AUTH not enabled for the mailbox (tenant default off).
     SmtpAuthDisabled,
     /// `550 5.7.30`: a password was used instead of a token.
     BasicAuthRejected,
@@ -138,7 +138,7 @@ impl Problem {
     pub fn meaning(&self) -> String {
         match self {
             Problem::AuthRejected => "Exchange Online refused the OAuth token (535 5.7.3) even right after a new one was fetched: the app is not allowed to send as this mailbox".into(),
-            Problem::SmtpAuthDisabled => "SMTP AUTH (client submission) is disabled for the tenant, or security defaults block it (535 5.7.139)".into(),
+            Problem::SmtpAuthDisabled => "SMTP AUTH (client submission) is not enabled for this mailbox: it is off for the tenant and not turned on for the mailbox, or the change is still propagating (535 5.7.139)".into(),
             Problem::BasicAuthRejected => "Exchange Online saw a password instead of an OAuth token (5.7.30)".into(),
             Problem::MailboxLogonFailure => "the app cannot open the sending mailbox (430 4.2.0 mailbox logon failure): it lacks the mailbox permission".into(),
             Problem::SendAsDenied => "the mailbox may not send as this message's sender (5.7.60 / SendAsDenied): the header From is not the authenticated mailbox and no SendAs right exists".into(),
@@ -168,7 +168,7 @@ impl Problem {
                  4) `Set-CASMailbox -Identity {mailbox} -SmtpClientAuthenticationDisabled $false`. Changes can take up to an hour to apply; mailbridge retries by itself"
             ),
             Problem::SmtpAuthDisabled => format!(
-                "`Set-TransportConfig -SmtpClientAuthenticationDisabled $false` and `Set-CASMailbox -Identity {mailbox} -SmtpClientAuthenticationDisabled $false`; if security defaults are on (Entra admin center > Overview > Properties > Manage security defaults), they block SMTP AUTH: turn them off and use Conditional Access instead"
+                "turn SMTP AUTH on for this mailbox only: `Set-CASMailbox -Identity {mailbox} -SmtpClientAuthenticationDisabled $false` (Exchange Online PowerShell); the per-mailbox setting overrides the tenant's, which can stay off for everyone else. A 5.7.139 soon after that change is propagation: it can take up to an hour, and mailbridge retries by itself. Security defaults block Basic authentication, not OAuth SMTP AUTH: leave them on"
             ),
             Problem::BasicAuthRejected => "check that the upstream's `type` is `exchange-online` and that nothing between mailbridge and Exchange (a proxy) rewrites AUTH".into(),
             Problem::MailboxLogonFailure => format!(
@@ -809,11 +809,15 @@ mod tests {
                 .remedy("relay@contoso.com", "app-id")
                 .contains("Add-MailboxPermission -Identity relay@contoso.com")
         );
+        // Per mailbox, never tenant-wide; security defaults do not block OAuth SMTP AUTH.
+        let r = Problem::SmtpAuthDisabled.remedy("m", "a");
         assert!(
-            Problem::SmtpAuthDisabled
-                .remedy("m", "a")
-                .contains("Set-TransportConfig -SmtpClientAuthenticationDisabled $false")
+            r.contains("Set-CASMailbox -Identity m -SmtpClientAuthenticationDisabled $false"),
+            "{r}"
         );
+        assert!(r.contains("up to an hour"), "{r}");
+        assert!(!r.contains("Set-TransportConfig"), "{r}");
+        assert!(!r.contains("turn them off"), "{r}");
         assert!(
             Problem::SendAsDenied
                 .remedy("m", "a")
