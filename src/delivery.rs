@@ -413,7 +413,11 @@ fn explain(recipients: &[crate::dsn::DsnRecipient], mailbox: Option<&str>) -> St
     use crate::upstream::exchange::classify::{Step, Verdict, classify};
     let mut text = String::new();
     for r in recipients {
-        let (code, rest) = r.reply.split_at(r.reply.len().min(3));
+        // The reply is text from the upstream: split only where it is ASCII digits.
+        let (code, rest) = match r.reply.get(..3) {
+            Some(code) if code.bytes().all(|b| b.is_ascii_digit()) => (code, &r.reply[3..]),
+            _ => continue,
+        };
         if let Ok(code) = code.parse::<u16>()
             && let Verdict::Fail { problem: Some(p) } = classify(Step::Dot, code, rest.trim(), true)
         {
@@ -704,6 +708,19 @@ mod tests {
                 .starts_with("4.4.7 delivery time expired")
         );
         assert_eq!(state.recipients[0].status, RcptStatus::Failed);
+    }
+
+    #[test]
+    fn any_reply_text_can_be_explained_without_a_panic() {
+        for reply in ["", "5", "0 é", "5é0 x", "€€€", "550", "550 5.7.60 x"] {
+            let r = crate::dsn::DsnRecipient {
+                address: "a@x".into(),
+                action: crate::dsn::Action::Failed,
+                reply: reply.into(),
+                remote_mta: None,
+            };
+            let _ = explain(&[r], Some("relay@contoso.com"));
+        }
     }
 
     /// An upstream with a bug: the first `panics` attempts panic, later ones deliver.
