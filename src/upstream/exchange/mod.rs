@@ -21,7 +21,7 @@ pub mod rewrite;
 use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{Notify, mpsc};
@@ -35,6 +35,13 @@ use super::{Attempt, BoxFuture, RcptOutcome, Report, Upstream};
 use crate::config::exchange::{ExchangeConfig, SenderRewrite};
 use crate::spool::Envelope;
 use crate::token::{Token, TokenHandle};
+
+/// Locks `m` even if a panic (a bug) poisoned it: the upstream's state stays consistent
+/// enough (each change is one assignment), and a poisoned lock would otherwise turn every
+/// later delivery through this upstream into another panic.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// An idle authenticated connection is closed after this long.
 pub const IDLE_MAX: Duration = Duration::from_secs(30);
@@ -266,7 +273,7 @@ impl Exchange {
     }
 
     pub fn status(&self) -> Status {
-        let st = self.state.lock().unwrap().clone();
+        let st = lock(&self.state).clone();
         let (m, c) = (&self.cfg.mailbox, &self.cfg.credentials.client_id);
         match st {
             State::Ok => Status {
@@ -293,7 +300,7 @@ impl Exchange {
     /// Closes idle sessions past [`IDLE_MAX`] (all of them when `all`).
     async fn reap(&self, all: bool) {
         let old: Vec<Idle> = {
-            let mut pool = self.mb.pool.lock().unwrap();
+            let mut pool = lock(&self.mb.pool);
             let now = Instant::now();
             let (old, keep): (Vec<Idle>, Vec<Idle>) = pool
                 .drain(..)
@@ -316,7 +323,7 @@ impl Exchange {
         loop {
             let notified = self.state_changed.notified();
             {
-                let mut st = self.state.lock().unwrap();
+                let mut st = lock(&self.state);
                 let now = Instant::now();
                 match &mut *st {
                     State::Ok => return Ok(false),
@@ -355,7 +362,7 @@ impl Exchange {
     /// The probe reached the upstream: unpause. Only a pause whose probe is still running
     /// ends here; if the probe itself paused again (or a hold began), that state stays.
     fn resume(&self) {
-        let mut st = self.state.lock().unwrap();
+        let mut st = lock(&self.state);
         let State::Paused {
             problem,
             probing: true,
@@ -376,7 +383,7 @@ impl Exchange {
                 ),
             );
         }
-        self.noted.lock().unwrap().clear();
+        lock(&self.noted).clear();
         *st = State::Ok;
         drop(st);
         self.state_changed.notify_waiters();
@@ -384,7 +391,7 @@ impl Exchange {
 
     /// A probe (or a delivery) ended without resolving anything: let the next one try.
     fn end_probe(&self) {
-        let mut st = self.state.lock().unwrap();
+        let mut st = lock(&self.state);
         if let State::Paused { probing, .. } = &mut *st {
             *probing = false;
         }
@@ -394,7 +401,7 @@ impl Exchange {
 
     /// Pauses (or keeps paused, with a longer back-off). Returns the delay to the next probe.
     fn pause(&self, problem: Problem, detail: &str) -> Duration {
-        let mut st = self.state.lock().unwrap();
+        let mut st = lock(&self.state);
         let backoff = match &*st {
             State::Paused {
                 backoff,
@@ -461,7 +468,7 @@ impl Exchange {
     }
 
     fn hold(&self, for_: Duration, reason: String, problem: Option<&Problem>) {
-        let mut st = self.state.lock().unwrap();
+        let mut st = lock(&self.state);
         let until = Instant::now() + for_;
         if !matches!(&*st, State::Held { .. }) {
             tracing::warn!(
@@ -492,7 +499,7 @@ impl Exchange {
 
     /// Logs a problem's remedy the first time it is seen (per key and detail).
     fn note_once(&self, problem: &Problem, detail: &str) {
-        if !self.noted.lock().unwrap().first(problem.key(), detail) {
+        if !lock(&self.noted).first(problem.key(), detail) {
             return;
         }
         tracing::warn!(
@@ -561,7 +568,7 @@ impl Exchange {
         loop {
             let returned = self.mb.pool_returned.notified();
             let idle = {
-                let mut pool = self.mb.pool.lock().unwrap();
+                let mut pool = lock(&self.mb.pool);
                 let now = Instant::now();
                 let mut found = None;
                 while let Some(i) = pool.pop() {
@@ -603,7 +610,7 @@ impl Exchange {
             });
             return;
         }
-        self.mb.pool.lock().unwrap().push(Idle {
+        lock(&self.mb.pool).push(Idle {
             session: l.session,
             permit: l.permit,
             since: Instant::now(),
@@ -1121,6 +1128,71 @@ impl Upstream for Exchange {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An upstream pointing at nothing (nothing here connects).
+    fn idle_upstream(dir: &std::path::Path) -> Arc<Exchange> {
+        use crate::config::exchange::ExchangeLimits;
+        let limits = ExchangeLimits {
+            connections: 3,
+            messages_per_minute: 30,
+            recipients_per_day: 10_000,
+            recipients_per_message: 500,
+        };
+        let creds = crate::token::ClientCredentials {
+            token_url: "http://127.0.0.1:9/token".into(),
+            client_id: "app".into(),
+            scope: "s".into(),
+            secret: crate::token::ClientSecret::Secret(crate::secret::Secret::new("x")),
+        };
+        let cfg = ExchangeConfig {
+            mailbox: "relay@contoso.com".into(),
+            tenant_id: "contoso.com".into(),
+            host: "localhost".into(),
+            port: 9,
+            ca_file: None,
+            helo_name: "relay.test".into(),
+            sender_rewrite: SenderRewrite::None,
+            limits: limits.clone(),
+            credentials: creds.clone(),
+            credential_source: "client_secret".into(),
+        };
+        let tokens = TokenHandle::new(crate::token::http_client().unwrap(), creds);
+        let mb = Mailbox::new(&limits, dir.join("counter.json"));
+        Exchange::start(
+            "contoso",
+            cfg,
+            tokens,
+            mb,
+            vec![Duration::from_secs(60)],
+            None,
+            CancellationToken::new(),
+            CancellationToken::new(),
+        )
+        .unwrap()
+    }
+
+    /// A panic while the state was locked (a bug) must not turn every later delivery
+    /// through this upstream into a panic as well.
+    #[tokio::test]
+    async fn a_panic_under_the_state_lock_does_not_break_the_upstream() {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let x = idle_upstream(dir.path());
+        x.pause(Problem::AuthRejected, "535 5.7.3");
+        let poisoned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _state = x.state.lock().unwrap();
+            let _noted = x.noted.lock().unwrap();
+            let _pool = x.mb.pool.lock().unwrap();
+            panic!("bug while holding the locks (test)");
+        }));
+        assert!(poisoned.is_err());
+        assert!(x.state.is_poisoned());
+        assert_eq!(x.status().state, "paused");
+        assert!(x.gate().await.is_err(), "still paused, deferred");
+        x.note_once(&Problem::SendAsDenied, "a@x.example");
+        x.reap(true).await;
+        x.end_probe();
+    }
 
     #[test]
     fn the_warn_once_memory_is_bounded() {
