@@ -1374,3 +1374,28 @@ async fn starttls_injection_of_a_quota_reply_is_refused() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_endpoint_claiming_an_endless_lifetime_panics_nothing() {
+    let s = Setup::new(Duration::from_secs(3600)).await;
+    // 2^64-1 seconds: `now + expires_in` would overflow.
+    s.token.claim_expires_in(Some(u64::MAX));
+    let relay = s.relay(&limits(3, 6000), "").start();
+    send_scan(&relay, "endless").await;
+    assert!(
+        s.ex.wait_for_received(1, LONG).await,
+        "{}",
+        relay.transcript()
+    );
+    assert!(wait_until(SHORT, || count_files(&relay.queue_dir()) == 0).await);
+    let fetched = relay
+        .wait_log("token fetched", SHORT)
+        .expect("token fetched");
+    assert_eq!(fetched["expires_in"], 86400, "capped at a day: {fetched}");
+    assert!(!log_has(&relay, "crashed"), "{}", relay.transcript());
+    assert!(
+        !relay.transcript().contains("panicked"),
+        "{}",
+        relay.transcript()
+    );
+}
