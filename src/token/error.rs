@@ -126,9 +126,11 @@ impl TokenError {
                  client_secret_file"
             }
             Some(700016) => {
-                "the application is not known in this tenant: check client_id (the Application \
-                 (client) ID) and tenant_id (the Directory (tenant) ID), and that an administrator \
-                 of this tenant has granted admin consent to the app"
+                "the application is not known in this tenant: client_id or tenant_id is wrong \
+                 (this is not a consent problem). client_id must be the Application (client) ID, \
+                 not an Object ID or a secret's ID, and tenant_id the Directory (tenant) ID of the \
+                 tenant where the app is registered (Entra ID > App registrations > the app > \
+                 Overview)"
             }
             Some(90002) => {
                 "the tenant does not exist: check tenant_id (the Directory (tenant) ID or a \

@@ -1001,3 +1001,23 @@ fn certificate_expiry_is_warned_30_days_ahead() {
     let gone = c.expiry_warning(not_after + 1).unwrap();
     assert!(gone.contains("expired on Tue, 01 Jan 2030"), "{gone}");
 }
+
+/// AADSTS700016 is a wrong client or tenant ID, never a consent problem (issue 8, section 5):
+/// sending an admin to the consent screen wastes the first hour of a set-up.
+#[test]
+fn aadsts700016_points_at_the_ids_not_at_consent() {
+    let error = TokenError::Endpoint {
+        status: 400,
+        error: Some("unauthorized_client".into()),
+        description: Some("AADSTS700016: Application with identifier 'x' was not found".into()),
+        aadsts: Some(700016),
+        retry_after: None,
+    };
+    let remedy = error.remedy();
+    assert!(
+        remedy.contains("client_id") && remedy.contains("tenant_id"),
+        "{remedy}"
+    );
+    assert!(!remedy.contains("grant"), "{remedy}");
+    assert!(remedy.contains("not a consent problem"), "{remedy}");
+}
