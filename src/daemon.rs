@@ -143,7 +143,15 @@ impl Daemon {
                 tls: if lcfg.tls == crate::config::TlsMode::None {
                     None
                 } else {
-                    tls.clone()
+                    if lcfg.tls_profile == crate::config::TlsProfile::Legacy {
+                        tracing::warn!(
+                            address = %addr,
+                            "listener {addr} has tls_profile: legacy: it accepts TLS 1.0 and 1.1 and SHA-1 suites (OpenSSL security level 0), which are broken against a capable attacker; keep it on a port only old devices on a trusted network can reach"
+                        );
+                    }
+                    tls.as_ref().map(|t: &Arc<crate::inbound::tls::Acceptors>| {
+                        t.for_profile(lcfg.tls_profile)
+                    })
                 },
                 listener: lcfg,
                 auth: authenticator.clone(),

@@ -69,6 +69,52 @@ pub enum TlsMode {
 pub struct TlsConfig {
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
+    /// The profile of listeners that do not name one (`tls.tls_profile`).
+    pub tls_profile: TlsProfile,
+    /// The key type of a generated self-signed certificate (`tls.key_type`).
+    pub key_type: KeyType,
+}
+
+/// Which TLS versions and cipher suites a listener accepts (`tls_profile`; docs/tls.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsProfile {
+    /// TLS 1.2 and 1.3, ECDHE with AEAD suites only.
+    Modern,
+    /// Modern, plus TLS 1.2 CBC suites with ECDHE or DHE, and RSA key exchange.
+    #[default]
+    Compatible,
+    /// Compatible, plus TLS 1.0 and 1.1 (OpenSSL security level 0).
+    Legacy,
+}
+
+impl TlsProfile {
+    pub const ALL: [TlsProfile; 3] = [
+        TlsProfile::Modern,
+        TlsProfile::Compatible,
+        TlsProfile::Legacy,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TlsProfile::Modern => "modern",
+            TlsProfile::Compatible => "compatible",
+            TlsProfile::Legacy => "legacy",
+        }
+    }
+
+    fn parse(s: &str) -> Option<TlsProfile> {
+        TlsProfile::ALL.into_iter().find(|p| p.name() == s)
+    }
+}
+
+/// The key of the generated self-signed certificate (`tls.key_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyType {
+    /// RSA 2048: what every TLS client can use (many printers know no ECDSA).
+    #[default]
+    Rsa,
+    /// ECDSA P-256.
+    Ecdsa,
 }
 
 /// A local user that may AUTH (PLAIN or LOGIN).
@@ -141,6 +187,8 @@ pub struct Listener {
     pub require_auth: bool,
     /// AUTH may be used before TLS (legacy devices only).
     pub allow_plaintext_auth: bool,
+    /// TLS versions and suites accepted (`listeners[].tls_profile`, else `tls.tls_profile`).
+    pub tls_profile: TlsProfile,
 }
 
 #[derive(Debug, Clone)]
@@ -369,8 +417,18 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             bare_lf: None,
             require_auth: None,
             allow_plaintext_auth: None,
+            tls_profile: None,
         }]
     });
+    let default_profile = match raw.tls.tls_profile.as_deref() {
+        None => TlsProfile::default(),
+        Some(p) => TlsProfile::parse(p).unwrap_or_else(|| {
+            errs.push(format!(
+                "tls.tls_profile: unknown value {p:?} (expected modern, compatible or legacy)"
+            ));
+            TlsProfile::default()
+        }),
+    };
     if raw_listeners.is_empty() {
         errs.push("listeners: at least one listener is required".into());
     }
@@ -408,13 +466,28 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
                 None
             }
         };
-        if let (Some(address), Some(tls), Some(bare_lf)) = (address, tls, bare_lf) {
+        let tls_profile = match l.tls_profile.as_deref() {
+            None => Some(default_profile),
+            Some(p) => {
+                let parsed = TlsProfile::parse(p);
+                if parsed.is_none() {
+                    errs.push(format!(
+                        "{key}.tls_profile: unknown value {p:?} (expected modern, compatible or legacy)"
+                    ));
+                }
+                parsed
+            }
+        };
+        if let (Some(address), Some(tls), Some(bare_lf), Some(tls_profile)) =
+            (address, tls, bare_lf, tls_profile)
+        {
             listeners.push(Listener {
                 address,
                 tls,
                 bare_lf,
                 require_auth: l.require_auth.unwrap_or(false),
                 allow_plaintext_auth: l.allow_plaintext_auth.unwrap_or(false),
+                tls_profile,
             });
         }
     }
@@ -465,10 +538,21 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     let user_upstreams: Vec<Option<String>> =
         raw.users.iter().map(|u| u.upstream.clone()).collect();
     let users = users(&mut errs, raw.users);
-    let tls = match (raw.tls.cert_file, raw.tls.key_file) {
+    let key_type = match raw.tls.key_type.as_deref() {
+        None | Some("rsa") => KeyType::Rsa,
+        Some("ecdsa") => KeyType::Ecdsa,
+        Some(other) => {
+            errs.push(format!(
+                "tls.key_type: unknown value {other:?} (expected rsa or ecdsa)"
+            ));
+            KeyType::Rsa
+        }
+    };
+    let mut tls = match (raw.tls.cert_file, raw.tls.key_file) {
         (Some(c), Some(k)) => TlsConfig {
             cert_file: Some(PathBuf::from(c)),
             key_file: Some(PathBuf::from(k)),
+            ..TlsConfig::default()
         },
         (None, None) => TlsConfig::default(),
         (Some(_), None) => {
@@ -480,6 +564,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             TlsConfig::default()
         }
     };
+    tls.tls_profile = default_profile;
+    tls.key_type = key_type;
     let state_dir = PathBuf::from(
         raw.state_dir
             .unwrap_or_else(|| "/var/lib/mailbridge".into()),
@@ -885,6 +971,7 @@ pub fn demo(dir: &Path) -> Config {
             bare_lf: None,
             require_auth: None,
             allow_plaintext_auth: None,
+            tls_profile: None,
         }]),
         upstreams: vec![RawUpstream::Outbox(raw::RawOutbox {
             name: "demo-outbox".into(),
