@@ -1317,4 +1317,43 @@ users:
         assert!(!c.queue.bounce);
         assert_eq!(c.queue.postmaster.as_deref(), Some("admin@contoso.com"));
     }
+
+    #[test]
+    fn tls_profile_per_listener_with_a_default_and_key_type() {
+        let yaml = r#"
+listeners:
+  - address: "127.0.0.1:587"
+    tls: starttls
+  - address: "127.0.0.1:2587"
+    tls: starttls
+    tls_profile: legacy
+upstreams: [{name: o, type: outbox, path: /tmp/o}]
+"#;
+        let c = from_yaml_str(yaml).unwrap();
+        assert_eq!(c.tls.tls_profile, TlsProfile::Compatible);
+        assert_eq!(c.tls.key_type, KeyType::Rsa);
+        assert_eq!(c.listeners[0].tls_profile, TlsProfile::Compatible);
+        assert_eq!(c.listeners[1].tls_profile, TlsProfile::Legacy);
+
+        let c = from_yaml_str(&format!(
+            "{yaml}tls:\n  tls_profile: modern\n  key_type: ecdsa\n"
+        ))
+        .unwrap();
+        assert_eq!(c.listeners[0].tls_profile, TlsProfile::Modern);
+        assert_eq!(c.listeners[1].tls_profile, TlsProfile::Legacy);
+        assert_eq!(c.tls.key_type, KeyType::Ecdsa);
+
+        let e = from_yaml_str(
+            "listeners:\n  - address: \"127.0.0.1:25\"\n    tls_profile: old\nupstreams: [{name: o, type: outbox, path: /tmp/o}]\ntls: {tls_profile: tls1, key_type: dsa}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "listeners[0].tls_profile: unknown value \"old\" (expected modern, compatible or legacy)",
+            "tls.tls_profile: unknown value \"tls1\"",
+            "tls.key_type: unknown value \"dsa\" (expected rsa or ecdsa)",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in {e}");
+        }
+    }
 }

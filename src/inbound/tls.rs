@@ -673,4 +673,51 @@ mod tests {
             "{e}"
         );
     }
+
+    /// A ClientHello split over two records, with GREASE (RFC 8701) in its suites and
+    /// versions, as browsers send it.
+    #[test]
+    fn client_hello_parsing() {
+        let mut body = vec![3, 3];
+        body.extend([0u8; 32]);
+        body.push(0);
+        body.extend([0, 6, 0x1a, 0x1a, 0x13, 0x01, 0xc0, 0x2f]);
+        body.extend([1, 0]);
+        let ext = [0, 43, 0, 7, 6, 0x2a, 0x2a, 3, 4, 3, 3];
+        body.extend((ext.len() as u16).to_be_bytes());
+        body.extend(ext);
+        let mut hs = vec![1, 0];
+        hs.extend((body.len() as u16).to_be_bytes());
+        hs.extend(&body);
+        let (a, b) = hs.split_at(10);
+        let mut wire = Vec::new();
+        for part in [a, b] {
+            wire.extend([22, 3, 1]);
+            wire.extend((part.len() as u16).to_be_bytes());
+            wire.extend(part);
+        }
+        let end = wire.len();
+        wire.extend(b"more records");
+        let Hello::Complete(h) = parse_client_hello(&wire) else {
+            panic!("not parsed");
+        };
+        assert_eq!(h.versions_text(), "TLS1.3, TLS1.2");
+        assert_eq!(h.suites, [0x1a, 0x1a, 0x13, 0x01, 0xc0, 0x2f]);
+        assert_eq!(h.end, end);
+        assert!(is_grease(0x1a1a) && !is_grease(0x1301));
+
+        // Without supported_versions only the highest version is known.
+        let mut old = wire[..end].to_vec();
+        old[9..11].copy_from_slice(&[3, 1]);
+        assert!(matches!(parse_client_hello(&old), Hello::Complete(_)));
+        assert!(matches!(
+            parse_client_hello(&wire[..end - 1]),
+            Hello::Partial
+        ));
+        assert!(matches!(
+            parse_client_hello(b"EHLO printer\r\n"),
+            Hello::NotTls
+        ));
+        assert!(matches!(parse_client_hello(b""), Hello::Empty));
+    }
 }
