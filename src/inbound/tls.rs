@@ -267,9 +267,14 @@ impl Acceptor {
             }
         };
         let offered = format!(
-            "client offered {} with {}",
+            "client offered {} with {}{}",
             hello.versions_text(),
-            self.suite_names(&hello.suites)
+            self.suite_names(&hello.suites),
+            if hello.sha1_signatures_only() {
+                " and SHA-1 signatures only"
+            } else {
+                ""
+            }
         );
         let accepting: Vec<TlsProfile> = TlsProfile::ALL
             .into_iter()
@@ -380,11 +385,22 @@ struct ClientHello {
     versions: Option<Vec<u16>>,
     /// Cipher suites, two bytes each, as sent.
     suites: Vec<u8>,
+    /// The signature_algorithms extension (RFC 5246 §7.4.1.4.1, RFC 8446 §4.2.3).
+    sigalgs: Option<Vec<u16>>,
     /// Where the records holding the ClientHello end in the recorded bytes.
     end: usize,
 }
 
 impl ClientHello {
+    /// True when every signature algorithm offered hashes with MD5 or SHA-1 (TLS 1.2 code
+    /// points with hash byte 1 or 2). OpenSSL 3 accepts those only at security level 0, so
+    /// such a client needs `legacy` even for TLS 1.2.
+    fn sha1_signatures_only(&self) -> bool {
+        self.sigalgs
+            .as_ref()
+            .is_some_and(|v| !v.is_empty() && v.iter().all(|a| matches!(a >> 8, 1 | 2)))
+    }
+
     fn versions_text(&self) -> String {
         match &self.versions {
             Some(v) if !v.is_empty() => v
@@ -458,11 +474,23 @@ fn parse_hello_body(b: &[u8], end: usize) -> Option<ClientHello> {
     let n = usize::from(r.u8()?);
     r.take(n)?;
     let mut versions = None;
+    let mut sigalgs = None;
     if let Some(n) = r.u16() {
         let mut ext = Reader(r.take(usize::from(n))?);
         while let Some(kind) = ext.u16() {
             let n = usize::from(ext.u16()?);
             let data = ext.take(n)?;
+            if kind == 13 {
+                let mut d = Reader(data);
+                let n = usize::from(d.u16()?);
+                let list = d.take(n)?;
+                sigalgs = Some(
+                    list.chunks_exact(2)
+                        .map(|c| u16::from_be_bytes([c[0], c[1]]))
+                        .filter(|v| !is_grease(*v))
+                        .collect(),
+                );
+            }
             if kind == 43 {
                 let mut d = Reader(data);
                 let n = usize::from(d.u8()?);
@@ -480,6 +508,7 @@ fn parse_hello_body(b: &[u8], end: usize) -> Option<ClientHello> {
         legacy_version,
         versions,
         suites,
+        sigalgs,
         end,
     })
 }

@@ -345,6 +345,36 @@ fn handshake_failure_log_says_what_was_offered_and_which_profile_accepts_it() {
     }
 }
 
+/// A TLS 1.2 client whose signature algorithms all use SHA-1 fails on `compatible` (OpenSSL 3
+/// allows SHA-1 signatures at security level 0 only), works on `legacy`, and the log says
+/// so rather than leaving the admin with suites that look acceptable.
+#[test]
+fn tls12_client_with_sha1_signatures_only_needs_legacy_and_the_log_says_why() {
+    let Some(openssl) = require("openssl", "openssl") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let r = relay(dir.path(), "");
+    let args = [
+        "-tls1_2",
+        "-sigalgs",
+        "RSA+SHA1",
+        "-cipher",
+        "ECDHE-RSA-AES128-SHA:AES128-SHA@SECLEVEL=0",
+    ];
+    let legacy = r.addrs[4].port();
+    assert!(s_client(&openssl, dir.path(), legacy, true, &args, "sha1-legacy").is_some());
+    let compatible = r.addrs[2].port();
+    assert!(s_client(&openssl, dir.path(), compatible, true, &args, "sha1-compat").is_none());
+    let line = wait_failure_log(&r);
+    for part in [
+        "client offered TLS1.2 at most with ECDHE-RSA-AES128-SHA, AES128-SHA and SHA-1 signatures only",
+        "profile compatible refuses it; tls_profile: legacy would accept it",
+    ] {
+        assert!(line.contains(part), "missing {part:?} in: {line}");
+    }
+}
+
 /// Python's `ssl` limited to TLS 1.0 sends mail through `legacy` (STARTTLS and implicit),
 /// and is refused by `compatible`.
 #[test]
