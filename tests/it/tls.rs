@@ -1,5 +1,7 @@
-//! LAN-side TLS over an in-memory stream with a real rustls client: STARTTLS (RFC 3207),
-//! implicit TLS (RFC 8314), and behaviour.md B12, B27 and C38.
+//! LAN-side TLS (OpenSSL) over an in-memory stream with a real rustls client: STARTTLS
+//! (RFC 3207), implicit TLS (RFC 8314), and behaviour.md B12, B27 and C38; hand-made
+//! ClientHellos with suites no current client offers (RC4, 3DES, export, NULL); the
+//! handshake time limit.
 
 use std::net::SocketAddr;
 
@@ -225,4 +227,25 @@ async fn rc4_3des_export_null_and_anonymous_suites_are_refused_by_every_profile(
     // are about the suites).
     assert_eq!(first_record_type("compatible", &[0x002f]).await, 22);
     assert_eq!(first_record_type("modern", &[0xc02f]).await, 22);
+}
+
+/// A client that connects to an implicit-TLS port and sends half a ClientHello is cut off
+/// after the 30-second handshake limit (paused clock), not held forever.
+#[tokio::test(start_paused = true)]
+async fn a_stalled_handshake_is_cut_off_after_30_seconds() {
+    let h = Harness::new("listeners:\n  - address: \"127.0.0.1:0\"\n    tls: implicit\n");
+    let mut c = start(&h);
+    let hello = client_hello(&[0xc02f]);
+    c.write_all(&hello[..hello.len() / 2]).await.unwrap();
+    let begin = tokio::time::Instant::now();
+    let mut buf = Vec::new();
+    let read =
+        tokio::time::timeout(std::time::Duration::from_secs(120), c.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the connection was still open after 120 s");
+    let waited = begin.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_secs(30) && waited < std::time::Duration::from_secs(31),
+        "{waited:?}"
+    );
+    assert!(buf.is_empty(), "nothing is sent for half a ClientHello");
 }
