@@ -1,7 +1,10 @@
 #!/bin/sh
 # Install a built mailbridge as a systemd service. Safe to run again: it
 # replaces the binary, unit and helper files, and never overwrites an existing
-# /etc/mailbridge/relay.yaml. It does not enable or start the service.
+# /etc/mailbridge/relay.yaml or anything in
+# /etc/systemd/system/mailbridge.service.d/ (local changes to the unit, such
+# as the port-25 drop-in, belong there). It does not enable or start the
+# service.
 #
 # Usage (from the repository, after `cargo build --release --locked`):
 #   sudo sh deploy/install.sh
@@ -28,12 +31,15 @@ tmpfiles=/etc/tmpfiles.d/mailbridge.conf
 confdir=/etc/mailbridge
 conf=$confdir/relay.yaml
 docdir=/usr/local/share/doc/mailbridge
+dropin_src=systemd/mailbridge.service.d/port-25.conf
+dropin=/etc/systemd/system/mailbridge.service.d/port-25.conf
 
 [ "$(id -u)" -eq 0 ] || die "run as root: sudo sh deploy/install.sh"
-[ -f "$bin_src" ] && [ -x "$bin_src" ] ||
+if [ ! -f "$bin_src" ] || [ ! -x "$bin_src" ]; then
     die "$bin_src not found: build it first with 'cargo build --release --locked'"
+fi
 for f in systemd/mailbridge.service systemd/mailbridge.sysusers.conf \
-    systemd/mailbridge.tmpfiles.conf relay.example.yaml; do
+    systemd/mailbridge.tmpfiles.conf "$dropin_src" relay.example.yaml; do
     [ -f "$repo/$f" ] || die "$repo/$f is missing"
 done
 command -v systemctl >/dev/null 2>&1 || die "systemd (systemctl) is required"
@@ -78,21 +84,27 @@ else
     say "installed $conf from relay.example.yaml: edit it before starting"
 fi
 
-# 5. Documentation, for the unit's Documentation= line.
+# 5. Documentation, for the unit's Documentation= line, and the port-25
+#    drop-in as an example to copy (it is not activated here: it grants a
+#    capability, which only the administrator should decide).
 install -d -m 0755 "$docdir"
-install -m 0644 "$repo/README.md" "$repo/relay.example.yaml" "$docdir/"
+install -m 0644 "$repo/README.md" "$repo/relay.example.yaml" \
+    "$repo/$dropin_src" "$docdir/"
 for f in "$repo"/docs/*.md; do
     if [ -f "$f" ]; then
         install -m 0644 "$f" "$docdir/"
     fi
 done
 
-# 6. The unit.
+# 6. The unit. Drop-ins in $unit.d/ are kept as they are.
 install -m 0644 "$repo/systemd/mailbridge.service" "$unit"
 if [ -d /run/systemd/system ]; then
     systemctl daemon-reload
 fi
 say "installed $unit"
+if [ -e "$dropin" ]; then
+    say "kept the drop-in $dropin"
+fi
 
 # Report on the configuration without failing the install.
 if "$bin" check-config -c "$conf" >/dev/null 2>&1; then
@@ -111,13 +123,17 @@ else
     cat <<EOF
 
 Next steps:
-  1. Edit $conf: hostname, listeners, access.allow_networks
-     (your printers' networks) and upstreams. Reference: $docdir/configuration.md
-  2. Check it:      $bin check-config -c $conf
+  As installed, $conf listens on 127.0.0.1:2525 only, lets only this
+  machine send, and writes mail to /var/lib/mailbridge/outbox.
+  1. Edit $conf: hostname, upstreams (Exchange Online:
+     $docdir/exchange-setup.md), then listeners, access.allowed_senders and
+     access.allow_networks or users. Reference: $docdir/configuration.md
+  2. Check it:      sudo -u mailbridge $bin check-config -c $conf
   3. Start it:      systemctl enable --now mailbridge
   4. Watch the log: journalctl -u mailbridge -f
-  5. Send a test:   swaks --server <relay address>:2525 --from printer@example.com --to you@example.com
-  Listening on a port below 1024 (e.g. 25) needs CAP_NET_BIND_SERVICE:
-  see the comments in $unit (change it with: systemctl edit mailbridge).
+  5. Send a test:   swaks --server 127.0.0.1:2525 --from printer@example.com --to you@example.com
+  To listen on a port below 1024 (25, 465, 587), install the drop-in:
+    install -D -m 0644 $docdir/port-25.conf $dropin
+    systemctl daemon-reload
 EOF
 fi

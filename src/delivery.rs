@@ -207,6 +207,29 @@ impl Delivery {
         None
     }
 
+    /// After an attempt crashed (panicked): when to try the message again. The attempt
+    /// recorded its next time before calling the upstream; a crash before that point gets
+    /// the schedule's interval for its attempt count, so a message that always crashes
+    /// backs off like any other instead of looping. `None` if it left the queue.
+    pub async fn after_crash(&self, id: &str) -> Option<u64> {
+        let spool = self.spool.clone();
+        let owned_id = id.to_string();
+        let earliest =
+            |attempts: u32| now_ms() + self.queue.retry_after(attempts.max(1)).as_millis() as u64;
+        match blocking(move || spool.load(&owned_id)).await {
+            Ok(stored) => Some(
+                stored
+                    .state
+                    .next_attempt_ms
+                    .max(earliest(stored.state.attempts)),
+            ),
+            Err(SpoolError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                None
+            }
+            Err(_) => Some(earliest(1)),
+        }
+    }
+
     async fn save(&self, stored: &Stored) -> Result<(), SpoolError> {
         let spool = self.spool.clone();
         let id = stored.envelope.id.clone();
@@ -390,7 +413,11 @@ fn explain(recipients: &[crate::dsn::DsnRecipient], mailbox: Option<&str>) -> St
     use crate::upstream::exchange::classify::{Step, Verdict, classify};
     let mut text = String::new();
     for r in recipients {
-        let (code, rest) = r.reply.split_at(r.reply.len().min(3));
+        // The reply is text from the upstream: split only where it is ASCII digits.
+        let (code, rest) = match r.reply.get(..3) {
+            Some(code) if code.bytes().all(|b| b.is_ascii_digit()) => (code, &r.reply[3..]),
+            _ => continue,
+        };
         if let Ok(code) = code.parse::<u16>()
             && let Verdict::Fail { problem: Some(p) } = classify(Step::Dot, code, rest.trim(), true)
         {
@@ -681,6 +708,84 @@ mod tests {
                 .starts_with("4.4.7 delivery time expired")
         );
         assert_eq!(state.recipients[0].status, RcptStatus::Failed);
+    }
+
+    #[test]
+    fn any_reply_text_can_be_explained_without_a_panic() {
+        for reply in ["", "5", "0 é", "5é0 x", "€€€", "550", "550 5.7.60 x"] {
+            let r = crate::dsn::DsnRecipient {
+                address: "a@x".into(),
+                action: crate::dsn::Action::Failed,
+                reply: reply.into(),
+                remote_mta: None,
+            };
+            let _ = explain(&[r], Some("relay@contoso.com"));
+        }
+    }
+
+    /// An upstream with a bug: the first `panics` attempts panic, later ones deliver.
+    struct Panicky {
+        panics: AtomicUsize,
+        calls: AtomicUsize,
+    }
+
+    impl Upstream for Panicky {
+        fn name(&self) -> &str {
+            "panicky"
+        }
+        fn deliver(&self, attempt: Attempt) -> BoxFuture<'_, crate::upstream::Report> {
+            Box::pin(async move {
+                self.calls.fetch_add(1, Ordering::SeqCst);
+                let left = self.panics.load(Ordering::SeqCst);
+                if left > 0 && attempt.stored.envelope.recipients[0].address == "a@x" {
+                    self.panics.store(left - 1, Ordering::SeqCst);
+                    panic!("injected upstream panic (test)");
+                }
+                vec![RcptOutcome::Delivered("250 ok".into()); attempt.recipients.len()].into()
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_attempt_frees_its_slot_and_the_message_is_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let up = Arc::new(Panicky {
+            panics: AtomicUsize::new(2),
+            calls: AtomicUsize::new(0),
+        });
+        let d = Arc::new(Delivery::new(
+            spool.clone(),
+            up.clone(),
+            queue_cfg(&[10, 30], Duration::from_secs(86400), 1),
+        ));
+        // One worker slot: if the panicking attempt kept it, nothing else would ever go out.
+        let (sched, handle) = Scheduler::new(d, 1, Duration::from_secs(30));
+        let stop = CancellationToken::new();
+        let workers = TaskTracker::new();
+        let task = tokio::spawn(sched.run(stop.clone(), workers.clone()));
+        let start = Instant::now();
+        let a = enqueue(&spool, &["a@x"], now_ms()).await;
+        let a_id = a.id.clone();
+        handle.queued(a);
+        handle.queued(enqueue(&spool, &["b@x"], now_ms()).await);
+        for _ in 0..1000 {
+            if files(dir.path(), "queue") == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        assert_eq!(files(dir.path(), "queue"), 0, "both delivered in the end");
+        assert_eq!(files(dir.path(), "failed"), 0);
+        // a@x: two crashed attempts, then delivered; b@x: one attempt.
+        assert_eq!(up.calls.load(Ordering::SeqCst), 4);
+        // The crashed attempts followed the retry schedule (10 s, then 30 s), no hot loop.
+        assert!(Instant::now() - start >= Duration::from_secs(40));
+        assert!(!dir.path().join(format!("queue/{a_id}.msg")).exists());
+        stop.cancel();
+        task.await.unwrap();
+        workers.close();
+        workers.wait().await;
     }
 
     #[tokio::test(start_paused = true)]

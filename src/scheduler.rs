@@ -96,7 +96,26 @@ impl Scheduler {
                 let delivery = self.delivery.clone();
                 let tx = self.tx.clone();
                 workers.spawn(async move {
-                    let next_attempt_ms = delivery.attempt(&id).await;
+                    // The attempt runs as its own task so that a panic in it (a bug, or an
+                    // upstream reply nobody foresaw) ends as a JoinError here instead of
+                    // taking the `Done` event with it: the slot is freed and the message is
+                    // rescheduled, never stuck until a restart.
+                    let run = {
+                        let (delivery, id) = (delivery.clone(), id.clone());
+                        tokio::spawn(async move { delivery.attempt(&id).await })
+                    };
+                    let next_attempt_ms = match run.await {
+                        Ok(next) => next,
+                        Err(e) => {
+                            let what = panic_text(e);
+                            tracing::error!(
+                                queue_id = %id,
+                                error = %what,
+                                "delivery attempt crashed (a bug in mailbridge: please report it with this line); the message stays queued and is retried on its schedule"
+                            );
+                            delivery.after_crash(&id).await
+                        }
+                    };
                     drop(permit);
                     let _ = tx.send(Event::Done {
                         id,
@@ -126,4 +145,16 @@ impl Scheduler {
         }
         tracing::debug!(waiting = heap.len(), "scheduler stopped");
     }
+}
+
+/// What a crashed attempt's task said, for the log: the panic message, if it is text.
+fn panic_text(e: tokio::task::JoinError) -> String {
+    if !e.is_panic() {
+        return e.to_string();
+    }
+    let p = e.into_panic();
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
 }

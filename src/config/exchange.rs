@@ -84,18 +84,31 @@ pub fn is_plain_address(s: &str) -> bool {
     }
 }
 
-/// Loopback token/SMTP endpoints may use plain http (tests, local proxies); anything else
-/// must be https.
+/// Loopback token endpoints may use plain http (tests, local proxies); anything else must be
+/// https, because the form carries the client secret. The URL is parsed (WHATWG URL, the
+/// `url` crate through reqwest) rather than matched by prefix: `http://127.0.0.1@evil.example/`
+/// has the host `evil.example` (the rest is userinfo, RFC 3986 §3.2.1) and
+/// `http://127.0.0.1.evil.example/` is a DNS name, not a loopback address.
 fn token_url_ok(url: &str) -> bool {
-    if url.starts_with("https://") {
-        return true;
-    }
-    let Some(rest) = url.strip_prefix("http://") else {
+    let Ok(u) = reqwest::Url::parse(url) else {
         return false;
     };
-    let host = rest.split(['/', '?']).next().unwrap_or("");
-    let host = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
-    host == "localhost" || host == "[::1]" || host.starts_with("127.")
+    match u.scheme() {
+        "https" => u.host().is_some(),
+        // An IP literal comes back normalised (`http://2130706433/` is 127.0.0.1), IPv6 in
+        // brackets; anything that does not parse as an address is a DNS name.
+        "http" => u.host_str().is_some_and(|h| {
+            let literal = h
+                .strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .unwrap_or(h);
+            match literal.parse::<std::net::IpAddr>() {
+                Ok(ip) => ip.is_loopback(),
+                Err(_) => h.eq_ignore_ascii_case("localhost"),
+            }
+        }),
+        _ => false,
+    }
 }
 
 pub(super) fn validate(
@@ -219,7 +232,7 @@ pub(super) fn validate(
         .replace("{tenant_id}", &tenant_id);
     if !token_url_ok(&token_url) {
         errs.push(format!(
-            "{key}.token_url: {token_url:?} must be an https:// URL (plain http only on loopback)"
+            "{key}.token_url: {token_url:?} must be an https:// URL; plain http:// is allowed only to a loopback host (127.0.0.0/8, [::1] or localhost), since the request carries the client secret"
         ));
     }
     let scope = raw.scope.unwrap_or_else(|| DEFAULT_SCOPE.into());
@@ -301,5 +314,67 @@ pub(super) fn validate(
             secret,
         },
         credential_source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_url_plain_http_only_to_a_loopback_host() {
+        for ok in [
+            "https://login.microsoftonline.com/contoso.com/oauth2/v2.0/token",
+            "http://127.0.0.1:8080/token",
+            "http://127.0.0.1/token",
+            "http://127.8.9.10/t",
+            "http://localhost:1234/t",
+            "http://LOCALHOST/t",
+            "http://[::1]:99/t",
+        ] {
+            assert!(token_url_ok(ok), "{ok}");
+        }
+        for bad in [
+            // userinfo: the host is evil.example
+            "http://127.0.0.1@evil.example/",
+            "http://127.0.0.1:80@evil.example/",
+            "http://localhost@evil.example/t",
+            // a host name that merely starts like a loopback address
+            "http://127.0.0.1.evil.example/",
+            "http://localhost.evil.example/",
+            "http://127.evil.example/",
+            "http://[::1].evil.example/",
+            "http://evil.example/?x=http://127.0.0.1/",
+            "http://evil.example#@127.0.0.1/",
+            "http://10.0.0.1/t",
+            "ftp://127.0.0.1/t",
+            "https://",
+            "not a url",
+            "",
+        ] {
+            assert!(!token_url_ok(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_token_url_to_another_host_is_a_config_error_naming_the_key() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s3cr3t-value\n").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        for url in [
+            "http://127.0.0.1@evil.example/",
+            "http://127.0.0.1.evil.example/",
+        ] {
+            let yaml = format!(
+                "upstreams:\n  - name: contoso\n    type: exchange-online\n    mailbox: relay@contoso.com\n    tenant_id: contoso.com\n    client_id: 11111111-1111-1111-1111-111111111111\n    client_secret_file: {}\n    token_url: {url:?}\n",
+                secret.display()
+            );
+            let e = crate::config::from_yaml_str(&yaml).unwrap_err().to_string();
+            assert!(e.contains("upstreams[0].token_url:"), "{e}");
+            assert!(e.contains("loopback"), "{e}");
+            assert!(!e.contains("s3cr3t"), "{e}");
+        }
     }
 }

@@ -32,6 +32,9 @@ pub struct Config {
     pub routes: Vec<Route>,
     pub queue: QueueConfig,
     pub log: LogConfig,
+    /// `Received:` carries `(Authenticated sender: USER)` (off by default: the header goes to
+    /// every recipient, and device account names are nobody's business outside).
+    pub received_auth_user: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -189,6 +192,8 @@ pub struct Listener {
     pub allow_plaintext_auth: bool,
     /// TLS versions and suites accepted (`listeners[].tls_profile`, else `tls.tls_profile`).
     pub tls_profile: TlsProfile,
+    /// EHLO also lists `AUTH=PLAIN LOGIN` (Postfix's `broken_sasl_auth_clients`).
+    pub broken_sasl_auth_clients: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -243,9 +248,19 @@ pub struct Limits {
     pub max_message_size: u64,
     pub max_recipients: usize,
     pub max_connections: usize,
+    /// Counted per address for IPv4, per /64 for IPv6.
     pub max_connections_per_ip: usize,
+    /// Of `max_connections`, the slots that clients only in `auth_networks` may not take, so
+    /// that they cannot crowd out the `allow_networks` printers (issue 8 §3.3).
+    pub reserved_connections: usize,
     pub command_timeout: Duration,
     pub data_timeout: Duration,
+    /// Oldest a session may get; checked at each command and while idle, never in DATA.
+    pub max_session_age: Duration,
+    /// Commands without progress a session may send (Postfix's smtpd_junk_command_limit).
+    pub max_junk_commands: u32,
+    /// Longest header section accepted (everything before the first empty line).
+    pub max_header_size: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -357,7 +372,64 @@ pub fn load_with_env(
     let raw: RawConfig = built
         .try_deserialize()
         .map_err(|e| ConfigErrors(vec![format!("{}: {e}", path.display())]))?;
-    validate(raw)
+    let exposed = inline_secrets_readable_by_others(path);
+    match validate(raw) {
+        Ok(c) if exposed.is_empty() => Ok(c),
+        Ok(_) => Err(ConfigErrors(exposed)),
+        Err(mut e) => {
+            e.0.extend(exposed);
+            Err(e)
+        }
+    }
+}
+
+/// One error per inline `client_secret` or `password_hash` in the file at `path` when any
+/// local user may read that file (issue 8 §3.8; the `*_file` keys are held to mode 600 by
+/// [`read_secret_file`]). Group read stays allowed: the installed file is `root:mailbridge`
+/// mode 640, and the daemon reads it through its group. Only the file itself counts, not
+/// environment overrides (those are not readable by others).
+fn inline_secrets_readable_by_others(path: &Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(mode) = std::fs::metadata(path).map(|m| m.permissions().mode()) else {
+        return Vec::new();
+    };
+    if mode & 0o004 == 0 {
+        return Vec::new();
+    }
+    // The file alone, without the environment: which keys does it hold?
+    let Ok(raw) = config::Config::builder()
+        .add_source(config::File::from(path).format(config::FileFormat::Yaml))
+        .build()
+        .and_then(|c| c.try_deserialize::<RawConfig>())
+    else {
+        return Vec::new();
+    };
+    let keys = raw
+        .upstreams
+        .iter()
+        .enumerate()
+        .filter(|(_, u)| matches!(u, RawUpstream::ExchangeOnline(e) if e.client_secret.is_some()))
+        .map(|(i, _)| {
+            (
+                format!("upstreams[{i}].client_secret"),
+                "client_secret_file",
+            )
+        })
+        .chain(
+            raw.users
+                .iter()
+                .enumerate()
+                .filter(|(_, u)| u.password_hash.is_some())
+                .map(|(i, _)| (format!("users[{i}].password_hash"), "password_hash_file")),
+        );
+    let p = path.display();
+    keys.map(|(key, file_key)| {
+        format!(
+            "{key}: {p} holds this secret inline and is readable by every local user (mode {:o}); run: chown root:mailbridge {p} && chmod 640 {p} (or chmod 600 if mailbridge owns it), or move the secret to {file_key} (a file with mode 600)",
+            mode & 0o777
+        )
+    })
+    .collect()
 }
 
 /// Parses a YAML string (no environment overrides); for tests and embedded configs.
@@ -418,6 +490,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             require_auth: None,
             allow_plaintext_auth: None,
             tls_profile: None,
+            broken_sasl_auth_clients: None,
         }]
     });
     let default_profile = match raw.tls.tls_profile.as_deref() {
@@ -488,6 +561,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
                 require_auth: l.require_auth.unwrap_or(false),
                 allow_plaintext_auth: l.allow_plaintext_auth.unwrap_or(false),
                 tls_profile,
+                broken_sasl_auth_clients: l.broken_sasl_auth_clients.unwrap_or(true),
             });
         }
     }
@@ -518,10 +592,16 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         "access.lf_only_networks",
         &raw.access.lf_only_networks.unwrap_or_default(),
     );
+    // Without users nobody can authenticate: admitting the private ranges would only let
+    // every LAN host hold connection slots (issue 8 §3.3). So the default is empty then.
+    let no_users = raw.users.is_empty();
     let auth_networks = networks(
         &mut errs,
         "access.auth_networks",
         &raw.access.auth_networks.unwrap_or_else(|| {
+            if no_users {
+                return Vec::new();
+            }
             DEFAULT_AUTH_NETWORKS
                 .iter()
                 .map(|s| s.to_string())
@@ -585,6 +665,20 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             Some(n) => Some(n),
         },
     };
+    // 256 KiB is Exchange Online's own header limit.
+    let max_header_size = match &l.max_header_size {
+        None => 256 * 1024,
+        Some(s) => match parse_size(s) {
+            Some(n) if (1024..=64 * 1024 * 1024).contains(&n) => n as usize,
+            _ => {
+                errs.push(format!(
+                    "limits.max_header_size: invalid size {} (expected 1KiB to 64MiB, e.g. 256KiB)",
+                    show_size(s)
+                ));
+                256 * 1024
+            }
+        },
+    };
     let mut positive = |key: &str, v: Option<u64>, default: u64| -> usize {
         match v {
             None => default as usize,
@@ -603,6 +697,18 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         32,
     );
     let workers = positive("queue.workers", raw.queue.workers, 8);
+    let max_junk_commands =
+        positive("limits.max_junk_commands", l.max_junk_commands, 30).min(u32::MAX as usize) as u32;
+    let reserved_connections = match l.reserved_connections {
+        None => max_connections / 4,
+        Some(n) if n as usize >= max_connections => {
+            errs.push(format!(
+                "limits.reserved_connections: must be less than limits.max_connections ({max_connections}); 0 turns the reserve off"
+            ));
+            0
+        }
+        Some(n) => n as usize,
+    };
     let command_timeout = duration(
         &mut errs,
         "limits.command_timeout",
@@ -614,6 +720,12 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         "limits.data_timeout",
         l.data_timeout.as_deref(),
         "10m",
+    );
+    let max_session_age = duration(
+        &mut errs,
+        "limits.max_session_age",
+        l.max_session_age.as_deref(),
+        "30m",
     );
 
     let spool_path = PathBuf::from(
@@ -764,8 +876,12 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             max_recipients,
             max_connections,
             max_connections_per_ip,
+            reserved_connections,
             command_timeout,
             data_timeout,
+            max_session_age,
+            max_junk_commands,
+            max_header_size,
         },
         spool: SpoolConfig { path: spool_path },
         upstreams,
@@ -778,6 +894,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         },
         log: LogConfig { level, format },
         routes,
+        received_auth_user: raw.received_auth_user.unwrap_or(false),
     })
 }
 
@@ -794,7 +911,8 @@ fn duration(errs: &mut Vec<String>, key: &str, v: Option<&str>, default: &str) -
     }
 }
 
-/// `access.auth_networks` when not set: private ranges and loopback.
+/// `access.auth_networks` when not set and `users` are configured: private ranges and
+/// loopback. Without users the default is empty.
 pub const DEFAULT_AUTH_NETWORKS: [&str; 6] = [
     "10.0.0.0/8",
     "172.16.0.0/12",
@@ -972,6 +1090,7 @@ pub fn demo(dir: &Path) -> Config {
             require_auth: None,
             allow_plaintext_auth: None,
             tls_profile: None,
+            broken_sasl_auth_clients: None,
         }]),
         upstreams: vec![RawUpstream::Outbox(raw::RawOutbox {
             name: "demo-outbox".into(),
@@ -1070,6 +1189,38 @@ log:
     }
 
     #[test]
+    fn issue_8_session_and_header_keys() {
+        const MIN: &str = "upstreams:\n  - name: local\n    type: outbox\n    path: /tmp/outbox\n";
+        let c = from_yaml_str(MIN).unwrap();
+        assert_eq!(c.limits.max_header_size, 256 * 1024);
+        assert_eq!(c.limits.max_session_age, Duration::from_secs(30 * 60));
+        assert_eq!(c.limits.max_junk_commands, 30);
+        assert!(!c.received_auth_user);
+        assert!(c.listeners[0].broken_sasl_auth_clients);
+        let c = from_yaml_str(&format!(
+            "{MIN}limits:\n  max_header_size: 1MiB\n  max_session_age: 2h\n  max_junk_commands: 5\nreceived_auth_user: true\nlisteners:\n  - address: \"127.0.0.1:25\"\n    broken_sasl_auth_clients: false\n"
+        ))
+        .unwrap();
+        assert_eq!(c.limits.max_header_size, 1024 * 1024);
+        assert_eq!(c.limits.max_session_age, Duration::from_secs(2 * 3600));
+        assert_eq!(c.limits.max_junk_commands, 5);
+        assert!(c.received_auth_user);
+        assert!(!c.listeners[0].broken_sasl_auth_clients);
+        let e = from_yaml_str(&format!(
+            "{MIN}limits:\n  max_header_size: 100\n  max_session_age: never\n  max_junk_commands: 0\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "limits.max_header_size: invalid size 100 (expected 1KiB to 64MiB",
+            "limits.max_session_age: invalid duration \"never\"",
+            "limits.max_junk_commands: must be at least 1",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in:\n{e}");
+        }
+    }
+
+    #[test]
     fn environment_overrides_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("relay.yaml");
@@ -1089,6 +1240,81 @@ log:
         // Without overrides the file's values stand.
         let c = load_with_env(&path, Some(config::Map::new())).unwrap();
         assert_eq!(c.limits.max_recipients, 100);
+    }
+
+    #[test]
+    fn reserved_connections_default_and_auth_networks_without_users() {
+        let base = "upstreams: [{name: o, type: outbox, path: /tmp/o}]\n";
+        let c = from_yaml_str(base).unwrap();
+        assert_eq!(c.limits.max_connections, 256);
+        assert_eq!(c.limits.reserved_connections, 64);
+        // No users: nobody can authenticate, so nobody is admitted for it.
+        assert!(c.access.auth_networks.is_empty());
+        assert!(!c.access.may_connect("192.168.1.9".parse().unwrap()));
+        let c = from_yaml_str(&format!("{base}limits: {{max_connections: 10}}\n")).unwrap();
+        assert_eq!(c.limits.reserved_connections, 2);
+        let c = from_yaml_str(&format!(
+            "{base}limits: {{reserved_connections: 0}}\naccess: {{auth_networks: [10.0.0.0/8]}}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.limits.reserved_connections, 0);
+        assert!(c.access.may_connect("10.1.2.3".parse().unwrap()));
+        let e = from_yaml_str(&format!(
+            "{base}limits: {{max_connections: 10, reserved_connections: 10}}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(
+                "limits.reserved_connections: must be less than limits.max_connections (10)"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn inline_secrets_in_a_file_others_can_read_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.yaml");
+        let hash = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHQ$K8ZzTHKJfHnJh0eR1X3QP1DVa5kzfN3d2kTXFVJ4a8o";
+        let yaml = format!(
+            "upstreams:\n  - {{name: o, type: outbox, path: /tmp/o}}\n  - {{name: x, type: exchange-online, mailbox: a@b.com, tenant_id: contoso.com, client_id: 11111111-1111-1111-1111-111111111111, client_secret: Inline-S3cret}}\nusers:\n  - {{username: scanner01, password_hash: \"{hash}\", allowed_senders: [\"*\"]}}\n"
+        );
+        std::fs::write(&path, &yaml).unwrap();
+        let set = |mode| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode));
+        let no_env = || load_with_env(&path, Some(config::Map::new()));
+        for mode in [0o600, 0o640, 0o660] {
+            set(mode).unwrap();
+            assert!(no_env().is_ok(), "mode {mode:o}: {:?}", no_env().err());
+        }
+        set(0o644).unwrap();
+        let e = no_env().unwrap_err().to_string();
+        let p = path.display();
+        for key in [
+            "upstreams[1].client_secret:",
+            "users[0].password_hash:",
+            "chmod 640",
+            "client_secret_file",
+            "password_hash_file",
+        ] {
+            assert!(e.contains(key), "{key} missing: {e}");
+        }
+        assert!(e.contains(&format!("{p} holds this secret inline")), "{e}");
+        assert_eq!(e.lines().count(), 2, "{e}");
+        for secret in ["Inline-S3cret", "c29tZXNhbHQ", "$argon2id"] {
+            assert!(!e.contains(secret), "{secret} in {e}");
+        }
+        // Other errors are reported alongside.
+        std::fs::write(&path, format!("{yaml}limits: {{max_connections: 0}}\n")).unwrap();
+        set(0o604).unwrap();
+        let e = no_env().unwrap_err().to_string();
+        assert!(e.contains("limits.max_connections"), "{e}");
+        assert!(e.contains("users[0].password_hash:"), "{e}");
+        // Without inline secrets a readable file is fine (secrets in *_file or none at all).
+        std::fs::write(&path, GOOD).unwrap();
+        set(0o644).unwrap();
+        assert!(no_env().is_ok());
     }
 
     #[test]

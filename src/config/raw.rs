@@ -32,6 +32,9 @@ pub struct RawConfig {
     /// Sender pattern -> upstream; first match wins.
     #[serde(default)]
     pub routes: Vec<RawRoute>,
+    /// Name the AUTH user in our `Received:` header (Postfix's
+    /// `smtpd_sasl_authenticated_header`; default false).
+    pub received_auth_user: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -92,6 +95,8 @@ pub struct RawListener {
     pub allow_plaintext_auth: Option<bool>,
     /// Which TLS versions and cipher suites this listener accepts (default: `tls.tls_profile`).
     pub tls_profile: Option<String>,
+    /// Also advertise `AUTH=PLAIN LOGIN` in EHLO (Postfix's name; default true).
+    pub broken_sasl_auth_clients: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -121,8 +126,16 @@ pub struct RawLimits {
     pub max_recipients: Option<u64>,
     pub max_connections: Option<u64>,
     pub max_connections_per_ip: Option<u64>,
+    /// Slots only `allow_networks` clients may take (default: a quarter of max_connections).
+    pub reserved_connections: Option<u64>,
     pub command_timeout: Option<String>,
     pub data_timeout: Option<String>,
+    /// A session is closed (421 4.7.0) once it is this old (default 30m).
+    pub max_session_age: Option<String>,
+    /// Commands without progress (EHLO, NOOP, RSET, ...) before 421 4.7.0 (default 30).
+    pub max_junk_commands: Option<u64>,
+    /// Longest header section accepted (default 256 KiB, Exchange Online's limit).
+    pub max_header_size: Option<RawSize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -1,12 +1,15 @@
 //! LAN-side AUTH (RFC 4954): the SASL PLAIN and LOGIN exchanges (sans-IO), password checks
-//! against the configured argon2id hashes, and the per-address failure limiter.
+//! against the configured argon2id hashes, and the failure limiter (per client address or
+//! IPv6 /64, and per username).
 //!
 //! Parses untrusted bytes from LAN clients; owns no disk state. Passwords only ever live in
 //! [`Secret`], so no `Debug`, log line or error message of this module can show one, nor its
 //! base64 form (behaviour.md C35).
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,7 +21,8 @@ use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use crate::config::{User, canonical_ip};
+use super::listener::client_key;
+use crate::config::User;
 use crate::secret::Secret;
 use crate::smtp::reply::{self, Reply};
 
@@ -259,7 +263,47 @@ pub struct Authenticator {
     /// Each check holds about `m` KiB (19 MiB with the defaults) for its duration: bound how
     /// many run at once.
     slots: Arc<Semaphore>,
+    /// How long an attempt waits for a slot before `454 4.7.0`.
+    slot_timeout: Duration,
+    stats: Arc<Stats>,
 }
+
+/// Counters of password checks, for tests and metrics.
+#[derive(Debug, Default)]
+struct Stats {
+    started: AtomicU64,
+    completed: AtomicU64,
+    dummy: AtomicU64,
+}
+
+/// A snapshot of [`Authenticator::stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthStats {
+    /// argon2 verifications that got a slot and started.
+    pub started: u64,
+    /// argon2 verifications that ran to the end (match or not).
+    pub completed: u64,
+    /// Of `completed`, those against the dummy hash (unknown users).
+    pub dummy: u64,
+}
+
+/// What [`Authenticator::attempt`] decided.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Attempt {
+    /// The credentials match: the configured (canonical) username.
+    Authenticated(String),
+    /// Unknown user or wrong password (`535 5.7.8`); counted by the limiter.
+    Failed,
+    /// No argon2 slot within the timeout: `454 4.7.0`, not counted as a failure.
+    Busy,
+    /// The client got blocked while this exchange ran (by its other connections): no
+    /// password check; `421 4.7.0` and close, as at the start of AUTH.
+    Blocked,
+}
+
+/// How long an attempt waits for an argon2 slot. A full queue means a flood; the client
+/// gets `454 4.7.0` and may try again (RFC 4954 §6), instead of holding its session open.
+pub const SLOT_TIMEOUT: Duration = Duration::from_secs(10);
 
 struct Account {
     username: String,
@@ -301,6 +345,80 @@ impl Authenticator {
                 dummy_hash(template)
             },
             slots: Arc::new(Semaphore::new(parallelism.clamp(1, 8))),
+            slot_timeout: SLOT_TIMEOUT,
+            stats: Arc::default(),
+        }
+    }
+
+    /// Like [`new`](Self::new) with `slots` argon2 checks at once and another slot timeout.
+    #[cfg(test)]
+    fn with_slots(users: &[User], slots: usize, slot_timeout: Duration) -> Authenticator {
+        let mut a = Authenticator::new(users);
+        a.slots = Arc::new(Semaphore::new(slots.max(1)));
+        a.slot_timeout = slot_timeout;
+        a
+    }
+
+    /// Counters of password checks so far.
+    pub fn stats(&self) -> AuthStats {
+        AuthStats {
+            started: self.stats.started.load(Ordering::Relaxed),
+            completed: self.stats.completed.load(Ordering::Relaxed),
+            dummy: self.stats.dummy.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The argon2 parameters (m KiB, t, p) a check of `username` runs with: the user's own,
+    /// or the dummy hash's for an unknown user. Lets a test show that an unknown user costs
+    /// the same work as a known one (behaviour.md C33).
+    pub fn work_params(&self, username: &str) -> Option<(u32, u32, u32)> {
+        let hash = match self.lookup(username) {
+            Some(a) => a.hash.clone(),
+            None => self.dummy.clone(),
+        };
+        let parsed = PasswordHash::new(hash.expose()).ok()?;
+        let p = Params::try_from(&parsed).ok()?;
+        Some((p.m_cost(), p.t_cost(), p.p_cost()))
+    }
+
+    /// One AUTH attempt from `ip`, after the exchange gave `username` and `password`:
+    /// 1. waits the limiter's delay for this client and this username, before any argon2
+    ///    work, so a flood of guesses is slowed without costing CPU or memory first;
+    /// 2. waits at most [`SLOT_TIMEOUT`] for an argon2 slot ([`Attempt::Busy`] after that);
+    /// 3. verifies, and records a failure for the client and the username.
+    ///
+    /// The delay does not depend on the result, so a quick answer does not tell that a
+    /// password was right. A success does not clear earlier failures: they decay with time
+    /// (issue 8 §3.4: "3 guesses, 1 good login, repeat" must not give unlimited guesses).
+    pub async fn attempt(
+        &self,
+        limiter: &FailureLimiter,
+        ip: IpAddr,
+        username: &str,
+        password: Secret,
+    ) -> Attempt {
+        let Ok(client_delay) = limiter.check(ip) else {
+            return Attempt::Blocked;
+        };
+        let delay = client_delay.max(limiter.user_delay(username));
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+            // Other connections of this client may have been blocked meanwhile.
+            if limiter.check(ip).is_err() {
+                return Attempt::Blocked;
+            }
+        }
+        match self
+            .verify_within(username, password, self.slot_timeout)
+            .await
+        {
+            None => Attempt::Busy,
+            Some(Some(name)) => Attempt::Authenticated(name),
+            Some(None) => {
+                limiter.failed(ip);
+                limiter.failed_user(username);
+                Attempt::Failed
+            }
         }
     }
 
@@ -312,24 +430,49 @@ impl Authenticator {
     /// The canonical (configured) username when `username` and `password` match a user.
     /// A wrong password and an unknown user are both `None`, after the same amount of work.
     pub async fn verify(&self, username: &str, password: Secret) -> Option<String> {
-        let (canonical, hash) = match self.lookup(username) {
-            Some(a) => (Some(a.username.clone()), a.hash.clone()),
-            None => (None, self.dummy.clone()),
+        self.verify_within(username, password, Duration::MAX)
+            .await
+            .flatten()
+    }
+
+    /// [`verify`](Self::verify), or `None` when no slot was free within `wait`.
+    async fn verify_within(
+        &self,
+        username: &str,
+        password: Secret,
+        wait: Duration,
+    ) -> Option<Option<String>> {
+        let (canonical, hash, dummy) = match self.lookup(username) {
+            Some(a) => (Some(a.username.clone()), a.hash.clone(), false),
+            None => (None, self.dummy.clone(), true),
         };
-        let permit = self.slots.clone().acquire_owned().await.ok()?;
+        let slot = self.slots.clone().acquire_owned();
+        let permit = if wait == Duration::MAX {
+            slot.await.ok()?
+        } else {
+            tokio::time::timeout(wait, slot).await.ok()?.ok()?
+        };
+        self.stats.started.fetch_add(1, Ordering::Relaxed);
+        let stats = self.stats.clone();
         let matched = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let Ok(parsed) = PasswordHash::new(hash.expose()) else {
                 return false;
             };
             // Algorithm, version and parameters come from the PHC string.
-            Argon2::default()
+            let ok = Argon2::default()
                 .verify_password(password.expose().as_bytes(), &parsed)
-                .is_ok()
+                .is_ok();
+            // Counted right after the argon2 run, so the count proves the work was done.
+            stats.completed.fetch_add(1, Ordering::Relaxed);
+            if dummy {
+                stats.dummy.fetch_add(1, Ordering::Relaxed);
+            }
+            ok
         })
         .await
         .unwrap_or(false);
-        if matched { canonical } else { None }
+        Some(if matched { canonical } else { None })
     }
 
     fn lookup(&self, username: &str) -> Option<&Account> {
@@ -395,26 +538,49 @@ const FIRST_DELAY: Duration = Duration::from_secs(1);
 const MAX_DELAY: Duration = Duration::from_secs(8);
 /// This many failures within [`WINDOW`] block the address for [`BLOCK_FOR`].
 const BLOCK_AFTER: usize = 10;
+/// How long a failure counts: failures decay one by one, 15 minutes after each.
 const WINDOW: Duration = Duration::from_secs(15 * 60);
 const BLOCK_FOR: Duration = Duration::from_secs(15 * 60);
-/// Addresses remembered at most; past this the least recently failed is forgotten.
+/// Failures against one username (from anywhere) that cost nothing. More than per client:
+/// a device with a stale password on a few machines should not slow its colleagues.
+const USER_FREE_FAILURES: usize = 5;
+/// Failure times remembered per username; enough to reach [`MAX_DELAY`].
+const USER_MAX_REMEMBERED: usize = 16;
+/// Clients (addresses or /64s) remembered at most; past this the least recently failed is
+/// forgotten.
 pub const MAX_TRACKED_ADDRESSES: usize = 10_000;
+/// Usernames remembered at most (as keyed hashes, so a long name costs no memory).
+pub const MAX_TRACKED_USERNAMES: usize = 10_000;
 
-/// Failed AUTH attempts per client address (behaviour.md C33): the first 3 failures within
-/// 15 minutes cost nothing, then each attempt waits 1, 2, 4, then 8 seconds before its
-/// answer; the 10th failure within 15 minutes blocks the address for 15 minutes.
+/// Failed AUTH attempts (behaviour.md C33, issue 8 §3.4).
+///
+/// Per client, that is per IPv4 address or per IPv6 /64 ([`client_key`]; a host rotating
+/// addresses within its /64 is one client): the first 3 failures within 15 minutes cost
+/// nothing, then each attempt waits 1, 2, 4, then 8 seconds; the 10th failure within 15
+/// minutes blocks the client for 15 minutes. Each failure counts for 15 minutes; a success
+/// does not clear them.
+///
+/// Per username, from any client: the first 5 failures within 15 minutes cost nothing, then
+/// each attempt on that username waits 1, 2, 4, then 8 seconds. Never a block: an attacker
+/// must not be able to lock a printer out of its account; the right password still works,
+/// after the delay.
 ///
 /// Use: [`check`](Self::check) when AUTH arrives (an `Err` is sent and the connection
-/// closed); sleep the returned delay before sending the result of the check, success or
-/// failure alike, so the delay does not tell which; then [`failed`](Self::failed) or
-/// [`succeeded`](Self::succeeded).
+/// closed); then [`Authenticator::attempt`], which waits [`delay`](Self::delay) before the
+/// argon2 work and records failures with [`failed`](Self::failed) and
+/// [`failed_user`](Self::failed_user).
 ///
-/// Addresses are canonical (`::ffff:a.b.c.d` is `a.b.c.d`). Memory is bounded: entries
-/// older than 15 minutes are dropped, and at most [`MAX_TRACKED_ADDRESSES`] are kept.
+/// Memory is bounded: entries older than 15 minutes are dropped, and at most
+/// [`MAX_TRACKED_ADDRESSES`] clients and [`MAX_TRACKED_USERNAMES`] usernames are kept.
 #[derive(Debug)]
 pub struct FailureLimiter {
     entries: Mutex<HashMap<IpAddr, Entry>>,
     capacity: usize,
+    users: Mutex<HashMap<u64, UserEntry>>,
+    user_capacity: usize,
+    /// Keys the username hashes with a per-process random key (SipHash), so nobody can
+    /// pick names that collide.
+    hasher: RandomState,
 }
 
 #[derive(Debug)]
@@ -432,14 +598,23 @@ impl Entry {
             self.blocked_until = None;
             self.failures.clear();
         }
-        while self
-            .failures
-            .front()
-            .is_some_and(|t| now.saturating_duration_since(*t) >= WINDOW)
-        {
-            self.failures.pop_front();
-        }
+        expire_failures(&mut self.failures, now);
         self.blocked_until.is_none() && self.failures.is_empty()
+    }
+}
+
+#[derive(Debug)]
+struct UserEntry {
+    /// Failure times within the window, oldest first; at most `USER_MAX_REMEMBERED`.
+    failures: VecDeque<Instant>,
+}
+
+fn expire_failures(failures: &mut VecDeque<Instant>, now: Instant) {
+    while failures
+        .front()
+        .is_some_and(|t| now.saturating_duration_since(*t) >= WINDOW)
+    {
+        failures.pop_front();
     }
 }
 
@@ -454,39 +629,65 @@ impl FailureLimiter {
         FailureLimiter::with_capacity(MAX_TRACKED_ADDRESSES)
     }
 
-    /// At most `capacity` addresses are remembered.
+    /// At most `capacity` clients and `capacity` usernames are remembered.
     pub fn with_capacity(capacity: usize) -> FailureLimiter {
         FailureLimiter {
             entries: Mutex::new(HashMap::new()),
             capacity: capacity.max(1),
+            users: Mutex::new(HashMap::new()),
+            user_capacity: capacity.clamp(1, MAX_TRACKED_USERNAMES),
+            hasher: RandomState::new(),
         }
     }
 
-    /// Before an attempt: the delay to wait before answering it, or `421 4.7.0` when the
-    /// address is blocked.
+    /// Before an attempt: the delay this client's failures call for, or `421 4.7.0` when
+    /// the client is blocked.
     pub fn check(&self, ip: IpAddr) -> Result<Duration, Reply> {
-        let ip = canonical_ip(ip);
+        let key = client_key(ip);
         let now = Instant::now();
         let mut entries = self.lock();
-        let Some(entry) = entries.get_mut(&ip) else {
+        let Some(entry) = entries.get_mut(&key) else {
             return Ok(Duration::ZERO);
         };
         if entry.expire(now) {
-            entries.remove(&ip);
+            entries.remove(&key);
             return Ok(Duration::ZERO);
         }
         if entry.blocked_until.is_some() {
             return Err(reply::AUTH_TOO_MANY_FAILURES);
         }
-        Ok(delay_after(entry.failures.len()))
+        Ok(delay_after(entry.failures.len(), FREE_FAILURES))
     }
 
-    /// After a failed attempt (wrong password or unknown user).
+    /// The delay this username's recent failures call for, from any client.
+    pub fn user_delay(&self, username: &str) -> Duration {
+        let key = self.user_key(username);
+        let now = Instant::now();
+        let mut users = self.lock_users();
+        let Some(entry) = users.get_mut(&key) else {
+            return Duration::ZERO;
+        };
+        expire_failures(&mut entry.failures, now);
+        if entry.failures.is_empty() {
+            users.remove(&key);
+            return Duration::ZERO;
+        }
+        delay_after(entry.failures.len(), USER_FREE_FAILURES)
+    }
+
+    /// The wait before an attempt by `ip` on `username`: the longer of the two delays
+    /// ([`MAX_DELAY`] for a blocked client).
+    pub fn delay(&self, ip: IpAddr, username: &str) -> Duration {
+        let client = self.check(ip).unwrap_or(MAX_DELAY);
+        client.max(self.user_delay(username))
+    }
+
+    /// After a failed attempt from `ip` (wrong password or unknown user).
     pub fn failed(&self, ip: IpAddr) {
-        let ip = canonical_ip(ip);
+        let key = client_key(ip);
         let now = Instant::now();
         let mut entries = self.lock();
-        if !entries.contains_key(&ip) && entries.len() >= self.capacity {
+        if !entries.contains_key(&key) && entries.len() >= self.capacity {
             entries.retain(|_, e| !e.expire(now));
             if entries.len() >= self.capacity
                 && let Some(oldest) = entries.iter().min_by_key(|(_, e)| e.last).map(|(k, _)| *k)
@@ -494,7 +695,7 @@ impl FailureLimiter {
                 entries.remove(&oldest);
             }
         }
-        let entry = entries.entry(ip).or_insert_with(|| Entry {
+        let entry = entries.entry(key).or_insert_with(|| Entry {
             failures: VecDeque::new(),
             blocked_until: None,
             last: now,
@@ -511,27 +712,68 @@ impl FailureLimiter {
         }
     }
 
-    /// After a successful attempt: the address starts afresh.
-    pub fn succeeded(&self, ip: IpAddr) {
-        self.lock().remove(&canonical_ip(ip));
+    /// After a failed attempt on `username` (configured or not: an unknown name is counted
+    /// the same way, so the delays do not tell which names exist).
+    pub fn failed_user(&self, username: &str) {
+        let key = self.user_key(username);
+        let now = Instant::now();
+        let mut users = self.lock_users();
+        if !users.contains_key(&key) && users.len() >= self.user_capacity {
+            users.retain(|_, e| {
+                expire_failures(&mut e.failures, now);
+                !e.failures.is_empty()
+            });
+            if users.len() >= self.user_capacity
+                && let Some(oldest) = users
+                    .iter()
+                    .min_by_key(|(_, e)| e.failures.back().copied())
+                    .map(|(k, _)| *k)
+            {
+                users.remove(&oldest);
+            }
+        }
+        let entry = users.entry(key).or_insert_with(|| UserEntry {
+            failures: VecDeque::new(),
+        });
+        expire_failures(&mut entry.failures, now);
+        entry.failures.push_back(now);
+        if entry.failures.len() > USER_MAX_REMEMBERED {
+            entry.failures.pop_front();
+        }
     }
 
-    /// How many addresses are remembered (for tests and metrics).
+    /// How many clients are remembered (for tests and metrics).
     pub fn tracked(&self) -> usize {
         self.lock().len()
+    }
+
+    /// How many usernames are remembered (for tests and metrics).
+    pub fn tracked_usernames(&self) -> usize {
+        self.lock_users().len()
+    }
+
+    /// Usernames match ASCII case-insensitively when they hold `@` (see [`Authenticator`]);
+    /// folding every name errs on the side of one shared delay.
+    fn user_key(&self, username: &str) -> u64 {
+        self.hasher.hash_one(username.to_ascii_lowercase())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Entry>> {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    fn lock_users(&self) -> std::sync::MutexGuard<'_, HashMap<u64, UserEntry>> {
+        self.users.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
-/// The delay before answering an attempt that follows `failures` recent failures.
-fn delay_after(failures: usize) -> Duration {
-    if failures < FREE_FAILURES {
+/// The delay before answering an attempt that follows `failures` recent failures, the
+/// first `free` of which cost nothing.
+fn delay_after(failures: usize, free: usize) -> Duration {
+    if failures < free {
         return Duration::ZERO;
     }
-    let doublings = (failures - FREE_FAILURES).min(8) as u32;
+    let doublings = (failures - free).min(8) as u32;
     (FIRST_DELAY * 2u32.pow(doublings)).min(MAX_DELAY)
 }
 
@@ -972,16 +1214,175 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn success_starts_afresh() {
+    async fn ipv6_clients_are_limited_per_64() {
+        // Issue 8 §3.4: rotating addresses within one /64 used to give unlimited guesses.
+        let limiter = FailureLimiter::new();
+        for i in 0..BLOCK_AFTER as u16 {
+            limiter.failed(IpAddr::from([0x2001, 0xdb8, 0, 7, i, 0, 0, 1]));
+        }
+        assert_eq!(limiter.tracked(), 1);
+        assert!(limiter.check(ip("2001:db8:0:7:ffff::1")).is_err());
+        assert_eq!(limiter.check(ip("2001:db8:0:8::1")), Ok(Duration::ZERO));
+        // IPv4 stays per address.
+        limiter.failed(ip("192.0.2.1"));
+        assert_eq!(limiter.tracked(), 2);
+        assert_eq!(limiter.check(ip("192.0.2.2")), Ok(Duration::ZERO));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_good_login_between_guesses_buys_no_more_guesses() {
+        // Issue 8 §3.4: "3 free guesses, 1 good login, repeat" used to reset the count each
+        // time; now each failure counts for 15 minutes whatever happens in between.
+        let auth = Authenticator::new(&[user("printer1", "right")]);
         let limiter = FailureLimiter::new();
         let client = ip("192.0.2.10");
-        for _ in 0..6 {
+        let mut failures = 0;
+        let mut logins = 0;
+        'rounds: for _ in 0..10 {
+            for _ in 0..3 {
+                let a = auth.attempt(&limiter, client, "printer1", Secret::new("guess"));
+                match a.await {
+                    Attempt::Failed => failures += 1,
+                    Attempt::Blocked => break 'rounds,
+                    other => panic!("{other:?}"),
+                }
+            }
+            let a = auth.attempt(&limiter, client, "printer1", Secret::new("right"));
+            match a.await {
+                Attempt::Authenticated(_) => logins += 1,
+                Attempt::Blocked => break 'rounds,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(
+            (failures, logins),
+            (BLOCK_AFTER, 3),
+            "the 10th failure blocks"
+        );
+        assert!(limiter.check(client).is_err());
+        // Blocked means no password check at all, even with the right password.
+        let before = auth.stats().started;
+        let a = auth.attempt(&limiter, client, "printer1", Secret::new("right"));
+        assert_eq!(a.await, Attempt::Blocked);
+        assert_eq!(auth.stats().started, before);
+        // The failures decay by time: 15 minutes after the block, the client starts afresh.
+        tokio::time::advance(BLOCK_FOR).await;
+        assert_eq!(limiter.check(client), Ok(Duration::ZERO));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_on_a_username_slow_it_from_anywhere_but_never_lock_it() {
+        let auth = Authenticator::new(&[user("printer1", "right"), user("erp@x.org", "e")]);
+        let limiter = FailureLimiter::new();
+        // One wrong guess from each of 40 addresses: no client comes near its own limits.
+        for i in 0..40u8 {
+            let from = IpAddr::from([198, 51, 100, i]);
+            let a = auth.attempt(&limiter, from, "printer1", Secret::new("guess"));
+            assert_eq!(a.await, Attempt::Failed);
+            assert!(limiter.check(from).is_ok());
+        }
+        assert_eq!(limiter.user_delay("printer1"), MAX_DELAY);
+        // Other names are not slowed; a name with @ matches in any case, as logins do.
+        assert_eq!(limiter.user_delay("erp@x.org"), Duration::ZERO);
+        for _ in 0..USER_FREE_FAILURES {
+            limiter.failed_user("ERP@X.ORG");
+        }
+        assert_eq!(limiter.user_delay("erp@x.org"), FIRST_DELAY);
+        // Unknown names are counted the same way (the delay tells nothing of which exist).
+        for _ in 0..USER_FREE_FAILURES {
+            limiter.failed_user("nobody");
+        }
+        assert_eq!(limiter.user_delay("nobody"), FIRST_DELAY);
+
+        // Never a lockout: the printer itself, from a fresh address, waits the delay and
+        // gets in.
+        let started = Instant::now();
+        let a = auth.attempt(&limiter, ip("10.0.0.5"), "printer1", Secret::new("right"));
+        assert_eq!(a.await, Attempt::Authenticated("printer1".into()));
+        assert!(started.elapsed() >= MAX_DELAY);
+        assert!(started.elapsed() < MAX_DELAY + Duration::from_secs(1));
+        // The delays decay: 15 minutes later the name is free again.
+        tokio::time::advance(WINDOW).await;
+        assert_eq!(limiter.user_delay("printer1"), Duration::ZERO);
+        assert_eq!(limiter.tracked_usernames(), 2, "erp and nobody until read");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_delay_comes_before_any_argon2_work() {
+        let auth = Arc::new(Authenticator::new(&[user("printer1", "right")]));
+        let limiter = Arc::new(FailureLimiter::new());
+        let client = ip("192.0.2.20");
+        for _ in 0..4 {
             limiter.failed(client);
         }
-        assert_eq!(limiter.check(client), Ok(MAX_DELAY));
-        limiter.succeeded(client);
-        assert_eq!(limiter.check(client), Ok(Duration::ZERO));
+        let delay = limiter.delay(client, "printer1");
+        assert_eq!(delay, Duration::from_secs(2));
+        let task = {
+            let (auth, limiter) = (auth.clone(), limiter.clone());
+            tokio::spawn(async move {
+                auth.attempt(&limiter, client, "printer1", Secret::new("right"))
+                    .await
+            })
+        };
+        // The clock only moves when told to: no check starts during the delay.
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(auth.stats().started, 0);
+        tokio::time::advance(delay - Duration::from_millis(1)).await;
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            auth.stats().started,
+            0,
+            "argon2 started before the delay was over"
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(
+            task.await.unwrap(),
+            Attempt::Authenticated("printer1".into())
+        );
+        assert_eq!(auth.stats().started, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_an_argon2_slot_times_out_with_454() {
+        let auth = Authenticator::with_slots(&[user("printer1", "right")], 1, SLOT_TIMEOUT);
+        let limiter = FailureLimiter::new();
+        let held = auth.slots.clone().acquire_owned().await.unwrap();
+        let started = Instant::now();
+        let a = auth.attempt(&limiter, ip("192.0.2.30"), "printer1", Secret::new("right"));
+        assert_eq!(a.await, Attempt::Busy);
+        assert_eq!(started.elapsed(), SLOT_TIMEOUT);
+        assert_eq!(auth.stats().started, 0);
+        // Busy is not a failure of the client.
         assert_eq!(limiter.tracked(), 0);
+        assert_eq!(limiter.tracked_usernames(), 0);
+        let r = reply::AUTH_BUSY;
+        assert_eq!((r.code, r.enhanced), (454, "4.7.0"));
+        drop(held);
+        let a = auth.attempt(&limiter, ip("192.0.2.30"), "printer1", Secret::new("right"));
+        assert_eq!(a.await, Attempt::Authenticated("printer1".into()));
+    }
+
+    #[tokio::test]
+    async fn unknown_users_run_argon2_against_the_dummy_with_the_users_parameters() {
+        let auth = Authenticator::new(&[user("printer1", "right")]);
+        assert_eq!(auth.work_params("nobody"), auth.work_params("printer1"));
+        assert_eq!(auth.work_params("nobody"), Some((64, 1, 1)));
+        assert_eq!(auth.verify("nobody", Secret::new("x")).await, None);
+        assert_eq!(
+            auth.stats(),
+            AuthStats {
+                started: 1,
+                completed: 1,
+                dummy: 1
+            }
+        );
+        assert_eq!(auth.verify("printer1", Secret::new("x")).await, None);
+        assert_eq!(auth.stats().completed, 2);
+        assert_eq!(auth.stats().dummy, 1);
     }
 
     #[tokio::test(start_paused = true)]
@@ -1006,8 +1407,14 @@ mod tests {
 
     #[test]
     fn delay_schedule() {
-        let secs: Vec<u64> = (0..12).map(|n| delay_after(n).as_secs()).collect();
+        let secs: Vec<u64> = (0..12)
+            .map(|n| delay_after(n, FREE_FAILURES).as_secs())
+            .collect();
         assert_eq!(secs, [0, 0, 0, 1, 2, 4, 8, 8, 8, 8, 8, 8]);
-        assert_eq!(delay_after(usize::MAX), MAX_DELAY);
+        assert_eq!(delay_after(usize::MAX, FREE_FAILURES), MAX_DELAY);
+        let secs: Vec<u64> = (0..10)
+            .map(|n| delay_after(n, USER_FREE_FAILURES).as_secs())
+            .collect();
+        assert_eq!(secs, [0, 0, 0, 0, 0, 1, 2, 4, 8, 8]);
     }
 }

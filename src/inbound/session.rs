@@ -18,7 +18,7 @@ use super::SessionCtx;
 use super::auth::{self, SaslExchange, Step};
 use crate::config::{BareLf, TlsMode};
 use crate::smtp::data::DataDecoder;
-use crate::smtp::headers::{self, TraceInfo};
+use crate::smtp::headers::{self, FromProblem, HeadState, TraceInfo};
 use crate::smtp::reply::{self, Reply};
 use crate::spool::{Envelope, Recipient, new_id, now_ms};
 
@@ -48,6 +48,8 @@ enum Input {
     Closed,
     Timeout,
     Shutdown,
+    /// `limits.max_session_age` reached at a command boundary.
+    SessionTooOld,
 }
 
 enum Next {
@@ -73,6 +75,11 @@ pub struct Session<S> {
     tls_active: bool,
     /// Set by a successful AUTH; cleared by STARTTLS (a new session).
     auth: Option<AuthedUser>,
+    /// When the connection was accepted; carried across STARTTLS (`limits.max_session_age`).
+    started: Instant,
+    /// Commands without progress since the session began or the last accepted message
+    /// (`limits.max_junk_commands`); carried across STARTTLS.
+    junk: u32,
 }
 
 struct AuthedUser {
@@ -104,11 +111,13 @@ where
                 && let Some(acceptor) = acceptor
             {
                 let errors = plain.errors;
+                let (started, junk) = (plain.started, plain.junk);
                 if let Some(tls) = handshake(&acceptor, plain.stream, ip).await {
                     // RFC 3207 §4.2: everything learnt before TLS is forgotten; the client
                     // starts again with EHLO, and no new greeting is sent.
                     let mut s = Session::new(tls, ip, ctx, true);
                     s.errors = errors;
+                    (s.started, s.junk) = (started, junk);
                     s.serve(false).await;
                 }
             }
@@ -156,6 +165,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             discarding: 0,
             tls_active,
             auth: None,
+            started: Instant::now(),
+            junk: 0,
         }
     }
 
@@ -238,6 +249,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.close_with(&reply::SHUTTING_DOWN).await;
                     Next::Close
                 }
+                Input::SessionTooOld => {
+                    tracing::info!(client = %self.client_ip, "session older than limits.max_session_age: closing it with 421 4.7.0");
+                    self.close_with(&reply::SESSION_TOO_OLD).await;
+                    Next::Close
+                }
             };
             match next {
                 Next::Continue => {}
@@ -288,11 +304,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Reads a command line. AUTH may carry an initial response up to the SASL limit
     /// (RFC 4954 §4); every other command is held to 512 octets.
     async fn next_command(&mut self) -> Input {
-        let deadline = Instant::now() + self.ctx.config.limits.command_timeout;
+        // Issue 8 §3.3: NOOP and friends must not keep a session (and its slot) for ever.
+        // The age is checked between commands and while idle, never inside DATA, so a
+        // message in transfer is finished (and answered) first.
+        let now = Instant::now();
+        let timeout_at = now + self.ctx.config.limits.command_timeout;
+        // An age too large for the clock means no age limit, not a panic.
+        let too_old_at = self
+            .started
+            .checked_add(self.ctx.config.limits.max_session_age)
+            .unwrap_or(timeout_at);
+        if now >= too_old_at {
+            return Input::SessionTooOld;
+        }
+        let deadline = timeout_at.min(too_old_at);
+        let expired = |input: Input| match input {
+            Input::Timeout if too_old_at < timeout_at => Input::SessionTooOld,
+            input => input,
+        };
         // Read until the verb is known (5 bytes, or a shorter complete line).
         while self.discarding == 0 && self.unread().len() < 5 && !self.unread().contains(&b'\n') {
             if let Err(e) = self.fill(deadline, true).await {
-                return e;
+                return expired(e);
             }
         }
         let u = self.unread();
@@ -304,7 +337,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         match self.next_line(max, deadline).await {
             Input::TooLong if is_auth => Input::AuthTooLong,
-            input => input,
+            input => expired(input),
         }
     }
 
@@ -346,6 +379,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.reply(&reply::NUL_IN_COMMAND);
             return self.error();
         }
+        // `MAIL FROM:user@domain` from old senders becomes `MAIL FROM:<user@domain>` (Postfix's
+        // strict_rfc821_envelopes = no); the bracketed line is what every later check sees.
+        let bracketed = crate::smtp::command::bracket_bare_path(line);
+        let line = bracketed.as_deref().unwrap_or(line);
         let parsed = Request::parse(&mut line.iter());
         let next = match parsed {
             Ok(req) => {
@@ -389,6 +426,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn request(&mut self, req: Request<String>, line: &[u8]) -> Next {
+        // Commands that make no progress towards a message (Postfix's junk commands, plus
+        // the greetings and HELP). MAIL, RCPT, DATA, AUTH and STARTTLS are not counted; an
+        // accepted message or a successful AUTH starts the count again. Errors have their
+        // own cap (MAX_ERRORS).
+        if matches!(
+            req,
+            Request::Ehlo { .. }
+                | Request::Helo { .. }
+                | Request::Rset
+                | Request::Noop { .. }
+                | Request::Vrfy { .. }
+                | Request::Help { .. }
+        ) {
+            self.junk += 1;
+            if self.junk > self.ctx.config.limits.max_junk_commands {
+                tracing::info!(client = %self.client_ip, "more than limits.max_junk_commands commands without mail: closing the session with 421 4.7.0");
+                self.reply(&reply::TOO_MANY_JUNK_COMMANDS);
+                return Next::Close;
+            }
+        }
         match req {
             Request::Ehlo { host } => {
                 self.helo = Some(host);
@@ -408,6 +465,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 // B12: AUTH only where it may be used (inside TLS unless allow_plaintext_auth).
                 if self.auth_available() {
                     lines.push(format!("AUTH {}", auth::MECHANISMS));
+                    // Postfix's broken_sasl_auth_clients: Outlook Express 4 and some printer
+                    // firmware only look for the pre-RFC 2554 `AUTH=` form.
+                    if self.ctx.listener.broken_sasl_auth_clients {
+                        lines.push(format!("AUTH={}", auth::MECHANISMS));
+                    }
                 }
                 reply::ehlo(&lines, &mut self.wbuf);
                 Next::Continue
@@ -448,7 +510,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Request::Auth {
                 mechanism,
                 initial_response,
-            } => self.authenticate(mechanism, &initial_response).await,
+            } => {
+                let before = self.auth.is_some();
+                let next = self.authenticate(mechanism, &initial_response).await;
+                if !before && self.auth.is_some() {
+                    self.junk = 0; // a successful AUTH is progress
+                }
+                next
+            }
             Request::Expn { .. }
             | Request::Bdat { .. }
             | Request::Etrn { .. }
@@ -495,14 +564,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.reply(&r);
             return self.error();
         }
-        let delay = match self.ctx.auth_failures.check(self.client_ip) {
-            Ok(d) => d,
+        // A blocked client is turned away before the exchange; the delays come in
+        // `Authenticator::attempt`, before the password check.
+        match self.ctx.auth_failures.check(self.client_ip) {
+            Ok(_) => {}
             Err(r) => {
                 tracing::warn!(client = %self.client_ip, "AUTH refused: too many failures from this address");
                 self.close_with(&r).await;
                 return Next::Close;
             }
-        };
+        }
         let mechanism = match auth::Mechanism::from_smtp_proto(mechanism) {
             Ok(m) => m,
             Err(r) => {
@@ -527,7 +598,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             self.close_with(&reply::AUTH_LINE_TOO_LONG).await;
                             return Next::Close;
                         }
-                        Input::Closed => return Next::Close,
+                        // SessionTooOld comes only from `next_command`.
+                        Input::Closed | Input::SessionTooOld => return Next::Close,
                         Input::Timeout => {
                             self.close_with(&reply::TIMEOUT).await;
                             return Next::Close;
@@ -550,15 +622,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
                 Step::Done { username, password } => {
                     let shown = headers::clean_token(&username);
-                    let verified = self.ctx.auth.verify(&username, password).await;
-                    // FailureLimiter: the delay comes before the answer, success or failure
-                    // alike, so a quick answer does not give a right password away.
-                    if !delay.is_zero() {
-                        tokio::time::sleep(delay).await;
-                    }
-                    return match verified {
-                        Some(name) => {
-                            self.ctx.auth_failures.succeeded(self.client_ip);
+                    let attempt = self.ctx.auth.attempt(
+                        &self.ctx.auth_failures,
+                        self.client_ip,
+                        &username,
+                        password,
+                    );
+                    return match attempt.await {
+                        auth::Attempt::Authenticated(name) => {
                             let allowed_senders = self
                                 .ctx
                                 .config
@@ -575,10 +646,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             self.reply(&reply::AUTH_OK);
                             Next::Continue
                         }
-                        None => {
-                            self.ctx.auth_failures.failed(self.client_ip);
+                        auth::Attempt::Failed => {
                             tracing::warn!(client = %self.client_ip, user = %shown, "authentication failed (unknown user or wrong password)");
                             self.reply(&reply::AUTH_FAILED);
+                            self.error()
+                        }
+                        auth::Attempt::Blocked => {
+                            tracing::warn!(client = %self.client_ip, "AUTH refused: too many failures from this address");
+                            self.close_with(&reply::AUTH_TOO_MANY_FAILURES).await;
+                            Next::Close
+                        }
+                        auth::Attempt::Busy => {
+                            tracing::warn!(client = %self.client_ip, user = %shown, "authentication not checked: every password-check slot stayed busy (a flood of AUTH attempts?)");
+                            self.reply(&reply::AUTH_BUSY);
                             self.error()
                         }
                     };
@@ -760,7 +840,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // Content is held here until the header section has been scanned for Date and
         // Message-ID, then our headers go first and everything streams to the spool.
         let mut head: Option<Vec<u8>> = Some(Vec::new());
-        let mut header_from: Vec<String> = Vec::new();
+        // Issue 8 §3.2/§3.7: the whole header section is scanned (incrementally) and its
+        // From parsed; a refused message is not written to the spool at all.
+        let mut scan = headers::HeaderScan::new(cfg.limits.max_header_size);
+        let mut head_refusal: Option<Reply> = None;
         let mut out = Vec::with_capacity(READ_CHUNK + 1024);
         let deadline = Instant::now() + cfg.limits.data_timeout;
         // RFC 3848 / RFC 6531 "with" keywords: S for TLS, A for AUTH.
@@ -791,7 +874,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     hostname: &cfg.hostname,
                     protocol,
                     queue_id: &id,
-                    auth_user: envelope.auth_user.as_deref(),
+                    // The envelope keeps the user for logs and routing either way.
+                    auth_user: envelope
+                        .auth_user
+                        .as_deref()
+                        .filter(|_| cfg.received_auth_user),
                     single_rcpt: single_rcpt.as_deref(),
                     now,
                 },
@@ -807,13 +894,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             };
             if let Some(h) = head.as_mut() {
                 h.extend_from_slice(&out);
-                if let Some(present) = headers::scan(h, found.is_some()) {
-                    let h = head.take().unwrap_or_default();
-                    header_from = headers::from_addresses(&h);
-                    incoming.write(&trace(present)).await;
-                    incoming.write(&h).await;
+                match scan.feed(h, found.is_some()) {
+                    HeadState::Pending => {}
+                    HeadState::TooBig => {
+                        head = None;
+                        tracing::warn!(client = %self.client_ip, max = cfg.limits.max_header_size, "header section over limits.max_header_size: refusing the message");
+                        head_refusal = Some(reply::header_too_big(cfg.limits.max_header_size));
+                    }
+                    HeadState::Done { end, present } => {
+                        let h = head.take().unwrap_or_default();
+                        head_refusal = self.header_from_refusal(&h[..end], scan.from_fields());
+                        if head_refusal.is_none() {
+                            incoming.write(&trace(present)).await;
+                            incoming.write(&h).await;
+                        }
+                    }
                 }
-            } else if !out.is_empty() {
+            } else if !out.is_empty() && head_refusal.is_none() {
                 incoming.write(&out).await;
             }
             if found.is_some() {
@@ -840,15 +937,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Some(reply::LINE_OVER_998)
         } else if flags.bare_lf && self.ctx.listener.bare_lf == BareLf::Reject {
             Some(reply::BARE_LF)
-        } else if let Some(bad) = header_from
-            .iter()
-            .find(|a| !crate::config::sender_allowed(self.sender_patterns(), a))
-        {
-            // Refused here rather than bounced later by Exchange with 5.7.60 (C34).
-            tracing::warn!(client = %self.client_ip, header_from = %bad, "header From not allowed for this client or user");
-            Some(reply::HEADER_FROM_NOT_ALLOWED)
         } else {
-            None
+            head_refusal
         };
         if let Some(r) = refusal {
             drop(incoming);
@@ -868,6 +958,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     "message accepted"
                 );
                 self.ctx.scheduler.queued(queued);
+                self.junk = 0;
                 self.reply(&reply::queued(&id));
             }
             Err(e) => {
@@ -876,6 +967,42 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
         Next::Continue
+    }
+}
+
+impl<S> Session<S> {
+    /// The header From policy (behaviour.md C34, issue 8 §3.2) for a complete header
+    /// section: every mailbox's addr-spec must match the client's sender patterns. Several
+    /// From fields are always refused; a From without mailboxes only where the patterns
+    /// restrict the sender (with `*` there is nothing to protect, and `sender_rewrite:
+    /// mailbox` replaces such a From upstream).
+    fn header_from_refusal(&self, head: &[u8], from_fields: usize) -> Option<Reply> {
+        let patterns = match &self.auth {
+            Some(user) => &user.allowed_senders,
+            None => &self.ctx.config.access.allowed_senders,
+        };
+        match headers::header_from(head, from_fields) {
+            Ok(addresses) => {
+                let bad = addresses
+                    .iter()
+                    .find(|a| !crate::config::sender_allowed(patterns, a))?;
+                // Refused here rather than bounced later by Exchange with 5.7.60 (C34).
+                tracing::warn!(client = %self.client_ip, header_from = %bad, "header From not allowed for this client or user");
+                Some(reply::HEADER_FROM_NOT_ALLOWED)
+            }
+            Err(FromProblem::NotMailboxes)
+                if patterns.contains(&crate::config::SenderPattern::Any) =>
+            {
+                None
+            }
+            Err(problem) => {
+                tracing::warn!(client = %self.client_ip, %problem, "header From refused");
+                Some(match problem {
+                    FromProblem::Several(_) => reply::SEVERAL_HEADER_FROM,
+                    FromProblem::NotMailboxes => reply::HEADER_FROM_NOT_MAILBOXES,
+                })
+            }
+        }
     }
 }
 

@@ -97,6 +97,18 @@ pub const TOO_MANY_FROM_IP: Reply = Reply::fixed(
 pub const TOO_MANY_ERRORS: Reply =
     Reply::fixed(421, "4.7.0", "Too many errors, closing connection");
 pub const TIMEOUT: Reply = Reply::fixed(421, "4.4.2", "Timeout exceeded, closing connection");
+/// `limits.max_session_age` reached (issue 8 §3.3).
+pub const SESSION_TOO_OLD: Reply = Reply::fixed(
+    421,
+    "4.7.0",
+    "Session time limit reached, closing connection",
+);
+/// `limits.max_junk_commands` reached: EHLO/NOOP/RSET/VRFY/HELP without a message.
+pub const TOO_MANY_JUNK_COMMANDS: Reply = Reply::fixed(
+    421,
+    "4.7.0",
+    "Too many commands without mail, closing connection",
+);
 pub const STORAGE_FULL: Reply =
     Reply::fixed(452, "4.3.1", "Insufficient system storage, try again later");
 pub const TOO_MANY_RECIPIENTS: Reply = Reply::fixed(452, "4.5.3", "Too many recipients");
@@ -168,6 +180,14 @@ pub const HEADER_FROM_NOT_ALLOWED: Reply = Reply::fixed(
     "5.7.1",
     "Header From address not allowed for this client or user",
 );
+/// Issue 8 §3.2: RFC 5322 §3.6 allows one From field.
+pub const SEVERAL_HEADER_FROM: Reply =
+    Reply::fixed(550, "5.7.1", "Message has more than one From header field");
+pub const HEADER_FROM_NOT_MAILBOXES: Reply = Reply::fixed(
+    550,
+    "5.7.1",
+    "Header From does not parse into mailboxes (expected e.g. Name <user@example.com>)",
+);
 pub const RELAY_DENIED: Reply = Reply::fixed(
     554,
     "5.7.1",
@@ -189,6 +209,16 @@ pub fn helo_ok(hostname: &str) -> Reply {
 /// EHLO's multi-line reply: the first line names us, the others list extensions.
 pub fn ehlo(lines: &[String], out: &mut Vec<u8>) {
     Reply::multiline(250, lines, out);
+}
+
+/// `limits.max_header_size` exceeded (issue 8 §3.2). The header section is everything up
+/// to the first empty line, so a message without one counts whole.
+pub fn header_too_big(max: usize) -> Reply {
+    Reply::new(
+        550,
+        "5.7.1",
+        format!("Header section exceeds {max} bytes, or no empty line ends it"),
+    )
 }
 
 /// The reply that acknowledges a durable message.
@@ -227,6 +257,12 @@ pub const AUTH_TOO_MANY_FAILURES: Reply = Reply::fixed(
     421,
     "4.7.0",
     "Too many authentication failures, try again later",
+);
+/// RFC 4954 §6: no password check could be run in time (every argon2 slot stayed busy).
+pub const AUTH_BUSY: Reply = Reply::fixed(
+    454,
+    "4.7.0",
+    "Temporary authentication failure, try again later",
 );
 pub const AUTH_ALREADY: Reply = Reply::fixed(503, "5.5.1", "Already authenticated");
 pub const AUTH_IN_TRANSACTION: Reply =

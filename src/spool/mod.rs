@@ -53,6 +53,16 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
     }
 }
 
+/// True for errors that say nothing about one file: the process ran out of descriptors or
+/// memory.
+fn process_wide(e: &io::Error) -> bool {
+    use rustix::io::Errno;
+    matches!(
+        Errno::from_io_error(e),
+        Some(Errno::MFILE | Errno::NFILE | Errno::NOMEM)
+    )
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -237,7 +247,28 @@ impl Spool {
             let name = entry.file_name();
             let name = name.to_string_lossy();
             if let Some(id) = name.strip_suffix(".msg") {
-                ids.push(id.to_string());
+                // Only a regular file can be a queue file. Opening a FIFO would block start-up
+                // for ever, a directory fails on read: set such an entry aside (issue 8 §3.9).
+                // `file_type` does not follow symlinks; the spool never makes any.
+                match entry.file_type() {
+                    Ok(t) if t.is_file() => ids.push(id.to_string()),
+                    Ok(t) => {
+                        let kind = if t.is_dir() {
+                            "a directory"
+                        } else if t.is_symlink() {
+                            "a symbolic link"
+                        } else {
+                            "not a regular file"
+                        };
+                        tracing::error!(file = %entry.path().display(), kind, "queue entry is not a regular file, moved to corrupt/ (alert: mailbridge never creates one; inspect it, and to deliver it, stop mailbridge, put a regular file back in queue/ owned by the mailbridge user, mode 600, and start it)");
+                        self.quarantine_message(id);
+                        out.corrupt += 1;
+                    }
+                    Err(e) => {
+                        self.unreadable_entry(id, &entry.path(), &e);
+                        out.corrupt += 1;
+                    }
+                }
             } else if let Some(id) = name.strip_suffix(".state") {
                 states.insert(id.to_string());
             } else {
@@ -260,9 +291,19 @@ impl Spool {
                         next_attempt_ms: stored.state.next_attempt_ms,
                     });
                 }
-                // A read error (permissions, I/O) is not corruption: stop and say so rather
-                // than move a whole queue aside.
-                Err(e @ SpoolError::Io { .. }) => return Err(e),
+                // Out of file descriptors or memory: a problem of the process, not of this
+                // entry. Stop rather than move a whole queue aside.
+                Err(SpoolError::Io { path, source }) if process_wide(&source) => {
+                    return Err(SpoolError::Io { path, source });
+                }
+                // This entry alone cannot be read (permissions, I/O error): set it aside and
+                // start, or systemd restarts a daemon that fails the same way every 5 s for
+                // ever (issue 8 §3.9). Listing `queue/` itself failing still stops start-up
+                // (above).
+                Err(SpoolError::Io { path, source }) => {
+                    self.unreadable_entry(&id, &path, &source);
+                    out.corrupt += 1;
+                }
                 Err(e) => {
                     tracing::error!(queue_id = %id, error = %e, "queue file failed validation, moved to corrupt/ (alert: inspect it with a text editor; it was not delivered)");
                     self.quarantine(&self.queue_path(&id, "msg"));
@@ -275,7 +316,14 @@ impl Spool {
             }
         }
         for orphan in states {
-            let _ = fs::remove_file(self.queue_path(&orphan, "state"));
+            let p = self.queue_path(&orphan, "state");
+            // Gone already (moved with its message), or removed now; anything that cannot be
+            // removed (a directory) is set aside rather than met again at every start.
+            if fs::remove_file(&p).is_err() && fs::symlink_metadata(&p).is_ok() {
+                tracing::warn!(file = %p.display(), "state entry without a message could not be removed, moving it to corrupt/");
+                self.quarantine(&p);
+                out.corrupt += 1;
+            }
         }
         sync_dir(queue).map_err(io_err(queue))?;
         Ok(out)
@@ -286,10 +334,18 @@ impl Spool {
     pub fn quarantine_message(&self, id: &str) {
         for ext in ["msg", "state"] {
             let p = self.queue_path(id, ext);
-            if p.exists() {
+            // `symlink_metadata`: a dangling symlink exists too, and must move.
+            if fs::symlink_metadata(&p).is_ok() {
                 self.quarantine(&p);
             }
         }
+    }
+
+    /// A queued message that cannot be read: moved to `corrupt/` with its state, with the
+    /// remedy in the log.
+    fn unreadable_entry(&self, id: &str, path: &Path, e: &io::Error) {
+        tracing::error!(queue_id = %id, file = %path.display(), error = %e, "queue entry cannot be read, moved to corrupt/ (alert: it was not delivered; fix its owner or mode (the mailbridge user must read it, mode 600), then stop mailbridge, move the .msg and .state back to queue/ and start it)");
+        self.quarantine_message(id);
     }
 
     fn quarantine(&self, path: &Path) {
@@ -732,6 +788,85 @@ mod tests {
         assert_eq!(r.corrupt, 1);
         assert_eq!(r.tmp_removed, 1);
         assert!(dir.path().join("corrupt/bad.msg").exists());
+    }
+
+    #[tokio::test]
+    async fn recovery_sets_aside_entries_it_cannot_read_and_starts() {
+        // Issue 8 §3.9: tests run as root, so "cannot be read" is a directory, a FIFO (which
+        // would block the open), a dangling symlink, and a `.state` that is a directory.
+        let dir = tempfile::tempdir().unwrap();
+        let good = new_id();
+        let state_dir = new_id();
+        {
+            let spool = Spool::open(dir.path()).unwrap();
+            for id in [&good, &state_dir] {
+                let mut inc = spool.begin(&envelope(id));
+                inc.write(b"Subject: ok\r\n\r\nhi\r\n").await;
+                inc.commit().await.unwrap();
+            }
+        }
+        let queue = dir.path().join("queue");
+        fs::create_dir(queue.join("adir.msg")).unwrap();
+        fs::write(queue.join("adir.msg/inside"), b"x").unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            queue.join("afifo.msg"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), queue.join("alink.msg")).unwrap();
+        let st = queue.join(format!("{state_dir}.state"));
+        let _ = fs::remove_file(&st);
+        fs::create_dir(&st).unwrap();
+
+        let spool = Spool::open(dir.path()).unwrap();
+        let r = spool.recover().unwrap();
+        assert_eq!(
+            r.queued.iter().map(|q| q.id.as_str()).collect::<Vec<_>>(),
+            [good.as_str()]
+        );
+        assert_eq!(r.corrupt, 4);
+        let corrupt = dir.path().join("corrupt");
+        for name in [
+            "adir.msg".to_string(),
+            "afifo.msg".into(),
+            "alink.msg".into(),
+            format!("{state_dir}.msg"),
+            format!("{state_dir}.state"),
+        ] {
+            assert!(fs::symlink_metadata(corrupt.join(&name)).is_ok(), "{name}");
+            assert!(fs::symlink_metadata(queue.join(&name)).is_err(), "{name}");
+        }
+        assert!(corrupt.join("adir.msg/inside").exists());
+        // The good message is intact and loads.
+        assert!(spool.load(&good).is_ok());
+    }
+
+    #[test]
+    fn an_orphan_state_that_cannot_be_removed_goes_to_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        fs::create_dir(dir.path().join("queue/lost.state")).unwrap();
+        fs::write(dir.path().join("queue/gone.state"), b"x").unwrap();
+        let r = spool.recover().unwrap();
+        assert_eq!(r.corrupt, 1);
+        assert!(dir.path().join("corrupt/lost.state").is_dir());
+        assert!(!dir.path().join("queue/gone.state").exists());
+        assert!(!dir.path().join("corrupt/gone.state").exists());
+    }
+
+    #[test]
+    fn recovery_stops_when_the_queue_cannot_be_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        // `queue` replaced by a file: listing it fails, which is not one bad entry.
+        fs::remove_dir(dir.path().join("queue")).unwrap();
+        fs::write(dir.path().join("queue"), b"").unwrap();
+        let e = spool.recover().unwrap_err();
+        assert!(matches!(e, SpoolError::Io { .. }), "{e}");
+        assert!(e.to_string().contains("queue"), "{e}");
     }
 
     #[tokio::test]

@@ -147,12 +147,12 @@ pub fn check(c: &Claims, now_unix: i64) -> Check {
         lines.push(format!(
             "iat:    {} ({})",
             utc(iat),
-            relative(iat - now_unix)
+            relative(iat.saturating_sub(now_unix))
         ));
     }
     let exp_ok = match c.exp {
         Some(exp) => {
-            let left = exp - now_unix;
+            let left = exp.saturating_sub(now_unix);
             if left > 0 {
                 lines.push(format!("exp:    {} ({})", utc(exp), relative(left)));
                 true
@@ -274,6 +274,24 @@ mod tests {
             "tid": "11111111-2222-3333-4444-555555555555",
             "ver": "1.0"
         })
+    }
+
+    #[test]
+    fn extreme_times_in_a_token_do_not_overflow() {
+        for (iat, exp) in [(i64::MIN, i64::MAX), (i64::MAX, i64::MIN), (0, 0)] {
+            let mut p = good();
+            p["iat"] = iat.into();
+            p["exp"] = exp.into();
+            let c = decode(&jwt(&p)).unwrap();
+            for now in [NOW, i64::MIN, i64::MAX] {
+                let r = check(&c, now);
+                assert!(
+                    r.lines.iter().any(|l| l.starts_with("exp:")),
+                    "{:#?}",
+                    r.lines
+                );
+            }
+        }
     }
 
     #[test]

@@ -236,12 +236,15 @@ pub(super) fn parse_retry_after(headers: &reqwest::header::HeaderMap) -> Option<
         .to_str()
         .ok()?
         .trim();
+    // Untrusted: capped at a day, so no caller can overflow `Instant + retry_after`.
+    const MAX: Duration = Duration::from_secs(24 * 3600);
     if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+        return Some(Duration::from_secs(secs).min(MAX));
     }
     let when = httpdate::parse_http_date(value).ok()?;
     Some(
         when.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO),
+            .unwrap_or(Duration::ZERO)
+            .min(MAX),
     )
 }

@@ -32,6 +32,8 @@ pub use handle::{RefreshPolicy, Refresher, TokenHandle};
 
 /// The largest token response body read; Entra's are about 2-3 KiB.
 const MAX_BODY: usize = 256 * 1024;
+/// The longest token lifetime believed (seconds): the endpoint's number is not trusted.
+const MAX_LIFETIME_SECS: u64 = 24 * 3600;
 
 /// What identifies the application to the token endpoint.
 #[derive(Clone, Debug)]
@@ -73,7 +75,7 @@ pub struct Token {
     pub value: Secret,
     /// When it stops being valid (measured from when the request was sent, so slightly early).
     pub expires_at: Instant,
-    /// `expires_in` as the endpoint sent it.
+    /// `expires_in` as the endpoint sent it, at most 24 h.
     pub lifetime: Duration,
     /// Set by the [`TokenHandle`] that stores the token (0 = not stored); tells apart two tokens
     /// for the single-flight refresh.
@@ -185,9 +187,12 @@ fn parse_token(status: u16, body: &[u8], sent_at: Instant) -> Result<Token, Toke
         .and_then(|v| v.as_str())
         .filter(|s| !s.is_empty())
         .ok_or_else(|| bad("the response has no `access_token` string"))?;
-    // The v2.0 endpoint sends a number; the v1.0 endpoint sent a string.
+    // The v2.0 endpoint sends a number; the v1.0 endpoint sent a string. A number too large
+    // for u64 (serde_json keeps it as a float) counts as "very long" and is clamped below.
     let expires_in = match json.get("expires_in") {
-        Some(serde_json::Value::Number(n)) => n.as_u64(),
+        Some(serde_json::Value::Number(n)) => n
+            .as_u64()
+            .or_else(|| n.as_f64().filter(|f| *f >= 1.0).map(|_| u64::MAX)),
         Some(serde_json::Value::String(s)) => s.trim().parse::<u64>().ok(),
         _ => None,
     }
@@ -197,7 +202,11 @@ fn parse_token(status: u16, body: &[u8], sent_at: Instant) -> Result<Token, Toke
         Some(t) if t.eq_ignore_ascii_case("bearer") => {}
         _ => return Err(bad("the response's `token_type` is not Bearer")),
     }
-    let lifetime = Duration::from_secs(expires_in);
+    // Untrusted: `18446744073709551615` would overflow `Instant + lifetime` and panic. Entra
+    // issues 60-90 minutes; more than 24 h is taken as 24 h. A short lifetime is believed as
+    // is (raising it would present tokens Exchange already considers expired); the refresher
+    // never renews sooner than half the lifetime.
+    let lifetime = Duration::from_secs(expires_in.min(MAX_LIFETIME_SECS));
     Ok(Token {
         value: Secret::new(access_token),
         expires_at: sent_at + lifetime,

@@ -379,6 +379,65 @@ async fn throttling_and_server_errors_are_temporary() {
 }
 
 #[tokio::test]
+async fn untrusted_expires_in_is_capped_at_a_day() {
+    let sent = tokio::time::Instant::now();
+    for (body, want) in [
+        (
+            r#"{"access_token":"abc","expires_in":18446744073709551615,"token_type":"Bearer"}"#,
+            24 * 3600,
+        ),
+        (
+            r#"{"access_token":"abc","expires_in":"18446744073709551615","token_type":"Bearer"}"#,
+            24 * 3600,
+        ),
+        (
+            r#"{"access_token":"abc","expires_in":9223372036854775808,"token_type":"Bearer"}"#,
+            24 * 3600,
+        ),
+        (
+            r#"{"access_token":"abc","expires_in":1e300,"token_type":"Bearer"}"#,
+            24 * 3600,
+        ),
+        (
+            r#"{"access_token":"abc","expires_in":3599,"token_type":"Bearer"}"#,
+            3599,
+        ),
+    ] {
+        let token = parse_token(200, body.as_bytes(), sent).unwrap();
+        assert_eq!(token.lifetime, Duration::from_secs(want), "{body}");
+        assert!(token.expires_at <= sent + Duration::from_secs(want));
+        // What the refresher and the upstream compute from it must not overflow either.
+        let _ = refresh_at(token.lifetime);
+        let _ = handle::jittered(token.lifetime, 0.05);
+        let _ = token.issued_at() + refresh_at(token.lifetime);
+    }
+}
+
+#[tokio::test]
+async fn a_huge_expires_in_from_the_endpoint_does_not_panic_the_refresher() {
+    let endpoint = FakeEndpoint::start(vec![], u64::MAX, Duration::ZERO).await;
+    let shutdown = CancellationToken::new();
+    let handle = Refresher::spawn_with(client(), endpoint.creds(), shutdown.clone(), fast_policy());
+    let token = handle.get().await.unwrap();
+    assert_eq!(token.lifetime, Duration::from_secs(24 * 3600));
+    // The refresher scheduled the renewal (it would have panicked computing the due time).
+    tokio::task::yield_now().await;
+    assert!(handle.current().is_some());
+    shutdown.cancel();
+}
+
+#[test]
+fn a_huge_retry_after_is_capped() {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::RETRY_AFTER,
+        "18446744073709551615".parse().unwrap(),
+    );
+    let after = error::parse_retry_after(&headers).unwrap();
+    assert!(after <= Duration::from_secs(24 * 3600), "{after:?}");
+}
+
+#[tokio::test]
 async fn bad_json_is_reported_without_quoting_it() {
     let sent = tokio::time::Instant::now();
     let error = parse_token(

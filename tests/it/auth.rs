@@ -191,10 +191,8 @@ fn check_stored(m: &QueuedMessage, user: &str, protocol: &str) {
         received.contains(&format!("with {protocol} id {}", m.envelope.id)),
         "{received}"
     );
-    assert!(
-        received.contains(&format!("\r\n\t(Authenticated sender: {user})")),
-        "{received}"
-    );
+    // `received_auth_user` is off by default: the user is not named to the recipients.
+    assert!(!received.contains("Authenticated sender"), "{received}");
     assert!(content.ends_with("\r\n\r\nscan attached\r\n"), "{content}");
 }
 
@@ -620,31 +618,35 @@ async fn c33_unknown_user_and_wrong_password_get_the_same_535() {
     nothing_stored(&h);
 }
 
-/// Real (unpaused) time of one AUTH PLAIN exchange from a fresh address.
-async fn timed_auth(h: &Harness, peer: &str, user: &str, pw: &str) -> Duration {
-    let (mut c, _task, _) = plain_session(h, peer).await;
-    let line = format!("AUTH PLAIN {}", plain(user, pw));
-    let started = std::time::Instant::now();
-    let r = cmd(&mut c, &line).await;
-    let took = started.elapsed();
-    assert_eq!(r, AUTH_FAILED);
-    took
-}
-
+/// Behaviour.md C33: an unknown user costs the same argon2id work as a wrong password.
+/// Shown with the authenticator's counters, not wall-clock times (which flaked on two busy
+/// cores, issue 8 §6): the unknown user's check runs argon2 to the end, against the dummy
+/// hash, with the same parameters as a configured user's hash. Skipping the hash for unknown
+/// users fails the `completed` count.
 #[tokio::test]
 async fn c33_an_unknown_user_costs_a_password_check_too() {
     let h = harness(PLAINTEXT_AUTH, "");
-    let mut wrong = Duration::MAX;
-    let mut unknown = Duration::MAX;
-    for i in 0..3 {
-        wrong = wrong.min(timed_auth(&h, &format!("127.0.1.{i}:1"), PRINTER, "nope").await);
-        unknown = unknown.min(timed_auth(&h, &format!("127.0.2.{i}:1"), "nobody", "nope").await);
-    }
-    // The fastest of each: an unknown user runs argon2id against the dummy hash (same
-    // parameters), so it is not much faster than a wrong password.
-    assert!(
-        unknown * 4 >= wrong,
-        "unknown user {unknown:?}, wrong password {wrong:?}"
+    let auth = &h.ctx.auth;
+    assert_eq!(auth.work_params("nobody"), auth.work_params(PRINTER));
+    assert_eq!(auth.work_params("nobody"), Some((19_456, 2, 1)));
+    let fail = |peer: &'static str, user: &'static str| {
+        let h = &h;
+        async move {
+            let (mut c, _task, _) = plain_session(h, peer).await;
+            let r = cmd(&mut c, &format!("AUTH PLAIN {}", plain(user, "nope"))).await;
+            assert_eq!(r, AUTH_FAILED);
+        }
+    };
+    let s0 = auth.stats();
+    fail("127.0.1.1:1", PRINTER).await;
+    let s1 = auth.stats();
+    assert_eq!((s1.completed - s0.completed, s1.dummy - s0.dummy), (1, 0));
+    fail("127.0.2.1:1", "nobody").await;
+    let s2 = auth.stats();
+    assert_eq!(
+        (s2.completed - s1.completed, s2.dummy - s1.dummy),
+        (1, 1),
+        "an unknown user must run argon2 against the dummy hash"
     );
 }
 
@@ -703,7 +705,8 @@ async fn c33_ten_failures_grow_the_delay_then_the_11th_auth_gets_421_and_the_clo
     )
     .await;
     assert!(r.starts_with("421 4.7.0"), "{r}");
-    // ... while another address is not affected.
+    // ... while another address is not blocked. Issue 8 §3.4: printer1 had 5 failures, so
+    // that username waits 1 s from anywhere; never a lockout, the right password gets in.
     let (mut c, _task, _) = plain_session(&h, "192.168.1.51:40000").await;
     let started = tokio::time::Instant::now();
     let r = cmd(
@@ -711,6 +714,17 @@ async fn c33_ten_failures_grow_the_delay_then_the_11th_auth_gets_421_and_the_clo
         &format!("AUTH PLAIN {}", plain(PRINTER, PRINTER_PW)),
     )
     .await;
+    assert_eq!(r, AUTH_OK);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+    expect(&mut c, "QUIT", "221 2.0.0").await;
+    // A username with no failures is not slowed.
+    let (mut c, _task, _) = plain_session(&h, "192.168.1.52:40000").await;
+    let started = tokio::time::Instant::now();
+    let r = cmd(&mut c, &format!("AUTH PLAIN {}", plain(ERP, ERP_PW))).await;
     assert_eq!(r, AUTH_OK);
     assert!(started.elapsed() < Duration::from_secs(1));
     expect(&mut c, "QUIT", "221 2.0.0").await;
@@ -748,10 +762,147 @@ async fn c33_after_failures_a_right_password_waits_as_long_as_a_wrong_one() {
     let took = started.elapsed();
     assert_eq!(r, AUTH_OK);
     assert!(took >= Duration::from_secs(2), "{took:?}");
-    // Success starts the address afresh.
-    assert_eq!(h.ctx.auth_failures.check(ip(LAN_PEER)), Ok(Duration::ZERO));
-    assert_eq!(h.ctx.auth_failures.tracked(), 0);
+    // Issue 8 §3.4: a success no longer wipes the failures; they decay after 15 minutes.
+    assert_eq!(
+        h.ctx.auth_failures.check(ip(LAN_PEER)),
+        Ok(Duration::from_secs(2))
+    );
+    assert_eq!(h.ctx.auth_failures.tracked(), 1);
     expect(&mut c, "QUIT", "221 2.0.0").await;
+    tokio::time::advance(Duration::from_secs(15 * 60)).await;
+    assert_eq!(h.ctx.auth_failures.check(ip(LAN_PEER)), Ok(Duration::ZERO));
+}
+
+/// Issue 8 §3.4: "3 free guesses, 1 good login, repeat" used to give unlimited guesses,
+/// because a success wiped the failure history. The 10th failure now blocks, good logins in
+/// between or not.
+#[tokio::test(start_paused = true)]
+async fn c33_guesses_between_good_logins_still_add_up_to_a_block() {
+    let h = harness(PLAINTEXT_AUTH, "");
+    let mut failures = 0;
+    'rounds: for round in 0..5 {
+        let (mut c, _task, _) = plain_session(&h, LAN_PEER).await;
+        for _ in 0..3 {
+            let r = cmd(&mut c, &format!("AUTH PLAIN {}", plain(ERP, "guess"))).await;
+            if r.starts_with("421 4.7.0") {
+                break 'rounds;
+            }
+            assert_eq!(r, AUTH_FAILED, "round {round}");
+            failures += 1;
+        }
+        // The attacker's own account (or a stolen one) logs in between the guesses.
+        let r = cmd(
+            &mut c,
+            &format!("AUTH PLAIN {}", plain(PRINTER, PRINTER_PW)),
+        )
+        .await;
+        if r.starts_with("421 4.7.0") {
+            break;
+        }
+        assert_eq!(r, AUTH_OK, "round {round}");
+        expect(&mut c, "QUIT", "221 2.0.0").await;
+    }
+    assert_eq!(failures, 10, "blocked after the 10th failure");
+    let (mut c, _task, _) = plain_session(&h, LAN_PEER).await;
+    let r = cmd(
+        &mut c,
+        &format!("AUTH PLAIN {}", plain(PRINTER, PRINTER_PW)),
+    )
+    .await;
+    assert!(r.starts_with("421 4.7.0"), "{r}");
+    nothing_stored(&h);
+}
+
+/// Issue 8 §3.4: the limiter counted single addresses, so rotating IPv6 addresses within
+/// one /64 gave unlimited guesses. A /64 is one client now.
+#[tokio::test(start_paused = true)]
+async fn c33_rotating_ipv6_addresses_within_a_64_are_one_client() {
+    let h = harness(PLAINTEXT_AUTH, "");
+    for i in 0..10 {
+        let peer = format!("[fd00:1:2:3::{:x}]:40000", 0x100 + i);
+        let (mut c, _task, _) = plain_session(&h, &peer).await;
+        let r = cmd(&mut c, &format!("AUTH PLAIN {}", plain(ERP, "guess"))).await;
+        assert_eq!(r, AUTH_FAILED, "attempt {}", i + 1);
+    }
+    let (mut c, _task, _) = plain_session(&h, "[fd00:1:2:3:ffff::1]:40000").await;
+    let r = cmd(&mut c, &format!("AUTH PLAIN {}", plain(ERP, ERP_PW))).await;
+    assert!(r.starts_with("421 4.7.0"), "{r}");
+    expect_closed(&mut c).await;
+    // The next /64 is another client (it waits only for the username's failures).
+    let (mut c, _task, _) = plain_session(&h, "[fd00:1:2:4::1]:40000").await;
+    let r = cmd(&mut c, &format!("AUTH PLAIN {}", plain(ERP, ERP_PW))).await;
+    assert_eq!(r, AUTH_OK);
+    assert_eq!(h.ctx.auth_failures.tracked(), 1);
+}
+
+/// Issue 8 §3.4: guesses at one username from many addresses (none near its own limit)
+/// slow that username down, but never lock it: the printer still gets in after the delay.
+#[tokio::test(start_paused = true)]
+async fn c33_guesses_on_a_username_from_many_addresses_slow_it_but_never_lock_it() {
+    let h = harness(PLAINTEXT_AUTH, "");
+    for i in 0..30 {
+        let (mut c, _task, _) = plain_session(&h, &format!("10.9.{i}.1:40000")).await;
+        let r = cmd(&mut c, &format!("AUTH PLAIN {}", plain(PRINTER, "guess"))).await;
+        assert_eq!(r, AUTH_FAILED, "guess {}", i + 1);
+    }
+    let (mut c, _task, _) = plain_session(&h, LAN_PEER).await;
+    let started = tokio::time::Instant::now();
+    let r = cmd(
+        &mut c,
+        &format!("AUTH PLAIN {}", plain(PRINTER, PRINTER_PW)),
+    )
+    .await;
+    let took = started.elapsed();
+    assert_eq!(r, AUTH_OK);
+    assert!(
+        took >= Duration::from_secs(8) && took < Duration::from_secs(9),
+        "{took:?}"
+    );
+    // And again: the delay stays bounded, the account stays usable.
+    let (mut c, _task, _) = plain_session(&h, LAN_PEER).await;
+    let r = cmd(
+        &mut c,
+        &format!("AUTH PLAIN {}", plain(PRINTER, PRINTER_PW)),
+    )
+    .await;
+    assert_eq!(r, AUTH_OK);
+}
+
+/// Issue 8 §3.4: the delay comes before the argon2 work, so a flood of guesses costs no
+/// CPU or memory while it waits. Shown on the paused clock with the authenticator's count
+/// of started verifications.
+#[tokio::test(start_paused = true)]
+async fn c33_no_password_check_starts_before_the_delay_is_over() {
+    let h = harness(PLAINTEXT_AUTH, "");
+    for _ in 0..5 {
+        h.ctx.auth_failures.failed(ip(LAN_PEER));
+    }
+    assert_eq!(
+        h.ctx.auth_failures.check(ip(LAN_PEER)),
+        Ok(Duration::from_secs(4))
+    );
+    let (mut c, _task, _) = plain_session(&h, LAN_PEER).await;
+    let before = h.ctx.auth.stats().started;
+    c.write_all(format!("AUTH PLAIN {}\r\n", plain(PRINTER, PRINTER_PW)).as_bytes())
+        .await
+        .unwrap();
+    // Time stands still while the test keeps the runtime busy.
+    for _ in 0..200 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(h.ctx.auth.stats().started, before);
+    tokio::time::advance(Duration::from_millis(3_999)).await;
+    for _ in 0..200 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        h.ctx.auth.stats().started,
+        before,
+        "a password check started during the delay"
+    );
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert_eq!(reply(&mut c).await, AUTH_OK);
+    assert_eq!(h.ctx.auth.stats().started, before + 1);
 }
 
 // ---------------------------------------------------------------------------------------

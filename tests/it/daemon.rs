@@ -250,9 +250,17 @@ impl RelayConfig {
         self.dir.join("relay.yaml")
     }
 
+    /// Writes the file with mode 640, as deploy/install.sh installs it: mailbridge refuses
+    /// inline secrets (`users[].password_hash`) in a file every local user can read.
+    pub fn write(&self) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(self.path(), self.yaml()).unwrap();
+        std::fs::set_permissions(self.path(), std::fs::Permissions::from_mode(0o640)).unwrap();
+    }
+
     /// Starts `mailbridge serve` and returns once every listener is bound.
     pub fn start(&self) -> Relay {
-        std::fs::write(self.path(), self.yaml()).unwrap();
+        self.write();
         let mut child = mailbridge_cmd()
             .arg("serve")
             .arg("-c")
@@ -1671,4 +1679,276 @@ fn damaged_queue_files_go_to_corrupt_and_the_daemon_still_starts_a7() {
         .queue_id()
         .expect("queued after recovery");
     relay.wait_delivered(&id);
+}
+
+/// Issue 8 §3.9: a `.msg` entry that is a directory, a FIFO or a dangling symlink, or whose
+/// `.state` cannot be read, used to fail recovery, and systemd restarted the daemon every 5 s
+/// for ever. Each is set aside in `corrupt/`; the daemon starts and delivers the good message.
+#[test]
+fn unreadable_queue_entries_go_to_corrupt_and_the_daemon_starts() {
+    use mailbridge::spool::{Envelope, Recipient, Spool};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = RelayConfig::new(dir.path());
+    let queue = cfg.spool.join("queue");
+    let good = mailbridge::spool::new_id();
+    let bad_state = mailbridge::spool::new_id();
+    {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let spool = Spool::open(&cfg.spool).unwrap();
+        for id in [&good, &bad_state] {
+            let envelope = Envelope {
+                id: id.clone(),
+                sender: "a@example.com".into(),
+                recipients: vec![Recipient {
+                    address: "b@example.com".into(),
+                }],
+                client_ip: "127.0.0.1".parse().unwrap(),
+                helo: "printer".into(),
+                auth_user: None,
+                arrival_ms: mailbridge::spool::now_ms(),
+                body: None,
+                smtputf8: false,
+                upstream: None,
+                report: false,
+            };
+            rt.block_on(async {
+                let mut inc = spool.begin(&envelope);
+                inc.write(b"Subject: queued before the start\r\n\r\nok\r\n")
+                    .await;
+                inc.commit().await.unwrap();
+            });
+        }
+    }
+    std::fs::create_dir(queue.join("adir.msg")).unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        queue.join("afifo.msg"),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(dir.path().join("nowhere"), queue.join("alink.msg")).unwrap();
+    let st = queue.join(format!("{bad_state}.state"));
+    let _ = std::fs::remove_file(&st);
+    std::fs::create_dir(&st).unwrap();
+
+    let relay = cfg.start();
+    let log = relay
+        .wait_log("spool recovered", SHORT)
+        .expect("recovery summary logged");
+    assert_eq!(log["corrupt"], 4, "{log}");
+    let corrupt = cfg.spool.join("corrupt");
+    for name in [
+        "adir.msg".to_string(),
+        "afifo.msg".into(),
+        "alink.msg".into(),
+        format!("{bad_state}.msg"),
+        format!("{bad_state}.state"),
+    ] {
+        assert!(
+            std::fs::symlink_metadata(corrupt.join(&name)).is_ok(),
+            "{name} not in corrupt/"
+        );
+        assert!(
+            std::fs::symlink_metadata(queue.join(&name)).is_err(),
+            "{name} still in queue/"
+        );
+    }
+    // The log names the remedy.
+    let logs = relay.logs();
+    assert!(
+        logs.iter().any(|v| v["message"].as_str().is_some_and(|m| m
+            .contains("cannot be read, moved to corrupt/")
+            && m.contains("mode 600"))),
+        "{}",
+        relay.transcript()
+    );
+    // The good message queued before the start is delivered, and new mail too.
+    relay.wait_delivered(&good);
+    let mut c = Smtp::greet_ehlo(relay.addr()).unwrap();
+    let id = c
+        .send_message(
+            "a@example.com",
+            &["b@example.com"],
+            b"Subject: after\r\n\r\nok\r\n",
+        )
+        .unwrap()
+        .queue_id()
+        .expect("queued after recovery");
+    relay.wait_delivered(&id);
+}
+
+/// Issue 8 §3.8: an inline `password_hash` or `client_secret` in a configuration file that
+/// every local user can read stops `check-config` and `serve`, naming the file, the key and
+/// the fix; mode 640 (root:mailbridge, as installed) is accepted.
+#[test]
+fn inline_secrets_in_a_world_readable_config_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let hash =
+        mailbridge::inbound::auth::hash_password(&mailbridge::secret::Secret::new("pw")).unwrap();
+    let mut cfg = RelayConfig::new(dir.path());
+    cfg.extra = format!(
+        "users:\n  - username: scanner01\n    password_hash: {hash:?}\n    allowed_senders: [\"*\"]\n"
+    );
+    cfg.write();
+    let path = cfg.path();
+    let check = |name: &str| {
+        run_with_timeout(
+            mailbridge_cmd().arg("check-config").arg("-c").arg(&path),
+            dir.path(),
+            name,
+            SHORT,
+        )
+    };
+    let out = check("check-640");
+    assert_eq!(out.status.code(), Some(0), "{}{}", out.stdout, out.stderr);
+
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = check("check-644");
+    assert_eq!(out.status.code(), Some(1), "{}{}", out.stdout, out.stderr);
+    let all = format!("{}{}", out.stdout, out.stderr);
+    for want in [
+        "users[0].password_hash:",
+        &path.display().to_string(),
+        "readable by every local user",
+        "chmod 640",
+        "password_hash_file",
+    ] {
+        assert!(all.contains(want), "missing {want:?} in:\n{all}");
+    }
+    assert!(!all.contains(&hash), "the hash leaked: {all}");
+
+    let out = run_with_timeout(
+        mailbridge_cmd().arg("serve").arg("-c").arg(&path),
+        dir.path(),
+        "serve-644",
+        SHORT,
+    );
+    assert_eq!(out.status.code(), Some(1), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains("users[0].password_hash:"),
+        "{}",
+        out.stderr
+    );
+}
+
+/// Issue 8 §3.3: clients only in `auth_networks` may not take the slots
+/// `limits.reserved_connections` keeps for `allow_networks`, so hosts that never
+/// authenticate cannot lock the printers out.
+#[test]
+fn reserved_connections_are_kept_for_allow_networks() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = RelayConfig::new(dir.path());
+    cfg.extra = "access:\n  allow_networks: [\"127.0.0.1/32\"]\n  auth_networks: [\"127.0.0.0/8\"]\n\
+                 limits:\n  max_connections: 4\n  max_connections_per_ip: 10\n  reserved_connections: 2\n"
+        .into();
+    let relay = cfg.start();
+    let addr = relay.addr();
+    let printer: IpAddr = "127.0.0.1".parse().unwrap();
+    let lan: IpAddr = "127.0.0.2".parse().unwrap();
+    let other_lan: IpAddr = "127.0.0.3".parse().unwrap();
+    if connect_from(lan, addr).is_err() {
+        eprintln!("skipping: cannot connect from {lan}");
+        return;
+    }
+    // That probe's slot is released when its session ends; wait for it.
+    let mut held = Vec::new();
+    assert!(wait_until(SHORT, || {
+        let Ok(mut c) = connect_from(lan, addr) else {
+            return false;
+        };
+        match c.read_reply() {
+            Ok(r) if r.code == 220 => {
+                held.push(c);
+                held.len() == 2
+            }
+            _ => false,
+        }
+    }));
+    // Two auth_networks clients hold the unreserved slots: a third is refused...
+    let mut c = connect_from(other_lan, addr).unwrap();
+    let (r, closed) = first_reply_and_close(&mut c);
+    assert!(r.last().starts_with("421 4.7.0"), "{:?}", r.lines);
+    assert!(closed);
+    // ... while the printer gets both reserved slots...
+    let mut p1 = connect_from(printer, addr).unwrap();
+    p1.expect_reply(220).unwrap();
+    let mut p2 = connect_from(printer, addr).unwrap();
+    p2.expect_reply(220).unwrap();
+    // ... and max_connections still bounds the total.
+    let mut p3 = connect_from(printer, addr).unwrap();
+    let (r, _) = first_reply_and_close(&mut p3);
+    assert!(r.last().starts_with("421 4.7.0"), "{:?}", r.lines);
+    // The printers' sessions work.
+    p1.expect("EHLO printer.test", 250).unwrap();
+    p2.expect("NOOP", 250).unwrap();
+    assert!(
+        relay.logs().iter().any(|v| v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("limits.reserved_connections"))),
+        "{}",
+        relay.transcript()
+    );
+}
+
+#[test]
+fn reserved_connections_must_be_below_max_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = RelayConfig::new(dir.path());
+    cfg.extra = "limits:\n  max_connections: 8\n  reserved_connections: 8\n".into();
+    cfg.write();
+    let out = run_with_timeout(
+        mailbridge_cmd()
+            .arg("check-config")
+            .arg("-c")
+            .arg(cfg.path()),
+        dir.path(),
+        "check-reserved",
+        SHORT,
+    );
+    assert_eq!(out.status.code(), Some(1), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr
+            .contains("limits.reserved_connections: must be less than limits.max_connections (8)"),
+        "{}",
+        out.stderr
+    );
+}
+
+/// Issue 8 §3.3: without `users` nobody can authenticate, so `access.auth_networks`
+/// defaults to empty: a LAN host outside `allow_networks` gets `554 5.7.1` instead of a
+/// session (and a slot) it can do nothing with. With users the default stays the private
+/// ranges.
+#[test]
+fn auth_networks_default_is_empty_without_users() {
+    let lan: IpAddr = "127.0.0.2".parse().unwrap();
+    for with_users in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = RelayConfig::new(dir.path());
+        cfg.extra = "access:\n  allow_networks: [\"127.0.0.1/32\"]\n".into();
+        if with_users {
+            let hash =
+                mailbridge::inbound::auth::hash_password(&mailbridge::secret::Secret::new("pw"))
+                    .unwrap();
+            cfg.extra.push_str(&format!(
+                "users:\n  - username: scanner01\n    password_hash: {hash:?}\n    allowed_senders: [\"*\"]\n"
+            ));
+        }
+        let relay = cfg.start();
+        let Ok(mut c) = connect_from(lan, relay.addr()) else {
+            eprintln!("skipping: cannot connect from {lan}");
+            return;
+        };
+        let r = c.read_reply().unwrap();
+        if with_users {
+            assert_eq!(r.code, 220, "{:?}", r.lines);
+        } else {
+            assert!(r.last().starts_with("554 5.7.1"), "{:?}", r.lines);
+        }
+    }
 }

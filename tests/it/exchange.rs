@@ -134,6 +134,18 @@ fn count_files(dir: &Path) -> usize {
         .unwrap_or(0)
 }
 
+/// "delivery deferred" log lines whose error contains `needle`.
+fn deferrals(relay: &Relay, needle: &str) -> usize {
+    relay
+        .logs()
+        .iter()
+        .filter(|v| {
+            v["message"] == "delivery deferred"
+                && v["error"].as_str().is_some_and(|e| e.contains(needle))
+        })
+        .count()
+}
+
 fn log_has(relay: &Relay, needle: &str) -> bool {
     relay.logs().iter().any(|v| v.to_string().contains(needle))
 }
@@ -297,8 +309,15 @@ async fn persistent_535_pauses_with_remedy_then_resumes_by_itself() {
             .unwrap()
             .contains("Add-MailboxPermission -Identity relay@contoso.com")
     );
-    // Never bounced: the message is still queued, nothing in failed/.
-    assert_eq!(count_files(&relay.queue_dir()), 1);
+    // Never bounced: the message is still queued next to the alert (queued on its own
+    // time, so waited for), nothing in failed/, no DSN.
+    assert!(
+        wait_until(SHORT, || queued_to(&relay, "postmaster@contoso.com") == 1).await,
+        "{}",
+        relay.transcript()
+    );
+    assert_eq!(queued_to(&relay, "a@fabrikam.com"), 1);
+    assert_eq!(count_files(&relay.queue_dir()), 2);
     assert_eq!(count_files(&relay.spool.join("failed")), 0);
     // Fixed upstream: a probe finds out and everything goes out, the alert included.
     s.ex.clear_rules();
@@ -537,8 +556,19 @@ async fn quota_exceeded_defers_and_holds_instead_of_bouncing() {
             .contains("recipients_per_day"),
         "{held}"
     );
-    // Still queued, not failed, and not retried within the next seconds (held ~1 h).
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Held ~1 h: the next attempts (every 2 s, the longest queue.retry) are deferred by the
+    // hold without reaching Exchange. Shown by those deferrals, not by waiting.
+    let conns = s.ex.connections_total();
+    assert!(
+        wait_until(LONG, || deferrals(&relay, "the mailbox reached") >= 2).await,
+        "{}",
+        relay.transcript()
+    );
+    assert_eq!(
+        s.ex.connections_total(),
+        conns,
+        "no new connection while held"
+    );
     assert_eq!(count_files(&relay.queue_dir()), 1);
     assert_eq!(count_files(&relay.spool.join("failed")), 0);
     assert_eq!(s.ex.received_count(), 0);
@@ -569,12 +599,14 @@ async fn tenant_wide_smtp_auth_disabled_pauses_and_explains() {
     send_scan(&relay, "t").await;
     let v = relay.wait_log("upstream paused", LONG).expect("paused");
     assert_eq!(v["problem"], "smtp_auth_disabled");
+    let remedy = v["remedy"].as_str().unwrap();
     assert!(
-        v["remedy"]
-            .as_str()
-            .unwrap()
-            .contains("Set-TransportConfig -SmtpClientAuthenticationDisabled $false")
+        remedy.contains(
+            "Set-CASMailbox -Identity relay@contoso.com -SmtpClientAuthenticationDisabled $false"
+        ),
+        "{remedy}"
     );
+    assert!(!remedy.contains("Set-TransportConfig"), "{remedy}");
     // No forced token refresh for this one: it is not a token problem.
     assert!(
         !log_has(
@@ -584,7 +616,14 @@ async fn tenant_wide_smtp_auth_disabled_pauses_and_explains() {
         "{}",
         relay.transcript()
     );
-    assert_eq!(count_files(&relay.queue_dir()), 1);
+    // Still queued (next to the postmaster alert, queued on its own time: waited for).
+    assert!(
+        wait_until(SHORT, || queued_to(&relay, "postmaster@contoso.com") == 1).await,
+        "{}",
+        relay.transcript()
+    );
+    assert_eq!(queued_to(&relay, "a@fabrikam.com"), 1);
+    assert_eq!(count_files(&relay.spool.join("failed")), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -599,7 +638,12 @@ async fn invalid_client_secret_is_explained_and_mail_waits() {
         relay.transcript()
     );
     assert!(log_has(&relay, "7000215"), "{}", relay.transcript());
-    assert_eq!(count_files(&relay.queue_dir()), 1);
+    assert!(
+        wait_until(SHORT, || queued_to(&relay, "postmaster@contoso.com") == 1).await,
+        "{}",
+        relay.transcript()
+    );
+    assert_eq!(queued_to(&relay, "a@fabrikam.com"), 1);
     assert!(!relay.transcript().contains("fake-secret-value"));
     s.token.fail_always(None);
     assert!(
@@ -724,7 +768,13 @@ async fn large_envelopes_are_split_and_the_daily_recipient_cap_holds_mail() {
             .contains("recipients_per_day"),
         "{held}"
     );
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Its next attempts are deferred by the hold (the reason starts with the key): shown by
+    // those deferrals, not by waiting.
+    assert!(
+        wait_until(LONG, || deferrals(&relay, "limits.recipients_per_day") >= 2).await,
+        "{}",
+        relay.transcript()
+    );
     assert_eq!(s.ex.received_count(), 3);
     assert_eq!(count_files(&relay.queue_dir()), 1);
     // The count survives a restart (the file under state_dir).
@@ -879,7 +929,10 @@ async fn a_spool_read_error_mid_message_never_sends_the_final_dot() {
     };
     let r = session.data(Vec::new(), len, reader).await;
     assert!(r.is_err(), "{r:?}");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(session);
+    // The fake ends the session when the relay closes it; only then is it certain that
+    // nothing more arrives.
+    assert!(wait_until(SHORT, || s.ex.open_connections() == 0).await);
     assert_eq!(
         s.ex.received_count(),
         0,
@@ -978,7 +1031,14 @@ async fn sigterm_does_not_wait_for_send_slots_and_keeps_the_mail() {
         );
     }
     assert!(s.ex.wait_for_received(1, LONG).await);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The others take a connection (the pooled one, or a new one with AUTH) before they
+    // wait for their send slots (30 s and 60 s away): wait until a second connection has
+    // authenticated, so SIGTERM finds at least one of them waiting.
+    assert!(
+        wait_until(SHORT, || s.ex.auths().len() >= 2).await,
+        "{:?}",
+        s.ex.auths()
+    );
     relay.sigterm();
     // Well before the 25 s grace: nobody waits for a slot 30 s away.
     let status = tokio::task::spawn_blocking(move || {
@@ -1079,10 +1139,263 @@ async fn a_probe_that_fails_after_auth_keeps_the_upstream_paused() {
         "{}",
         relay.transcript()
     );
-    assert_eq!(
-        count_files(&relay.queue_dir()),
-        2,
+    assert!(
+        wait_until(SHORT, || count_files(&relay.queue_dir()) == 2).await,
         "the message and the alert wait"
     );
     assert_eq!(s.ex.received_count(), 0);
+}
+
+/// Messages in `queue/` addressed to `rcpt` (the spool's envelope files name recipients).
+fn queued_to(relay: &Relay, rcpt: &str) -> usize {
+    std::fs::read_dir(relay.queue_dir())
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".msg"))
+                .filter(|e| {
+                    std::fs::read(e.path())
+                        .map(|b| String::from_utf8_lossy(&b).contains(rcpt))
+                        .unwrap_or(false)
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// A sender or tenant block (`reply` at `stage`): the upstream pauses with the remedy, the
+/// message is never bounced, probes come at the longest `queue.retry` interval (15 min by
+/// default), and once Exchange lifts the block everything goes out by itself.
+async fn sender_block_pauses_then_resumes(stage: Stage, reply: &str, problem: &str) {
+    let s = Setup::new(Duration::from_secs(3600)).await;
+    s.ex.add_rule(Rule::reply(stage, reply));
+    let relay = s.relay(&limits(3, 6000), "").start();
+    send_scan(&relay, "blocked").await;
+    let v = relay.wait_log("upstream paused", LONG).expect("paused");
+    assert_eq!(v["problem"], problem, "{v}");
+    let remedy = v["remedy"].as_str().unwrap();
+    for want in [
+        "Restricted entities",
+        "probes every 15 minutes and resumes by itself",
+    ] {
+        assert!(remedy.contains(want), "{want}: {remedy}");
+    }
+    // Not along queue.retry's back-off (1 s first): at its longest interval.
+    assert_eq!(v["next_probe"], "2s", "{v}");
+    // A probe fails the same way: still paused, nothing bounced, no second alert.
+    assert!(
+        relay.wait_log("upstream still paused", LONG).is_some(),
+        "{}",
+        relay.transcript()
+    );
+    assert_eq!(count_files(&relay.spool.join("failed")), 0);
+    assert_eq!(s.ex.received_count(), 0);
+    assert!(
+        wait_until(SHORT, || queued_to(&relay, "postmaster@contoso.com") == 1).await,
+        "the alert waits too"
+    );
+    // Microsoft lifts the block: the next probe goes through and the upstream resumes.
+    s.ex.clear_rules();
+    assert!(
+        relay
+            .wait_log("upstream works again; delivery resumed", LONG)
+            .is_some(),
+        "{}",
+        relay.transcript()
+    );
+    assert!(
+        s.ex.wait_for_received(3, LONG).await,
+        "{}",
+        relay.transcript()
+    );
+    assert!(wait_until(SHORT, || count_files(&relay.queue_dir()) == 0).await);
+    assert_eq!(count_files(&relay.spool.join("failed")), 0);
+    let got = s.ex.received();
+    assert!(got.iter().any(|m| m.rcpt_to == vec!["a@fabrikam.com"]));
+    // Alerts: "paused" and "works again", to the postmaster; no DSN to the sender.
+    let alerts: Vec<String> = got
+        .iter()
+        .filter(|m| m.rcpt_to == vec!["postmaster@contoso.com"])
+        .map(|m| String::from_utf8_lossy(&m.data).into_owned())
+        .collect();
+    assert_eq!(alerts.len(), 2, "{alerts:?}");
+    assert!(
+        alerts
+            .iter()
+            .any(|a| a.contains(&format!("paused: {problem}")) && a.contains("Restricted entities")),
+        "{alerts:?}"
+    );
+    assert!(!got.iter().any(|m| m.rcpt_to == vec!["scanner@contoso.com"]));
+    let n = relay
+        .logs()
+        .iter()
+        .filter(|v| v["message"] == "upstream paused")
+        .count();
+    assert_eq!(n, 1, "one pause for the whole episode");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_outbound_sender_5_1_8_pauses_never_bounces_and_resumes_by_itself() {
+    use crate::fake_exchange::REPLY_BAD_OUTBOUND_SENDER;
+    sender_block_pauses_then_resumes(Stage::Mail, REPLY_BAD_OUTBOUND_SENDER, "sender_restricted")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_threshold_5_7_705_pauses_never_bounces_and_resumes_by_itself() {
+    use crate::fake_exchange::REPLY_TENANT_THRESHOLD;
+    sender_block_pauses_then_resumes(Stage::Dot, REPLY_TENANT_THRESHOLD, "tenant_blocked").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unregistered_domain_5_7_750_bounces_only_that_domain() {
+    use crate::fake_exchange::REPLY_UNREGISTERED_DOMAIN;
+    let s = Setup::new(Duration::from_secs(3600)).await;
+    s.ex.add_rule(
+        Rule::reply(Stage::Mail, REPLY_UNREGISTERED_DOMAIN).when("@unregistered.example"),
+    );
+    let relay = s.relay(&limits(3, 6000), "").start();
+    let stray = "scanner@unregistered.example";
+    assert_eq!(
+        send(
+            relay.addr(),
+            stray,
+            &["a@fabrikam.com"],
+            message(stray, "stray")
+        )
+        .await,
+        250
+    );
+    send_scan(&relay, "fine").await;
+    // The message from the registered domain and the DSN to the stray sender arrive.
+    assert!(
+        s.ex.wait_for_received(2, LONG).await,
+        "{}",
+        relay.transcript()
+    );
+    let got = s.ex.received();
+    assert!(
+        got.iter()
+            .any(|m| m.mail_from == "scanner@contoso.com" && m.rcpt_to == vec!["a@fabrikam.com"])
+    );
+    let dsn = got
+        .iter()
+        .find(|m| m.rcpt_to == vec![stray])
+        .expect("DSN to the sender");
+    let text = String::from_utf8_lossy(&dsn.data);
+    assert!(text.contains("Status: 5.7.750"), "{text}");
+    // The explanation is wrapped: compare with single spaces.
+    let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(
+        flat.contains("verify it in the Microsoft 365 admin center > Settings > Domains"),
+        "{text}"
+    );
+    assert!(wait_until(SHORT, || count_files(&relay.spool.join("failed")) == 1).await);
+    assert!(wait_until(SHORT, || count_files(&relay.queue_dir()) == 0).await);
+    assert!(
+        !log_has(&relay, "upstream paused"),
+        "{}",
+        relay.transcript()
+    );
+}
+
+/// What a man in the middle sends after the 220 to STARTTLS so that the relay, reading it
+/// after the upgrade, sees the EHLO reply and then `rest` as Exchange's answers.
+fn injected(rest: &str) -> String {
+    format!(
+        "250-fake.outlook.office365.com Hello\r\n250-AUTH LOGIN XOAUTH2\r\n250 SMTPUTF8\r\n{rest}"
+    )
+}
+
+/// Injected replies after the 220 to STARTTLS are never believed: the connection is closed
+/// as tampered with, the message stays queued (no bounce, no hold, no alert) and goes out
+/// later over a clean connection, exactly once.
+async fn starttls_injection_is_refused(rest: &str) {
+    let s = Setup::new(Duration::from_secs(3600)).await;
+    s.ex.inject_after_starttls(&injected(rest), 1);
+    let relay = s.relay(&limits(3, 6000), "").start();
+    send_scan(&relay, "inj").await;
+    let v = relay.wait_log("upstream paused", LONG).expect("paused");
+    assert_eq!(v["problem"], "starttls_injection", "{v}");
+    assert!(
+        v["remedy"].as_str().unwrap().contains("SMTP inspection"),
+        "{v}"
+    );
+    let injected = s.ex.injected_connections();
+    assert_eq!(injected.len(), 1);
+    // The relay never finished the handshake on that connection.
+    assert!(
+        wait_until(SHORT, || s.ex.tls_failed_connections() == injected).await,
+        "{:?} {:?}",
+        s.ex.tls_failed_connections(),
+        injected
+    );
+    // Later, over a clean connection, the message goes out once.
+    assert!(
+        s.ex.wait_for_received(1, LONG).await,
+        "{}",
+        relay.transcript()
+    );
+    assert!(wait_until(SHORT, || count_files(&relay.queue_dir()) == 0).await);
+    let got = s.ex.received();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].rcpt_to, vec!["a@fabrikam.com"]);
+    assert!(!injected.contains(&got[0].conn));
+    assert!(s.ex.auths().iter().all(|a| !injected.contains(&a.conn)));
+    assert_eq!(count_files(&relay.spool.join("failed")), 0);
+    assert!(!log_has(&relay, "upstream held"), "{}", relay.transcript());
+    assert!(!log_has(&relay, "delivery failed permanently"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_injection_of_a_fake_235_is_refused() {
+    starttls_injection_is_refused("334 \r\n235 2.7.0 Authentication successful\r\n").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_injection_of_a_fake_250_to_the_dot_is_refused() {
+    starttls_injection_is_refused(
+        "334 \r\n235 2.7.0 Authentication successful\r\n250 2.1.0 Sender OK\r\n250 2.1.5 Recipient OK\r\n354 Start mail input; end with <CRLF>.<CRLF>\r\n250 2.6.0 <fake@x> [InternalId=1] Queued mail for delivery\r\n",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_injection_of_a_fake_550_is_refused() {
+    starttls_injection_is_refused(
+        "334 \r\n235 2.7.0 Authentication successful\r\n250 2.1.0 Sender OK\r\n550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup\r\n",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_injection_of_a_quota_reply_is_refused() {
+    starttls_injection_is_refused(
+        "334 \r\n235 2.7.0 Authentication successful\r\n250 2.1.0 Sender OK\r\n250 2.1.5 Recipient OK\r\n354 Start mail input; end with <CRLF>.<CRLF>\r\n554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed to process message\r\n",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_endpoint_claiming_an_endless_lifetime_panics_nothing() {
+    let s = Setup::new(Duration::from_secs(3600)).await;
+    // 2^64-1 seconds: `now + expires_in` would overflow.
+    s.token.claim_expires_in(Some(u64::MAX));
+    let relay = s.relay(&limits(3, 6000), "").start();
+    send_scan(&relay, "endless").await;
+    assert!(
+        s.ex.wait_for_received(1, LONG).await,
+        "{}",
+        relay.transcript()
+    );
+    assert!(wait_until(SHORT, || count_files(&relay.queue_dir()) == 0).await);
+    let fetched = relay
+        .wait_log("token fetched", SHORT)
+        .expect("token fetched");
+    assert_eq!(fetched["expires_in"], 86400, "capped at a day: {fetched}");
+    assert!(!log_has(&relay, "crashed"), "{}", relay.transcript());
+    assert!(
+        !relay.transcript().contains("panicked"),
+        "{}",
+        relay.transcript()
+    );
 }

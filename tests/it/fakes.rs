@@ -447,10 +447,11 @@ async fn exchange_accepts_inline_xoauth2_unless_strict() {
 
 #[tokio::test]
 async fn exchange_rejects_expired_unknown_and_foreign_tokens() {
-    let ft = FakeToken::start(Duration::from_secs(1)).await;
+    let ft = FakeToken::start(Duration::from_secs(3600)).await;
     let fx = FakeExchange::start(ft.issued(), MAILBOX).await;
     let tok = token(&ft).await;
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Expired now, without waiting for a clock.
+    ft.issued().expire_all();
     let (mut s, reply) = authed(&fx, MAILBOX, &tok).await;
     assert_eq!(
         reply,
@@ -668,7 +669,16 @@ async fn exchange_hang_rule_never_answers_and_expire_all_invalidates_tokens() {
     let tok = token(&ft).await;
     let (mut s, _) = authed(&fx, MAILBOX, &tok).await;
     s.send(b"MAIL FROM:<relay@contoso.example>\r\n").await;
-    let waited = tokio::time::timeout(Duration::from_millis(300), s.reply()).await;
+    // The fake says when it decided to hang (after sending everything it had): no reply can
+    // come after that, so none may be waiting now.
+    for _ in 0..200 {
+        if fx.hung_connections() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(fx.hung_connections(), 1);
+    let waited = tokio::time::timeout(Duration::ZERO, s.reply()).await;
     assert!(waited.is_err(), "no reply: {waited:?}");
     assert_eq!(fx.open_connections(), 1, "a hanging session still counts");
     drop(s);

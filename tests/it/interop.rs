@@ -159,7 +159,11 @@ fn angle_addr(line: &[u8]) -> String {
     let s = String::from_utf8_lossy(line);
     match (s.find('<'), s.find('>')) {
         (Some(a), Some(b)) if a < b => s[a + 1..b].to_string(),
-        _ => String::new(),
+        // `MAIL FROM:user@domain`, as old senders write it (issue 8 section 2).
+        _ => s
+            .split_once(':')
+            .map(|(_, rest)| rest.split_whitespace().next().unwrap_or("").to_string())
+            .unwrap_or_default(),
     }
 }
 
@@ -477,6 +481,56 @@ fn python_smtplib_two_recipients_byte_exact() {
         eml.received
     );
     assert!(eml.added_date.is_some() && eml.added_message_id.is_some());
+}
+
+/// smtplib's raw `docmd`, as an embedded stack writes its envelope: no angle brackets.
+const SMTPLIB_BARE_PATHS_SCRIPT: &str = r#"
+import smtplib, sys
+port, path = int(sys.argv[1]), sys.argv[2]
+data = open(path, "rb").read()
+with smtplib.SMTP("127.0.0.1", port, local_hostname="printer.lan.test", timeout=30) as s:
+    s.ehlo()
+    for cmd in ("MAIL FROM:printer@lan.test SIZE=%d" % len(data), "RCPT TO:user@corp.test"):
+        code, msg = s.docmd(cmd)
+        if code != 250:
+            sys.exit("%s: %d %r" % (cmd, code, msg))
+    code, msg = s.data(data)
+    if code != 250:
+        sys.exit("DATA: %d %r" % (code, msg))
+print("sent")
+"#;
+
+#[test]
+fn python_smtplib_envelope_without_angle_brackets_is_delivered() {
+    let Some(python) = require("python3", "python3") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayConfig::new(dir.path()).start();
+    let proxy = Proxy::start(relay.addr());
+    let data = write_file(dir.path(), "bare.eml", BARE_MESSAGE);
+    let out = run_with_timeout(
+        Command::new(python)
+            .arg("-c")
+            .arg(SMTPLIB_BARE_PATHS_SCRIPT)
+            .arg(proxy.addr.port().to_string())
+            .arg(&data),
+        dir.path(),
+        "smtplib",
+        LONG,
+    );
+    assert!(
+        out.status.success() && out.stdout.contains("sent"),
+        "smtplib failed ({:?}):\n{}\n{}",
+        out.status,
+        out.stdout,
+        out.stderr
+    );
+    let got = verify(&relay, &proxy, 1);
+    let (tx, eml) = &got[0];
+    assert_eq!(tx.from, "printer@lan.test");
+    assert_eq!(eml.return_path, "printer@lan.test");
+    assert_eq!(eml.delivered_to, ["user@corp.test"]);
 }
 
 #[test]

@@ -162,7 +162,8 @@ fn auth_relay() -> AuthRelay {
     cfg.extra = format!(
         "tls:\n  cert_file: {:?}\n  key_file: {:?}\n\
          access:\n  allow_networks: []\n  auth_networks: [\"127.0.0.0/8\"]\n\
-         users:\n  - username: {USER}\n    password_hash: {hash:?}\n    allowed_senders: [{FROM:?}]\n",
+         users:\n  - username: {USER}\n    password_hash: {hash:?}\n    allowed_senders: [{FROM:?}]\n\
+         received_auth_user: true\n",
         cert.display().to_string(),
         key.display().to_string(),
     );

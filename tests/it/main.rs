@@ -4,6 +4,7 @@ mod auth;
 mod auth_cli;
 mod common;
 mod daemon;
+mod docs;
 mod durability;
 mod exchange;
 #[path = "../support/fake_exchange.rs"]

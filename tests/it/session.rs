@@ -708,6 +708,142 @@ async fn c34_header_from_outside_allowed_senders_is_refused_before_queueing() {
     assert!(String::from_utf8_lossy(&msgs[0].content).contains("Subject: ok"));
 }
 
+/// One message from an allowed client whose header section is `head` (ending in its empty
+/// line), envelope sender `from`; returns the reply to the final dot.
+async fn header_from_verdict(h: &Harness, from: &str, head: &str) -> String {
+    let input = format!(
+        "{EHLO}MAIL FROM:<{from}>\r\nRCPT TO:<b@ext.example>\r\nDATA\r\n{head}body\r\n.\r\nQUIT\r\n"
+    );
+    let out = h.converse(PEER, input.as_bytes()).await;
+    let s = summary(&out);
+    assert_eq!(
+        s[..5],
+        ["220", "250", "250 2.1.0", "250 2.1.5", "354"],
+        "{out}"
+    );
+    assert_eq!(s[6], "221 2.0.0", "{out}");
+    assert_eq!(s.len(), 7, "{out}");
+    s[5].clone()
+}
+
+const PRINTERS: &str = "access:\n  allowed_senders: [\"*@printers.corp.example\"]\n";
+
+#[tokio::test]
+async fn c34_header_from_after_64_kib_of_other_headers_is_checked() {
+    let h = Harness::new(PRINTERS);
+    // Far enough past 64 KiB that the From arrives in a later read than the first 64 KiB.
+    let mut filler = String::new();
+    while filler.len() < 200 * 1024 {
+        filler.push_str(&format!(
+            "X-Filler-{:05}: {}\r\n",
+            filler.len(),
+            "y".repeat(60)
+        ));
+    }
+    let head = format!("{filler}From: ceo@corp.example\r\nSubject: x\r\n\r\n");
+    let r = header_from_verdict(&h, "x@printers.corp.example", &head).await;
+    assert_eq!(r, "550 5.7.1");
+    nothing_stored(&h);
+    // The same header section with an allowed From goes through whole.
+    let head = format!("{filler}From: x@printers.corp.example\r\nSubject: x\r\n\r\n");
+    let r = header_from_verdict(&h, "x@printers.corp.example", &head).await;
+    assert_eq!(r, "250 2.0.0");
+    let m = only_message(&h);
+    assert!(m.content.ends_with(format!("{head}body\r\n").as_bytes()));
+}
+
+#[tokio::test]
+async fn c34_comments_holding_a_quote_or_angle_do_not_hide_a_mailbox() {
+    let h = Harness::new(PRINTERS);
+    for from in [
+        "From: ceo@corp.example (\"), x@printers.corp.example",
+        "From: (<) ceo@corp.example, x@printers.corp.example",
+    ] {
+        let r =
+            header_from_verdict(&h, "x@printers.corp.example", &format!("{from}\r\n\r\n")).await;
+        assert_eq!(r, "550 5.7.1", "{from}");
+    }
+    nothing_stored(&h);
+}
+
+#[tokio::test]
+async fn c34_quoted_angle_address_after_the_mailbox_is_not_what_is_checked() {
+    let h = Harness::new("access:\n  allowed_senders: [\"scanner@ok.example\"]\n");
+    let r = header_from_verdict(
+        &h,
+        "scanner@ok.example",
+        "From: <ceo@corp.example> \"<scanner@ok.example>\"\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r, "550 5.7.1");
+    nothing_stored(&h);
+}
+
+#[tokio::test]
+async fn c34_empty_angle_brackets_after_an_address_do_not_check_nothing() {
+    let h = Harness::new(PRINTERS);
+    let r = header_from_verdict(
+        &h,
+        "x@printers.corp.example",
+        "From: ceo@corp.example <>\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r, "550 5.7.1");
+    nothing_stored(&h);
+}
+
+#[tokio::test]
+async fn c34_several_from_fields_are_refused_even_for_any_sender() {
+    let h = Harness::new("");
+    for head in [
+        "From: a@lan.example\r\nFrom: ceo@corp.example\r\n\r\n",
+        "From: a@lan.example\r\nSubject: x\r\nfrom : ceo@corp.example\r\n\r\n",
+    ] {
+        let r = header_from_verdict(&h, "a@lan.example", head).await;
+        assert_eq!(r, "550 5.7.1", "{head}");
+    }
+    nothing_stored(&h);
+}
+
+#[tokio::test]
+async fn c34_from_without_a_mailbox_is_refused_where_senders_are_restricted() {
+    let h = Harness::new(PRINTERS);
+    for head in [
+        "From: Scanner\r\n\r\n",
+        "From: <>\r\n\r\n",
+        "From: undisclosed:;\r\n\r\n",
+        "junk line\r\nFrom: ceo@corp.example\r\n\r\n",
+    ] {
+        let r = header_from_verdict(&h, "x@printers.corp.example", head).await;
+        assert_eq!(r, "550 5.7.1", "{head}");
+    }
+    nothing_stored(&h);
+    // With `*` (the default) there is no sender to protect: such a From passes.
+    let h = Harness::new("");
+    let r = header_from_verdict(&h, "a@lan.example", "From: Scanner\r\n\r\n").await;
+    assert_eq!(r, "250 2.0.0");
+}
+
+#[tokio::test]
+async fn header_section_over_limits_max_header_size_is_refused_550_5_7_1() {
+    let h = Harness::new("limits:\n  max_header_size: 4KiB\n");
+    let mut head = String::new();
+    while head.len() < 5 * 1024 {
+        head.push_str(&format!("X-Filler: {}\r\n", "y".repeat(60)));
+    }
+    let r = header_from_verdict(&h, "a@lan.example", &format!("{head}\r\n")).await;
+    assert_eq!(r, "550 5.7.1");
+    // A message without the empty line is all header section.
+    let r = header_from_verdict(&h, "a@lan.example", &head).await;
+    assert_eq!(r, "550 5.7.1");
+    nothing_stored(&h);
+    // Just under the limit is fine.
+    let small = &head[..3 * 1024 + 4];
+    let cut = small.rfind("\r\n").unwrap() + 2;
+    let r = header_from_verdict(&h, "a@lan.example", &format!("{}\r\n", &head[..cut])).await;
+    assert_eq!(r, "250 2.0.0");
+}
+
 #[tokio::test]
 async fn b20_nul_in_command_is_500_5_5_2() {
     let h = Harness::new("");
@@ -1074,8 +1210,9 @@ async fn b25_bad_sequence_503_unknown_verb_500_bad_syntax_501() {
     );
     assert_eq!(summary(&c.cmd("DATA").await), ["503 5.5.1"]);
     assert_eq!(summary(&c.cmd("FOO bar").await), ["500 5.5.2"]);
+    // A bare path is forgiven (issue 8 section 2), but not one with a stray bracket.
     assert_eq!(
-        summary(&c.cmd("MAIL FROM:a@lan.example").await),
+        summary(&c.cmd("MAIL FROM:a@lan.example>").await),
         ["501 5.5.4"]
     );
     assert_eq!(
@@ -1092,7 +1229,7 @@ async fn b25_bad_sequence_503_unknown_verb_500_bad_syntax_501() {
     );
     assert_eq!(summary(&c.cmd("DATA").await), ["503 5.5.1"]);
     assert_eq!(
-        summary(&c.cmd("RCPT TO:b@ext.example").await),
+        summary(&c.cmd("RCPT TO:b@ext.example>").await),
         ["501 5.5.4"]
     );
     assert_eq!(
@@ -1112,6 +1249,227 @@ async fn b25_bad_sequence_503_unknown_verb_500_bad_syntax_501() {
     let m = only_message(&h);
     assert_eq!(m.envelope.sender, "a@lan.example");
     assert_eq!(rcpts(&m), ["b@ext.example"]);
+}
+
+// ---------------------------------------------------------------------------------------
+// Old senders' habits (issue 8 section 2): paths without brackets, `AUTH=` in EHLO
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn quirk_space_after_colon_lowercase_verbs_and_8bit_without_body_param() {
+    let h = Harness::new("");
+    let body = "Subject: caf\u{e9}\r\nDate: Mon, 01 Jan 2024 00:00:00 +0000\r\nMessage-ID: <q@lan.example>\r\n\r\nCaf\u{e9} cr\u{e8}me\r\n";
+    let input = format!(
+        "ehlo printer.lan\r\nmail from: <a@lan.example>\r\nrcpt to: <b@ext.example>\r\ndata\r\n{body}.\r\nquit\r\n"
+    );
+    let out = h.converse(PEER, input.as_bytes()).await;
+    assert_eq!(summary(&out), codes(&OK_SESSION), "{out}");
+    let m = only_message(&h);
+    assert_eq!(m.envelope.sender, "a@lan.example");
+    assert_eq!(rcpts(&m), ["b@ext.example"]);
+    assert_eq!(m.envelope.body, None, "no BODY= given, none invented");
+    assert_eq!(client_bytes(&m), body.as_bytes());
+}
+
+#[tokio::test]
+async fn quirk_mail_and_rcpt_without_brackets_are_accepted_as_bracketed() {
+    let h = Harness::new("");
+    let input = format!(
+        "{EHLO}MAIL FROM:a@lan.example SIZE=100\r\nRCPT TO:b@ext.example\r\nrcpt to: c@ext.example\r\nDATA\r\n{HDR}x\r\n.\r\nQUIT\r\n"
+    );
+    let out = h.converse(PEER, input.as_bytes()).await;
+    assert_eq!(
+        summary(&out),
+        codes(&[
+            "220",
+            "250",
+            "250 2.1.0",
+            "250 2.1.5",
+            "250 2.1.5",
+            "354",
+            "250 2.0.0",
+            "221 2.0.0"
+        ]),
+        "{out}"
+    );
+    let m = only_message(&h);
+    assert_eq!(m.envelope.sender, "a@lan.example");
+    assert_eq!(rcpts(&m), ["b@ext.example", "c@ext.example"]);
+    // The single recipient is not named in Received here (two recipients), and the
+    // envelope is exactly what the bracketed form gives.
+    assert_eq!(client_bytes(&m), format!("{HDR}x\r\n").as_bytes());
+}
+
+#[tokio::test]
+async fn quirk_bare_paths_keep_parameters_and_checks() {
+    let h = Harness::new("limits:\n  max_message_size: 1000\n");
+    let out = h
+        .converse(
+            PEER,
+            b"EHLO x\r\nMAIL FROM:a@lan.example SIZE=5000\r\nMAIL FROM:a@lan.example FOO=BAR\r\nMAIL FROM:j\xc3\xb6s\xc3\xa9@lan.example\r\nMAIL FROM:a@lan.example BODY=8BITMIME SIZE=10\r\nRCPT TO:u%ext.example@relay.test\r\nQUIT\r\n",
+        )
+        .await;
+    assert_eq!(
+        summary(&out),
+        codes(&[
+            "220",
+            "250",
+            "552 5.3.4",
+            "555 5.5.4",
+            "553 5.6.7",
+            "250 2.1.0",
+            "250 2.1.5",
+            "221 2.0.0"
+        ]),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn quirk_garbage_paths_are_still_refused_501() {
+    let h = Harness::new("");
+    let out = h
+        .converse(
+            PEER,
+            b"EHLO x\r\nMAIL FROM:\r\nMAIL FROM:printer\r\nMAIL FROM:a@b@c\r\nMAIL FROM:a@lan.example>\r\nMAIL FROM:<a@lan.example\r\nMAIL FROM:a(x)@lan.example\r\nMAIL FROM:a@lan.example\r\nRCPT TO:@relay.test:b@ext.example\r\nRCPT TO:b@ext.example, c@ext.example\r\nRCPT TO:\"b\"@ext.example\r\nQUIT\r\n",
+        )
+        .await;
+    let s = summary(&out);
+    assert_eq!(s[0..2], ["220", "250"], "{out}");
+    for (i, line) in [
+        "MAIL FROM:",
+        "MAIL FROM:printer",
+        "MAIL FROM:a@b@c",
+        "MAIL FROM:a@lan.example>",
+        "MAIL FROM:<a@lan.example",
+        "MAIL FROM:a(x)@lan.example",
+    ]
+    .iter()
+    .enumerate()
+    {
+        assert!(s[2 + i].starts_with("501 "), "{line}: {}", s[2 + i]);
+    }
+    assert_eq!(s[8], "250 2.1.0");
+    for r in &s[9..12] {
+        assert!(r.starts_with("501 ") || r.starts_with("553 "), "{out}");
+    }
+    assert_eq!(s[12], "221 2.0.0");
+    nothing_stored(&h);
+}
+
+/// An argon2id hash of [`USER_PW`], made once per test binary.
+fn user_hash() -> &'static str {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| {
+        mailbridge::inbound::auth::hash_password(&mailbridge::secret::Secret::new(USER_PW)).unwrap()
+    })
+}
+const USER: &str = "printer01";
+const USER_PW: &str = "Pr1nter-S3cret!pw";
+
+/// A plain listener that allows AUTH before TLS (`listener_opts` added to it), one user who
+/// may send as `*@lan.example`, and `extra` top-level YAML.
+fn auth_harness(listener_opts: &str, extra: &str) -> Harness {
+    Harness::new(&format!(
+        "listeners:\n  - address: \"127.0.0.1:0\"\n    allow_plaintext_auth: true\n{listener_opts}users:\n  - username: {USER}\n    password_hash: \"{}\"\n    allowed_senders: [\"*@lan.example\"]\n{extra}",
+        user_hash()
+    ))
+}
+
+/// `AUTH PLAIN` with the initial response for [`USER`].
+fn auth_plain() -> String {
+    use base64::Engine as _;
+    let b = base64::engine::general_purpose::STANDARD.encode(format!("\0{USER}\0{USER_PW}"));
+    format!("AUTH PLAIN {b}\r\n")
+}
+
+/// The keywords of the EHLO reply in `out` (every `250-`/`250 ` line after the first).
+fn ehlo_keywords(out: &str) -> Vec<&str> {
+    out.split("\r\n")
+        .skip_while(|l| !l.starts_with("250-"))
+        .skip(1)
+        .take_while(|l| l.starts_with("250"))
+        .map(|l| &l[4..])
+        .collect()
+}
+
+#[tokio::test]
+async fn quirk_ehlo_also_offers_the_old_auth_equals_form() {
+    let h = auth_harness("", "");
+    let out = h.converse(PEER, b"EHLO printer.lan\r\nQUIT\r\n").await;
+    let keywords = ehlo_keywords(&out);
+    assert!(keywords.contains(&"AUTH PLAIN LOGIN"), "{out}");
+    assert!(keywords.contains(&"AUTH=PLAIN LOGIN"), "{out}");
+    // Where AUTH is not offered, neither form is.
+    let h = Harness::new("");
+    let out = h.converse(PEER, b"EHLO printer.lan\r\nQUIT\r\n").await;
+    assert!(!out.contains("AUTH"), "{out}");
+}
+
+#[tokio::test]
+async fn quirk_auth_equals_form_can_be_turned_off_per_listener() {
+    let h = auth_harness("    broken_sasl_auth_clients: false\n", "");
+    let out = h.converse(PEER, b"EHLO printer.lan\r\nQUIT\r\n").await;
+    assert!(ehlo_keywords(&out).contains(&"AUTH PLAIN LOGIN"), "{out}");
+    assert!(!out.contains("AUTH="), "{out}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Received names the AUTH user only when asked to (issue 8 section 3.8)
+// ---------------------------------------------------------------------------------------
+
+async fn authenticated_message(h: &Harness) -> QueuedMessage {
+    let input = format!(
+        "{EHLO}{}MAIL FROM:<scanner@lan.example>\r\nRCPT TO:<b@ext.example>\r\nDATA\r\n{}x\r\n.\r\nQUIT\r\n",
+        auth_plain(),
+        HDR.replace("a@lan.example", "scanner@lan.example")
+    );
+    let out = h.converse(PEER, input.as_bytes()).await;
+    assert_eq!(
+        summary(&out),
+        codes(&[
+            "220",
+            "250",
+            "235 2.7.0",
+            "250 2.1.0",
+            "250 2.1.5",
+            "354",
+            "250 2.0.0",
+            "221 2.0.0"
+        ]),
+        "{out}"
+    );
+    only_message(h)
+}
+
+#[tokio::test]
+async fn c35_received_does_not_name_the_auth_user_by_default() {
+    let h = auth_harness("", "");
+    let m = authenticated_message(&h).await;
+    assert_eq!(m.envelope.auth_user.as_deref(), Some(USER));
+    let (field, _) = split_received(&m.content);
+    check_received(
+        &field,
+        "printer.lan",
+        "127.0.0.1",
+        "ESMTPA",
+        &m.envelope.id,
+        Some("b@ext.example"),
+    );
+    let all = String::from_utf8_lossy(&m.content);
+    assert!(!all.contains(USER), "{all}");
+}
+
+#[tokio::test]
+async fn c35_received_names_the_auth_user_with_received_auth_user() {
+    let h = auth_harness("", "received_auth_user: true\n");
+    let m = authenticated_message(&h).await;
+    let (field, _) = split_received(&m.content);
+    let want = format!(
+        "Received: from printer.lan ([127.0.0.1])\r\n\tby relay.test (mailbridge) with ESMTPA id {}\r\n\t(Authenticated sender: {USER})\r\n\tfor <b@ext.example>; ",
+        m.envelope.id
+    );
+    assert!(field.starts_with(&want), "{field:?}");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1279,6 +1637,197 @@ async fn b29_data_timeout_cuts_off_a_slow_sender_without_250() {
     );
     c.task.await.unwrap();
     nothing_stored(&h);
+}
+
+// ---------------------------------------------------------------------------------------
+// Issue 8 section 3.3: session age and commands that make no progress (paused time)
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn max_session_age_ends_an_idle_session_with_421_4_7_0() {
+    let h = Harness::new("limits:\n  max_session_age: 10m\n  command_timeout: 5m\n");
+    let start = Instant::now();
+    let mut c = h.connect(PEER);
+    assert_eq!(summary(&c.reply().await), ["220"]);
+    assert_eq!(summary(&c.cmd("EHLO printer.lan").await), ["250"]);
+    // A NOOP every 4 minutes keeps the command timeout from ever firing.
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_secs(240)).await;
+        assert_eq!(summary(&c.cmd("NOOP").await), ["250 2.0.0"]);
+    }
+    let out = c.read_to_end().await;
+    let age = start.elapsed();
+    assert_eq!(
+        out,
+        "421 4.7.0 Session time limit reached, closing connection\r\n"
+    );
+    assert!(
+        age >= Duration::from_secs(600) && age < Duration::from_secs(601),
+        "closed after {age:?}"
+    );
+    c.task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_session_age_lets_a_data_transfer_finish_then_421() {
+    let h = Harness::new("limits:\n  max_session_age: 10m\n  command_timeout: 5m\n");
+    let start = Instant::now();
+    let mut c = h.connect(PEER);
+    assert_eq!(summary(&c.reply().await), ["220"]);
+    assert_eq!(summary(&c.cmd("EHLO printer.lan").await), ["250"]);
+    tokio::time::sleep(Duration::from_secs(240)).await;
+    assert_eq!(
+        summary(&c.cmd("MAIL FROM:<a@lan.example>").await),
+        ["250 2.1.0"]
+    );
+    assert_eq!(
+        summary(&c.cmd("RCPT TO:<b@ext.example>").await),
+        ["250 2.1.5"]
+    );
+    assert_eq!(summary(&c.cmd("DATA").await), ["354"]);
+    c.send(HDR.as_bytes()).await;
+    // The session passes its age in the middle of the message.
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_secs(240)).await;
+        c.send(b"slow line\r\n").await;
+    }
+    assert!(start.elapsed() > Duration::from_secs(600));
+    c.send(b".\r\n").await;
+    assert_eq!(summary(&c.reply().await), ["250 2.0.0"]);
+    let m = only_message(&h);
+    assert_eq!(
+        client_bytes(&m),
+        format!("{HDR}slow line\r\nslow line\r\n").as_bytes()
+    );
+    // Past its age, the session ends at the next command boundary: right after the 250.
+    assert_eq!(
+        c.read_to_end().await,
+        "421 4.7.0 Session time limit reached, closing connection\r\n"
+    );
+    c.task.await.unwrap();
+}
+
+/// Sends `line` inside TLS and reads one reply (all lines of a multi-line one).
+async fn tls_cmd<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    t: &mut S,
+    line: &str,
+) -> String {
+    use tokio::io::AsyncReadExt;
+    t.write_all(format!("{line}\r\n").as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        assert_eq!(t.read(&mut byte).await.unwrap(), 1, "closed: {out:?}");
+        out.push(byte[0]);
+        if out.ends_with(b"\r\n") {
+            let last = out[..out.len() - 2]
+                .rsplit(|&b| b == b'\n')
+                .next()
+                .unwrap_or_default();
+            if last.get(3) != Some(&b'-') {
+                return String::from_utf8_lossy(&out).into_owned();
+            }
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_session_age_counts_from_the_connection_across_starttls() {
+    let h = Harness::new(
+        "listeners:\n  - address: \"127.0.0.1:0\"\n    tls: starttls\nlimits:\n  max_session_age: 10m\n  command_timeout: 5m\n",
+    );
+    let start = Instant::now();
+    let mut c = h.connect(PEER);
+    assert_eq!(summary(&c.reply().await), ["220"]);
+    tokio::time::sleep(Duration::from_secs(240)).await;
+    assert_eq!(summary(&c.cmd("EHLO printer.lan").await), ["250"]);
+    assert_eq!(summary(&c.cmd("STARTTLS").await), ["220 2.0.0"]);
+    let (spare, _) = tokio::io::duplex(1);
+    let stream = std::mem::replace(&mut c.stream, spare);
+    let name = rustls_pki_types::ServerName::try_from("relay.test").unwrap();
+    let mut t = h.tls_connector().connect(name, stream).await.unwrap();
+    assert!(
+        tls_cmd(&mut t, "EHLO printer.lan")
+            .await
+            .starts_with("250-")
+    );
+    tokio::time::sleep(Duration::from_secs(240)).await;
+    assert_eq!(tls_cmd(&mut t, "NOOP").await, "250 2.0.0 Ok\r\n");
+    // 10 minutes after the connection, not after STARTTLS (which would be 14 minutes, and
+    // the command timeout would come first, at 13).
+    let mut out = Vec::new();
+    let _ = tokio::io::AsyncReadExt::read_to_end(&mut t, &mut out).await;
+    let age = start.elapsed();
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "421 4.7.0 Session time limit reached, closing connection\r\n"
+    );
+    assert!(
+        age >= Duration::from_secs(600) && age < Duration::from_secs(601),
+        "closed after {age:?}"
+    );
+}
+
+#[tokio::test]
+async fn max_session_age_defaults_to_30_minutes() {
+    let h = Harness::new("limits:\n  max_session_age: 90s\n");
+    assert_eq!(h.ctx.config.limits.max_session_age, Duration::from_secs(90));
+    assert_eq!(
+        Harness::new("").ctx.config.limits.max_session_age,
+        Duration::from_secs(30 * 60)
+    );
+}
+
+#[tokio::test]
+async fn junk_commands_are_capped_at_30_by_default_then_421_4_7_0() {
+    let h = Harness::new("");
+    let mut input = EHLO.as_bytes().to_vec();
+    // EHLO plus 29 more commands that make no progress: 30 in all are answered.
+    let junk = [
+        "NOOP\r\n",
+        "RSET\r\n",
+        "VRFY root\r\n",
+        "HELP\r\n",
+        "EHLO again\r\n",
+    ];
+    for i in 0..29 {
+        input.extend_from_slice(junk[i % junk.len()].as_bytes());
+    }
+    input.extend_from_slice(b"NOOP\r\nMAIL FROM:<a@lan.example>\r\n");
+    let out = h.converse(PEER, &input).await;
+    let s = summary(&out);
+    assert_eq!(s.len(), 32, "{out}");
+    assert!(
+        s[1..31]
+            .iter()
+            .all(|r| !r.starts_with('4') && !r.starts_with('5')),
+        "{out}"
+    );
+    assert_eq!(s[31], "421 4.7.0", "{out}");
+    assert!(
+        out.ends_with("421 4.7.0 Too many commands without mail, closing connection\r\n"),
+        "{out}"
+    );
+    nothing_stored(&h);
+}
+
+#[tokio::test]
+async fn junk_command_count_restarts_after_a_delivered_message() {
+    let h = Harness::new("limits:\n  max_junk_commands: 5\n");
+    let msg = String::from_utf8(tx("a@lan.example", &["b@ext.example"], HDR.as_bytes())).unwrap();
+    // EHLO + 4 NOOP = 5; the message starts the count again; 5 more; MAIL and RCPT do
+    // not count, but the RSET that throws them away is the sixth.
+    let input = format!(
+        "{EHLO}NOOP\r\nNOOP\r\nNOOP\r\nNOOP\r\n{msg}NOOP\r\nNOOP\r\nNOOP\r\nNOOP\r\nNOOP\r\nMAIL FROM:<a@lan.example>\r\nRCPT TO:<b@ext.example>\r\nRSET\r\nNOOP\r\n"
+    );
+    let out = h.converse(PEER, input.as_bytes()).await;
+    let mut want = vec!["220", "250"];
+    want.extend(["250 2.0.0"; 4]);
+    want.extend(["250 2.1.0", "250 2.1.5", "354", "250 2.0.0"]);
+    want.extend(["250 2.0.0"; 5]);
+    want.extend(["250 2.1.0", "250 2.1.5", "421 4.7.0"]);
+    assert_eq!(summary(&out), codes(&want), "{out}");
+    assert_eq!(h.queued().len(), 1);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -38,6 +38,13 @@ pub const REPLY_AUTH_FAILED: &str =
     "535 5.7.3 Authentication unsuccessful [SN4PR0501CA0000.namprd05.prod.outlook.com]";
 pub const REPLY_SEND_AS_DENIED: &str =
     "550 5.7.60 SMTP; Client does not have permissions to send as this sender";
+/// Exchange's sender blocks (exchange-online.md), for [`Rule::reply`]: the mailbox is
+/// restricted for outbound spam (every message gets it, usually at MAIL FROM or the dot) ...
+pub const REPLY_BAD_OUTBOUND_SENDER: &str = "550 5.1.8 Access denied, bad outbound sender";
+/// ... the whole tenant is blocked ...
+pub const REPLY_TENANT_THRESHOLD: &str = "550 5.7.705 Access denied, tenant has exceeded threshold";
+/// ... or the sender's domain is not an accepted domain of the tenant (one domain only).
+pub const REPLY_UNREGISTERED_DOMAIN: &str = "550 5.7.750 Service unavailable. Client blocked from sending from unregistered domains. For more information please go to https://go.microsoft.com/fwlink/?linkid=2147960";
 
 /// Where a [`Rule`] is checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -182,6 +189,15 @@ struct Inner {
     recipients: usize,
     bare_lf: bool,
     next_id: u64,
+    /// Raw bytes sent right behind the `220` to STARTTLS (same write), and how many more
+    /// connections get them.
+    inject: Option<(Vec<u8>, usize)>,
+    /// Connections that got the injection.
+    injected_conns: Vec<u64>,
+    /// Connections whose TLS handshake failed after the 220 to STARTTLS.
+    tls_failed_conns: Vec<u64>,
+    /// Sessions that reached a `hang` rule (after flushing every reply before it).
+    hung: usize,
 }
 
 struct Shared {
@@ -285,6 +301,10 @@ impl FakeExchange {
                 recipients: 0,
                 bare_lf: false,
                 next_id: 0,
+                inject: None,
+                injected_conns: Vec::new(),
+                tls_failed_conns: Vec::new(),
+                hung: 0,
             }),
         });
         let accept_shared = shared.clone();
@@ -411,6 +431,31 @@ impl FakeExchange {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
+    }
+
+    /// A man in the middle: on the next `times` connections, `raw` (replies with their
+    /// CRLFs, e.g. `"250 ok\r\n235 2.7.0 Authentication successful\r\n"`) is sent right
+    /// after the `220` to STARTTLS, in the same write, before the TLS handshake. A client
+    /// that reads them as replies after the upgrade has been fooled.
+    pub fn inject_after_starttls(&self, raw: &str, times: usize) {
+        self.shared.lock().inject = Some((raw.as_bytes().to_vec(), times));
+    }
+
+    /// Connections (ids as in [`Received::conn`]) that got an injection.
+    pub fn injected_connections(&self) -> Vec<u64> {
+        self.shared.lock().injected_conns.clone()
+    }
+
+    /// Connections whose TLS handshake failed after the `220` to STARTTLS (the client
+    /// closed, or did not trust us).
+    pub fn tls_failed_connections(&self) -> Vec<u64> {
+        self.shared.lock().tls_failed_conns.clone()
+    }
+
+    /// Sessions that reached a `hang` rule. Counted after everything sent before the hang
+    /// was flushed: from then on that session sends nothing.
+    pub fn hung_connections(&self) -> usize {
+        self.shared.lock().hung
     }
 
     /// Benchmarks: keep only counts and byte totals, not the messages.
@@ -630,6 +675,7 @@ async fn connection(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
         Ok(End::Hang) => {
             // Never answer; keep reading until the client gives up. Still counts as open.
             let _ = session.flush().await;
+            session.shared.lock().hung += 1;
             let mut sink = tokio::io::sink();
             let _ = tokio::io::copy(&mut session.reader, &mut sink).await;
             drop(guard);
@@ -913,6 +959,16 @@ impl Session {
             return Ok(None);
         }
         self.reply("220 2.0.0 SMTP server ready");
+        {
+            let mut inner = self.shared.lock();
+            if let Some((raw, left)) = &mut inner.inject
+                && *left > 0
+            {
+                *left -= 1;
+                self.out.extend_from_slice(raw);
+                inner.injected_conns.push(self.conn);
+            }
+        }
         self.flush().await?;
         // Anything the client pipelined after STARTTLS is discarded (RFC 3207 §4.2): it stays
         // in the old buffer.
@@ -921,7 +977,13 @@ impl Session {
             return Err(io::Error::other("STARTTLS on a non-plain stream"));
         };
         // A failed handshake (TLS < 1.2, a client that does not trust us) ends the session.
-        let tls = self.shared.acceptor.accept(tcp).await?;
+        let tls = match self.shared.acceptor.accept(tcp).await {
+            Ok(tls) => tls,
+            Err(e) => {
+                self.shared.lock().tls_failed_conns.push(self.conn);
+                return Err(e);
+            }
+        };
         self.reader = BufReader::with_capacity(64 * 1024, Conn::Tls(Box::new(tls)));
         self.tls = true;
         self.helo = false;

@@ -109,6 +109,8 @@ struct CertCheck {
 
 struct State {
     lifetime: Duration,
+    /// `expires_in` claimed in the response instead of the real lifetime (a lying endpoint).
+    claimed_expires_in: Option<u64>,
     requests: usize,
     fail_next: VecDeque<Failure>,
     fail_always: Option<Failure>,
@@ -151,6 +153,7 @@ impl FakeToken {
             issued: Issued::new(),
             state: Mutex::new(State {
                 lifetime,
+                claimed_expires_in: None,
                 requests: 0,
                 fail_next: VecDeque::new(),
                 fail_always: None,
@@ -193,6 +196,12 @@ impl FakeToken {
 
     pub fn set_lifetime(&self, d: Duration) {
         self.state().lifetime = d;
+    }
+
+    /// Responses claim `expires_in` (and `ext_expires_in`) = `secs` whatever the tokens
+    /// really live (`None`: the truth). For untrusted-number tests, e.g. `u64::MAX`.
+    pub fn claim_expires_in(&self, secs: Option<u64>) {
+        self.state().claimed_expires_in = secs;
     }
 
     /// The next `n` requests fail like `f` (queued after any failures already scheduled).
@@ -618,7 +627,7 @@ fn decide(
             scope: scope.to_string(),
         },
     );
-    let secs = lifetime.as_secs();
+    let secs = state.claimed_expires_in.unwrap_or(lifetime.as_secs());
     let body = serde_json::json!({
         "token_type": "Bearer",
         "expires_in": secs,

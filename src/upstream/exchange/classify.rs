@@ -43,7 +43,7 @@ impl Step {
 pub enum Problem {
     /// `535 5.7.3` even with a freshly issued token.
     AuthRejected,
-    /// `535 5.7.139`: SMTP AUTH disabled for the tenant (or security defaults).
+    /// `535 5.7.139`: SMTP AUTH not enabled for the mailbox (tenant default off).
     SmtpAuthDisabled,
     /// `550 5.7.30`: a password was used instead of a token.
     BasicAuthRejected,
@@ -57,6 +57,15 @@ pub enum Problem {
     TooManyConnections,
     /// `530 5.7.57`: MAIL before AUTH.
     NotAuthenticated,
+    /// `550 5.1.8 Access denied, bad outbound sender`: the mailbox is restricted for
+    /// outbound spam (Defender "Restricted entities").
+    SenderRestricted,
+    /// `550 5.7.705 Access denied, tenant has exceeded threshold`: the whole tenant is
+    /// blocked from sending.
+    TenantBlocked,
+    /// `550 5.7.750 ... Client blocked from sending from unregistered domain`: the sender's
+    /// domain is not an accepted domain of the tenant.
+    UnregisteredDomain,
     /// `501 5.5.124` / `5.5.127`: the XOAUTH2 string was refused.
     XoauthInvalid,
     /// The server does not offer STARTTLS (or AUTH XOAUTH2 after it).
@@ -64,6 +73,9 @@ pub enum Problem {
     NoXoauth2,
     /// The TLS handshake failed or timed out.
     Tls(String),
+    /// Bytes followed the `220` reply to STARTTLS (before the TLS handshake): someone on the
+    /// path tried to inject replies that would be read as if they came over TLS.
+    StartTlsInjection(String),
     /// TCP connect failed (refused, unreachable, DNS).
     Unreachable(String),
     /// The token endpoint refused or failed; the text has its own meaning and remedy.
@@ -86,10 +98,14 @@ impl Problem {
             Problem::QuotaExceeded => "recipient_quota_exceeded",
             Problem::TooManyConnections => "too_many_connections",
             Problem::NotAuthenticated => "not_authenticated",
+            Problem::SenderRestricted => "sender_restricted",
+            Problem::TenantBlocked => "tenant_blocked",
+            Problem::UnregisteredDomain => "unregistered_domain",
             Problem::XoauthInvalid => "xoauth2_invalid",
             Problem::NoStartTls => "no_starttls",
             Problem::NoXoauth2 => "no_xoauth2",
             Problem::Tls(_) => "tls_failed",
+            Problem::StartTlsInjection(_) => "starttls_injection",
             Problem::Unreachable(_) => "unreachable",
             Problem::Token { .. } => "token",
         }
@@ -101,6 +117,7 @@ impl Problem {
         matches!(
             self,
             Problem::Unreachable(_)
+                | Problem::StartTlsInjection(_)
                 | Problem::Token {
                     temporary: true,
                     ..
@@ -108,20 +125,34 @@ impl Problem {
         )
     }
 
+    /// A fixed, slow probe interval for blocks that Microsoft lifts on its own schedule
+    /// (instead of `queue.retry`): probing more often would only add rejected attempts to
+    /// a restricted account.
+    pub fn probe_every(&self) -> Option<Duration> {
+        match self {
+            Problem::SenderRestricted | Problem::TenantBlocked => Some(SENDER_BLOCK_PROBE),
+            _ => None,
+        }
+    }
+
     pub fn meaning(&self) -> String {
         match self {
             Problem::AuthRejected => "Exchange Online refused the OAuth token (535 5.7.3) even right after a new one was fetched: the app is not allowed to send as this mailbox".into(),
-            Problem::SmtpAuthDisabled => "SMTP AUTH (client submission) is disabled for the tenant, or security defaults block it (535 5.7.139)".into(),
+            Problem::SmtpAuthDisabled => "SMTP AUTH (client submission) is not enabled for this mailbox: it is off for the tenant and not turned on for the mailbox, or the change is still propagating (535 5.7.139)".into(),
             Problem::BasicAuthRejected => "Exchange Online saw a password instead of an OAuth token (5.7.30)".into(),
             Problem::MailboxLogonFailure => "the app cannot open the sending mailbox (430 4.2.0 mailbox logon failure): it lacks the mailbox permission".into(),
             Problem::SendAsDenied => "the mailbox may not send as this message's sender (5.7.60 / SendAsDenied): the header From is not the authenticated mailbox and no SendAs right exists".into(),
             Problem::QuotaExceeded => "the mailbox reached Exchange Online's limit of recipients per rolling 24 hours (554 5.2.0 SubmissionQuotaExceeded)".into(),
             Problem::TooManyConnections => "Exchange Online refused another concurrent connection for this mailbox (432 4.3.2)".into(),
             Problem::NotAuthenticated => "Exchange Online says the session is not authenticated (530 5.7.57); this is a bug in mailbridge or a proxy in between".into(),
+            Problem::SenderRestricted => "Exchange Online blocked the mailbox from sending (550 5.1.8 Access denied, bad outbound sender): it exceeded its outbound spam policy limits or looks compromised, and is listed under Restricted entities".into(),
+            Problem::TenantBlocked => "Exchange Online blocked the whole tenant from sending (550 5.7.705 Access denied, tenant has exceeded threshold): too much outbound spam from the tenant, or a lapsed subscription".into(),
+            Problem::UnregisteredDomain => "Exchange Online refuses mail from this sender's domain (5.7.750 Client blocked from sending from unregistered domain): the domain is not an accepted domain of the tenant".into(),
             Problem::XoauthInvalid => "Exchange Online refused the XOAUTH2 string (501 5.5.124/5.5.127): malformed or the token was about to expire".into(),
             Problem::NoStartTls => "the upstream server does not offer STARTTLS; mailbridge never sends mail or tokens in plaintext".into(),
             Problem::NoXoauth2 => "the upstream server does not offer AUTH XOAUTH2 after STARTTLS".into(),
             Problem::Tls(e) => format!("the TLS handshake with the upstream failed: {e}"),
+            Problem::StartTlsInjection(e) => format!("the connection to the upstream was tampered with before TLS ({e}): something on the path sent data behind the server's go-ahead for STARTTLS, which would have been read as replies from Exchange; mailbridge closed the connection without trusting any of it"),
             Problem::Unreachable(e) => format!("cannot connect to the upstream: {e}"),
             Problem::Token { meaning, .. } => meaning.clone(),
         }
@@ -137,7 +168,7 @@ impl Problem {
                  4) `Set-CASMailbox -Identity {mailbox} -SmtpClientAuthenticationDisabled $false`. Changes can take up to an hour to apply; mailbridge retries by itself"
             ),
             Problem::SmtpAuthDisabled => format!(
-                "`Set-TransportConfig -SmtpClientAuthenticationDisabled $false` and `Set-CASMailbox -Identity {mailbox} -SmtpClientAuthenticationDisabled $false`; if security defaults are on (Entra admin center > Overview > Properties > Manage security defaults), they block SMTP AUTH: turn them off and use Conditional Access instead"
+                "turn SMTP AUTH on for this mailbox only: `Set-CASMailbox -Identity {mailbox} -SmtpClientAuthenticationDisabled $false` (Exchange Online PowerShell); the per-mailbox setting overrides the tenant's, which can stay off for everyone else. A 5.7.139 soon after that change is propagation: it can take up to an hour, and mailbridge retries by itself. Security defaults block Basic authentication, not OAuth SMTP AUTH: leave them on"
             ),
             Problem::BasicAuthRejected => "check that the upstream's `type` is `exchange-online` and that nothing between mailbridge and Exchange (a proxy) rewrites AUTH".into(),
             Problem::MailboxLogonFailure => format!(
@@ -149,9 +180,17 @@ impl Problem {
             Problem::QuotaExceeded => "mailbridge holds this upstream's mail for about an hour and retries; lower `limits.recipients_per_day` if it happens again, or spread mail over several mailboxes (routes)".into(),
             Problem::TooManyConnections => "mailbridge lowers its concurrency by itself; lower `limits.connections` if other programs use the same mailbox".into(),
             Problem::NotAuthenticated => "check for a TLS-inspecting proxy between mailbridge and Exchange; otherwise report a bug with the log lines around this one".into(),
+            Problem::SenderRestricted => format!(
+                "Microsoft Defender portal > Email & collaboration > Review > Restricted entities: find {mailbox}; check it for compromise (sign-ins, inbox rules, forwarding, and what the devices behind mailbridge sent), then unblock it there or in Exchange Online PowerShell with `Get-BlockedSenderAddress -SenderAddress {mailbox}` and `Remove-BlockedSenderAddress -SenderAddress {mailbox}`. A `RecipientLimitPerDay` in the outbound spam policy lower than mailbridge's `limits.recipients_per_day` is another cause (`Get-HostedOutboundSpamFilterPolicy | Format-List Name,RecipientLimitPerDay,ActionWhenThresholdReached`): lower `limits.recipients_per_day` to match. mailbridge keeps the mail queued, probes every 15 minutes and resumes by itself"
+            ),
+            Problem::TenantBlocked => format!(
+                "Microsoft Defender portal > Email & collaboration > Review > Restricted entities: find the mailboxes that sent the spam (is {mailbox} among them?), secure them and check the subscription in the Microsoft 365 admin center; the tenant-wide block is then lifted by Microsoft support (Microsoft 365 admin center > Support > New service request). mailbridge keeps the mail queued, probes every 15 minutes and resumes by itself"
+            ),
+            Problem::UnregisteredDomain => "add the sender's domain (the domain of the From address in the bounced message) and verify it in the Microsoft 365 admin center > Settings > Domains, or set `sender_rewrite: mailbox` on the upstream so mail is sent as the mailbox's own address; mail from other domains is not affected".into(),
             Problem::XoauthInvalid => format!("check that `mailbox` ({mailbox}) is the mailbox's primary address (UPN); run `mailbridge token` to inspect the token"),
             Problem::NoStartTls | Problem::NoXoauth2 => "check `host` and `port` of the upstream: Exchange Online is smtp.office365.com port 587".into(),
             Problem::Tls(_) => "allow outgoing TLS 1.2/1.3 to the upstream on port 587, exclude it from TLS inspection, or add the inspecting proxy's CA with `ca_file`".into(),
+            Problem::StartTlsInjection(_) => "look for a firewall, proxy or \"SMTP inspection\" (fixup) feature between mailbridge and the upstream that rewrites SMTP on port 587, and turn it off for this traffic; if there is none, treat it as an attack on the network path. Mail stays queued and is retried by itself; nothing was sent".into(),
             Problem::Unreachable(_) => "check DNS and that outgoing TCP port 587 to the upstream is open (firewall, proxy); `host` and `port` set the address".into(),
             Problem::Token { remedy, .. } => remedy.clone(),
         }
@@ -200,6 +239,8 @@ impl Verdict {
 
 /// How long a `SubmissionQuotaExceeded` holds the upstream.
 pub const QUOTA_HOLD: Duration = Duration::from_secs(3600);
+/// How often a sender or tenant block (5.1.8, 5.7.705) is probed.
+pub const SENDER_BLOCK_PROBE: Duration = Duration::from_secs(15 * 60);
 
 /// The enhanced status code (`5.7.3`) at the start of a reply's text, if any.
 pub fn enhanced(text: &str) -> Option<&str> {
@@ -213,24 +254,74 @@ pub fn enhanced(text: &str) -> Option<&str> {
     .then_some(first)
 }
 
+/// The text after the enhanced status code (the whole text if there is none).
+fn after_enhanced(text: &str) -> &str {
+    let t = text.trim_start();
+    match enhanced(t) {
+        Some(esc) => t[esc.len()..].trim_start(),
+        None => t,
+    }
+}
+
+/// The reply's own words: the text after the enhanced code, cut where Exchange starts to
+/// echo what the client sent (an address in angle brackets, a quoted string, any word with
+/// an `@`). Phrases are looked for only here, so a recipient such as
+/// `<SubmissionQuotaExceeded@x.example>` in `550 5.1.1 <...>: Recipient not found` cannot
+/// make the reply mean something else.
+fn own_words(text: &str) -> String {
+    let after = after_enhanced(text);
+    let mut cut = after.find(['<', '"']).unwrap_or(after.len());
+    let mut pos = 0;
+    for word in after.split_inclusive(char::is_whitespace) {
+        if pos >= cut {
+            break;
+        }
+        if word.contains('@') {
+            cut = cut.min(pos);
+            break;
+        }
+        pos += word.len();
+    }
+    after[..cut].to_ascii_lowercase()
+}
+
+/// Whether the text after the enhanced code starts with `prefix` (ASCII case-insensitive):
+/// Exchange's own exception names come first, e.g. `554 5.2.0
+/// STOREDRV.Submission.Exception:SubmissionQuotaExceededException; ...`.
+fn starts_with_ci(text: &str, prefix: &str) -> bool {
+    let after = after_enhanced(text).as_bytes();
+    after.len() >= prefix.len() && after[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+}
+
 /// Classifies a reply `code` with `text` (the reply without its code) at `step`.
 /// `retried_auth`: a fresh token was already tried on this attempt.
+///
+/// Enhanced status codes count only at the start of the text (RFC 3463 §2, RFC 2034 §4) and
+/// Exchange's phrases only where Exchange puts them ([`own_words`], [`starts_with_ci`]): a
+/// reply that echoes an address or other client data never triggers a pause or a hold.
 pub fn classify(step: Step, code: u16, text: &str, retried_auth: bool) -> Verdict {
     if (200..400).contains(&code) {
         return Verdict::Ok;
     }
-    let lower = text.to_ascii_lowercase();
-    let esc = enhanced(text).unwrap_or("");
-    let has = |s: &str| lower.contains(&s.to_ascii_lowercase());
+    let own = own_words(text);
+    let esc = enhanced(text.trim_start()).unwrap_or("");
+    let has = |s: &str| own.contains(&s.to_ascii_lowercase());
+    let in_transaction = matches!(step, Step::Mail | Step::Rcpt | Step::Data | Step::Dot);
 
     // Rows that mean the same wherever they appear.
-    if esc == "5.7.139" || has("smtpclientauthentication is disabled") || has("security defaults") {
+    if esc == "5.7.139"
+        || (step == Step::Auth
+            && (has("smtpclientauthentication is disabled") || has("security defaults")))
+    {
         return Verdict::pause(Problem::SmtpAuthDisabled);
     }
     if esc == "5.7.30" || has("basic authentication is not supported") {
         return Verdict::pause(Problem::BasicAuthRejected);
     }
-    if has("submissionquotaexceeded") {
+    if starts_with_ci(
+        text,
+        "STOREDRV.Submission.Exception:SubmissionQuotaExceededException",
+    ) {
         return Verdict::Defer {
             problem: Some(Problem::QuotaExceeded),
             pause: false,
@@ -238,7 +329,25 @@ pub fn classify(step: Step, code: u16, text: &str, retried_auth: bool) -> Verdic
             fewer_connections: false,
         };
     }
-    if esc == "5.7.60" || esc == "5.2.252" || has("sendasdenied") {
+    // Exchange's sender blocks: never a bounce, they stop every message of the mailbox
+    // (5.1.8) or of the tenant (5.7.705) until lifted.
+    if esc == "5.1.8" && (has("bad outbound sender") || has("access denied")) {
+        return Verdict::pause(Problem::SenderRestricted);
+    }
+    if esc == "5.7.705" {
+        return Verdict::pause(Problem::TenantBlocked);
+    }
+    // Concerns only the sender's domain: bounce this message, other mail flows.
+    if esc == "5.7.750" && in_transaction {
+        return Verdict::Fail {
+            problem: Some(Problem::UnregisteredDomain),
+        };
+    }
+    if esc == "5.7.60"
+        || esc == "5.2.252"
+        || starts_with_ci(text, "SendAsDenied")
+        || starts_with_ci(text, "STOREDRV.Submission.Exception:SendAsDeniedException")
+    {
         return Verdict::Fail {
             problem: Some(Problem::SendAsDenied),
         };
@@ -453,6 +562,161 @@ mod tests {
         );
     }
 
+    /// A reply that echoes an address (or other client data) means what its code and
+    /// Exchange's own words say, never what the echoed text contains.
+    #[test]
+    fn echoed_addresses_cannot_trigger_a_pause_or_hold() {
+        let bounce = Verdict::Fail { problem: None };
+        for (step, code, text) in [
+            (
+                Step::Rcpt,
+                550,
+                "5.1.1 <SubmissionQuotaExceeded@x.example>: Recipient not found",
+            ),
+            (
+                Step::Rcpt,
+                550,
+                "5.1.1 <STOREDRV.Submission.Exception:SubmissionQuotaExceededException@x.example>: Recipient not found",
+            ),
+            (
+                Step::Rcpt,
+                550,
+                "5.1.1 <5.7.139@x.example>: Recipient not found",
+            ),
+            (
+                Step::Rcpt,
+                550,
+                "5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient SendAsDenied@x.example not found by SMTP address lookup",
+            ),
+            (
+                Step::Rcpt,
+                550,
+                "5.1.1 <\"security defaults\"@x.example>: Recipient not found",
+            ),
+            (
+                Step::Rcpt,
+                550,
+                "5.1.1 <\"SmtpClientAuthentication is disabled\"@x.example>: Recipient not found",
+            ),
+            (
+                Step::Rcpt,
+                550,
+                "5.1.1 \"mailbox logon failure\"@x.example: Recipient not found",
+            ),
+            (
+                Step::Rcpt,
+                550,
+                "5.1.1 <\"basic authentication is not supported\"@x.example>: unknown",
+            ),
+            (
+                Step::Mail,
+                550,
+                "5.1.0 Sender <SendAsDenied@x.example> rejected",
+            ),
+            (
+                Step::Dot,
+                554,
+                "5.6.0 Message from <SubmissionQuotaExceededException@x.example> refused",
+            ),
+            (
+                Step::Rcpt,
+                550,
+                "5.1.1 <5.7.705@x.example>: Recipient not found",
+            ),
+            (
+                Step::Rcpt,
+                550,
+                "5.1.1 <5.1.8@x.example> bad outbound sender",
+            ),
+            (Step::Rcpt, 550, "<5.7.139@x.example>: Recipient not found"),
+            (Step::Rcpt, 550, "5.7.139@x.example: Recipient not found"),
+        ] {
+            assert_eq!(classify(step, code, text, false), bounce, "{code} {text}");
+        }
+        // The same phrases where Exchange puts them still count.
+        assert_eq!(
+            pause_of(&classify(
+                Step::Auth,
+                535,
+                "Authentication unsuccessful, user is locked by your organization's security defaults policy",
+                false
+            )),
+            Some(&Problem::SmtpAuthDisabled)
+        );
+        assert!(matches!(
+            classify(
+                Step::Dot,
+                554,
+                "5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed to process message due to a permanent exception",
+                false
+            ),
+            Verdict::Defer {
+                problem: Some(Problem::QuotaExceeded),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn exchange_sender_blocks() {
+        // 5.1.8 and 5.7.705 pause the upstream wherever they come, never bounce, and are
+        // probed every 15 minutes.
+        for step in [Step::Mail, Step::Rcpt, Step::Data, Step::Dot] {
+            let v = classify(step, 550, "5.1.8 Access denied, bad outbound sender", false);
+            assert_eq!(pause_of(&v), Some(&Problem::SenderRestricted), "{step:?}");
+            let v = classify(
+                step,
+                550,
+                "5.7.705 Access denied, tenant has exceeded threshold",
+                false,
+            );
+            assert_eq!(pause_of(&v), Some(&Problem::TenantBlocked), "{step:?}");
+            // 5.7.750 concerns one sender domain: that message bounces, nothing pauses.
+            assert_eq!(
+                classify(
+                    step,
+                    550,
+                    "5.7.750 Service unavailable. Client blocked from sending from unregistered domains",
+                    false
+                ),
+                Verdict::Fail {
+                    problem: Some(Problem::UnregisteredDomain)
+                },
+                "{step:?}"
+            );
+        }
+        assert_eq!(
+            Problem::SenderRestricted.probe_every(),
+            Some(Duration::from_secs(900))
+        );
+        assert_eq!(
+            Problem::TenantBlocked.probe_every(),
+            Some(Duration::from_secs(900))
+        );
+        assert_eq!(Problem::AuthRejected.probe_every(), None);
+        // Another server's 5.1.8 (RFC 3463: bad sender's system address) is about one
+        // message.
+        assert_eq!(
+            classify(Step::Mail, 550, "5.1.8 Bad sender's system address", false),
+            Verdict::Fail { problem: None }
+        );
+        let r = Problem::SenderRestricted.remedy("relay@contoso.com", "app");
+        for want in [
+            "Restricted entities",
+            "Get-BlockedSenderAddress -SenderAddress relay@contoso.com",
+            "Remove-BlockedSenderAddress -SenderAddress relay@contoso.com",
+            "RecipientLimitPerDay",
+            "compromise",
+        ] {
+            assert!(r.contains(want), "{want}: {r}");
+        }
+        assert!(
+            Problem::UnregisteredDomain
+                .remedy("m", "a")
+                .contains("verify it in the Microsoft 365 admin center")
+        );
+    }
+
     #[test]
     fn generic_codes() {
         assert_eq!(
@@ -526,10 +790,14 @@ mod tests {
             Problem::QuotaExceeded,
             Problem::TooManyConnections,
             Problem::NotAuthenticated,
+            Problem::SenderRestricted,
+            Problem::TenantBlocked,
+            Problem::UnregisteredDomain,
             Problem::XoauthInvalid,
             Problem::NoStartTls,
             Problem::NoXoauth2,
             Problem::Tls("handshake".into()),
+            Problem::StartTlsInjection("12 bytes".into()),
             Problem::Unreachable("refused".into()),
         ];
         for p in &all {
@@ -541,11 +809,15 @@ mod tests {
                 .remedy("relay@contoso.com", "app-id")
                 .contains("Add-MailboxPermission -Identity relay@contoso.com")
         );
+        // Per mailbox, never tenant-wide; security defaults do not block OAuth SMTP AUTH.
+        let r = Problem::SmtpAuthDisabled.remedy("m", "a");
         assert!(
-            Problem::SmtpAuthDisabled
-                .remedy("m", "a")
-                .contains("Set-TransportConfig -SmtpClientAuthenticationDisabled $false")
+            r.contains("Set-CASMailbox -Identity m -SmtpClientAuthenticationDisabled $false"),
+            "{r}"
         );
+        assert!(r.contains("up to an hour"), "{r}");
+        assert!(!r.contains("Set-TransportConfig"), "{r}");
+        assert!(!r.contains("turn them off"), "{r}");
         assert!(
             Problem::SendAsDenied
                 .remedy("m", "a")

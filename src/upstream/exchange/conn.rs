@@ -7,6 +7,14 @@
 //! from the spool file in chunks, and if reading the file fails half-way the wrapper refuses
 //! every further write, so the final dot is never sent and the server discards the partial
 //! message instead of delivering it truncated.
+//!
+//! Trust boundary at STARTTLS: nothing the server sent before the TLS handshake may be read
+//! after it. lettre reads through a buffer, so bytes that arrive right behind the `220`
+//! reply to STARTTLS would sit in that buffer and be taken, after the upgrade, as replies
+//! that came over TLS (STARTTLS response injection: a man in the middle could fake `235`,
+//! `250` to the final dot, a `550` or a quota reply). [`Guarded`] sees every plaintext byte
+//! lettre read; when the TLS handshake starts and more was read than the replies lettre
+//! consumed, it refuses the handshake and the connection ends as a TLS problem.
 
 use std::io::Read;
 use std::pin::Pin;
@@ -86,11 +94,72 @@ impl std::fmt::Display for StepError {
     }
 }
 
-/// The TCP stream handed to lettre. Writes fail once `poisoned` is set.
+/// The TCP stream handed to lettre. Writes fail once `poisoned` is set. Until the TLS
+/// handshake starts it keeps what was read and written in plaintext ([`Plain`]).
 #[derive(Debug)]
 pub struct Guarded {
     inner: TcpStream,
     poisoned: Arc<AtomicBool>,
+    /// `None` once the TLS handshake has started.
+    plain: Option<Plain>,
+    /// Set when bytes followed the reply to STARTTLS.
+    injected: Arc<AtomicBool>,
+}
+
+/// The most plaintext kept (greeting, EHLO and STARTTLS replies; lettre allows 4 KiB of
+/// reply per command). More than this before TLS is itself refused.
+const MAX_PLAIN: usize = 64 * 1024;
+
+/// The plaintext part of the session as the wrapper saw it.
+#[derive(Debug, Default)]
+struct Plain {
+    /// Every byte lettre read before TLS (at most [`MAX_PLAIN`]).
+    read: Vec<u8>,
+    overflow: bool,
+    /// Command lines written (each is answered by one reply).
+    commands: usize,
+    /// The line being written, up to its LF.
+    line: Vec<u8>,
+    /// `STARTTLS` was written: the next write is the TLS ClientHello.
+    starttls_sent: bool,
+}
+
+impl Plain {
+    fn wrote(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if self.line.len() < 64 {
+                self.line.push(b);
+            }
+            if b == b'\n' {
+                self.commands += 1;
+                if self.line.eq_ignore_ascii_case(b"STARTTLS\r\n") {
+                    self.starttls_sent = true;
+                }
+                self.line.clear();
+            }
+        }
+    }
+
+    /// How many bytes lettre read past the replies it consumed: the greeting plus one reply
+    /// per command. `None` if the replies are not all there (cannot happen unless something
+    /// is wrong, so it counts as tampering too).
+    fn unconsumed(&self) -> Option<usize> {
+        if self.overflow {
+            return None;
+        }
+        let mut pos = 0;
+        let mut replies = 0;
+        // A reply ends with a line whose fourth octet is not '-' (RFC 5321 §4.2.1).
+        while replies < self.commands + 1 {
+            let end = self.read[pos..].iter().position(|&b| b == b'\n')?;
+            let line = &self.read[pos..pos + end + 1];
+            pos += end + 1;
+            if line.get(3) != Some(&b'-') {
+                replies += 1;
+            }
+        }
+        Some(self.read.len() - pos)
+    }
 }
 
 impl AsyncRead for Guarded {
@@ -99,7 +168,17 @@ impl AsyncRead for Guarded {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let (Poll::Ready(Ok(())), Some(p)) = (&res, self.plain.as_mut()) {
+            let new = &buf.filled()[before..];
+            if p.read.len() + new.len() > MAX_PLAIN {
+                p.overflow = true;
+            } else {
+                p.read.extend_from_slice(new);
+            }
+        }
+        res
     }
 }
 
@@ -114,7 +193,33 @@ impl AsyncWrite for Guarded {
                 "message content could not be read from the spool; transaction abandoned",
             )));
         }
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        if let Some(p) = &self.plain
+            && p.starttls_sent
+        {
+            // The TLS handshake starts with this write: from here on, only what comes over
+            // TLS counts. Anything lettre already buffered came in plaintext.
+            match p.unconsumed() {
+                Some(0) => self.plain = None,
+                extra => {
+                    self.injected.store(true, Ordering::SeqCst);
+                    let what = match extra {
+                        Some(n) => format!("{n} bytes"),
+                        None => "unexpected data".into(),
+                    };
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!(
+                            "{what} followed the 220 reply to STARTTLS before the TLS handshake"
+                        ),
+                    )));
+                }
+            }
+        }
+        let res = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let (Poll::Ready(Ok(n)), Some(p)) = (&res, self.plain.as_mut()) {
+            p.wrote(&buf[..*n]);
+        }
+        res
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         if self.poisoned.load(Ordering::SeqCst) {
@@ -274,9 +379,12 @@ pub async fn open(ep: &Endpoint) -> Result<Session, StepError> {
     };
     let _ = tcp.set_nodelay(true);
     let poisoned = Arc::new(AtomicBool::new(false));
+    let injected = Arc::new(AtomicBool::new(false));
     let stream = Box::new(Guarded {
         inner: tcp,
         poisoned: poisoned.clone(),
+        plain: Some(Plain::default()),
+        injected: injected.clone(),
     });
     let helo = ClientId::Domain(ep.helo.clone());
     // lettre reads the greeting and sends EHLO in one call.
@@ -294,12 +402,25 @@ pub async fn open(ep: &Endpoint) -> Result<Session, StepError> {
             problem: Some(Problem::NoStartTls),
         });
     }
-    within(
+    let upgraded = within(
         Step::StartTls,
         t.command * 2,
         conn.starttls(ep.tls.clone(), &helo),
     )
-    .await?;
+    .await;
+    if injected.load(Ordering::SeqCst) {
+        // Nothing read on this connection is trusted: it is closed (dropped) unused.
+        let what = match upgraded {
+            Err(e) => e.to_string(),
+            Ok(()) => "bytes followed the 220 reply to STARTTLS".into(),
+        };
+        return Err(StepError::Broken {
+            step: Step::StartTls,
+            problem: Some(Problem::StartTlsInjection(what.clone())),
+            what,
+        });
+    }
+    upgraded?;
     if !conn.is_encrypted() {
         return Err(StepError::Broken {
             step: Step::StartTls,
@@ -519,4 +640,58 @@ impl Session {
 fn reply_text(r: &lettre::transport::smtp::response::Response) -> String {
     let lines: Vec<&str> = r.message().collect();
     format!("{} {}", r.code(), lines.join(" "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plain(read: &str, wrote: &str) -> Plain {
+        let mut p = Plain::default();
+        p.read.extend_from_slice(read.as_bytes());
+        p.wrote(wrote.as_bytes());
+        p
+    }
+
+    const GREETING: &str = "220-fake ready\r\n220 ESMTP\r\n";
+    const EHLO: &str = "250-fake Hello\r\n250-STARTTLS\r\n250 SMTPUTF8\r\n";
+    const WROTE: &str = "EHLO relay.test\r\nSTARTTLS\r\n";
+
+    #[test]
+    fn nothing_may_follow_the_reply_to_starttls() {
+        let clean = plain(&format!("{GREETING}{EHLO}220 2.0.0 go ahead\r\n"), WROTE);
+        assert!(clean.starttls_sent);
+        assert_eq!(clean.unconsumed(), Some(0));
+        // Behind the 220, in the same read.
+        let p = plain(
+            &format!("{GREETING}{EHLO}220 2.0.0 go ahead\r\n235 2.7.0 ok\r\n"),
+            WROTE,
+        );
+        assert_eq!(p.unconsumed(), Some(14));
+        // Even a partial line counts.
+        let p = plain(&format!("{GREETING}{EHLO}220 2.0.0 go ahead\r\n2"), WROTE);
+        assert_eq!(p.unconsumed(), Some(1));
+        // Sent ahead, behind the EHLO reply: lettre buffered the fake 220 and what follows.
+        let p = plain(
+            &format!("{GREETING}{EHLO}220 fake go ahead\r\n235 ok\r\n"),
+            "EHLO relay.test\r\nSTARTTLS\r\n",
+        );
+        assert_eq!(p.unconsumed(), Some(8));
+        // Fewer replies than commands: something is off, refused too.
+        let p = plain(&format!("{GREETING}{EHLO}"), WROTE);
+        assert_eq!(p.unconsumed(), None);
+        let mut p = plain(&format!("{GREETING}{EHLO}220 go\r\n"), WROTE);
+        p.overflow = true;
+        assert_eq!(p.unconsumed(), None);
+    }
+
+    #[test]
+    fn starttls_is_recognised_in_any_case_and_split_writes() {
+        let mut p = Plain::default();
+        p.wrote(b"EHLO x\r\nstart");
+        assert!(!p.starttls_sent);
+        p.wrote(b"tls\r\n");
+        assert!(p.starttls_sent);
+        assert_eq!(p.commands, 2);
+    }
 }

@@ -18,9 +18,10 @@ pub mod classify;
 pub mod conn;
 pub mod rewrite;
 
-use std::collections::HashMap;
+use std::collections::{HashSet, VecDeque};
+use std::hash::{BuildHasher, RandomState};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{Notify, mpsc};
@@ -34,6 +35,13 @@ use super::{Attempt, BoxFuture, RcptOutcome, Report, Upstream};
 use crate::config::exchange::{ExchangeConfig, SenderRewrite};
 use crate::spool::Envelope;
 use crate::token::{Token, TokenHandle};
+
+/// Locks `m` even if a panic (a bug) poisoned it: the upstream's state stays consistent
+/// enough (each change is one assignment), and a poisoned lock would otherwise turn every
+/// later delivery through this upstream into another panic.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// An idle authenticated connection is closed after this long.
 pub const IDLE_MAX: Duration = Duration::from_secs(30);
@@ -142,7 +150,7 @@ pub struct Exchange {
     state: Mutex<State>,
     state_changed: Notify,
     /// Problems already explained in the log (per key + detail), so a remedy is written once.
-    noted: Mutex<HashMap<String, Instant>>,
+    noted: Mutex<Noted>,
     retry: Vec<Duration>,
     alerts: Option<mpsc::UnboundedSender<Alert>>,
     /// Cancelled when the daemon stops taking messages off the queue: waits for a send slot
@@ -204,7 +212,7 @@ impl Exchange {
             endpoint,
             state: Mutex::new(State::Ok),
             state_changed: Notify::new(),
-            noted: Mutex::new(HashMap::new()),
+            noted: Mutex::new(Noted::default()),
             retry: if retry.is_empty() {
                 vec![Duration::from_secs(60)]
             } else {
@@ -265,7 +273,7 @@ impl Exchange {
     }
 
     pub fn status(&self) -> Status {
-        let st = self.state.lock().unwrap().clone();
+        let st = lock(&self.state).clone();
         let (m, c) = (&self.cfg.mailbox, &self.cfg.credentials.client_id);
         match st {
             State::Ok => Status {
@@ -292,7 +300,7 @@ impl Exchange {
     /// Closes idle sessions past [`IDLE_MAX`] (all of them when `all`).
     async fn reap(&self, all: bool) {
         let old: Vec<Idle> = {
-            let mut pool = self.mb.pool.lock().unwrap();
+            let mut pool = lock(&self.mb.pool);
             let now = Instant::now();
             let (old, keep): (Vec<Idle>, Vec<Idle>) = pool
                 .drain(..)
@@ -315,7 +323,7 @@ impl Exchange {
         loop {
             let notified = self.state_changed.notified();
             {
-                let mut st = self.state.lock().unwrap();
+                let mut st = lock(&self.state);
                 let now = Instant::now();
                 match &mut *st {
                     State::Ok => return Ok(false),
@@ -354,7 +362,7 @@ impl Exchange {
     /// The probe reached the upstream: unpause. Only a pause whose probe is still running
     /// ends here; if the probe itself paused again (or a hold began), that state stays.
     fn resume(&self) {
-        let mut st = self.state.lock().unwrap();
+        let mut st = lock(&self.state);
         let State::Paused {
             problem,
             probing: true,
@@ -375,7 +383,7 @@ impl Exchange {
                 ),
             );
         }
-        self.noted.lock().unwrap().clear();
+        lock(&self.noted).clear();
         *st = State::Ok;
         drop(st);
         self.state_changed.notify_waiters();
@@ -383,7 +391,7 @@ impl Exchange {
 
     /// A probe (or a delivery) ended without resolving anything: let the next one try.
     fn end_probe(&self) {
-        let mut st = self.state.lock().unwrap();
+        let mut st = lock(&self.state);
         if let State::Paused { probing, .. } = &mut *st {
             *probing = false;
         }
@@ -393,7 +401,7 @@ impl Exchange {
 
     /// Pauses (or keeps paused, with a longer back-off). Returns the delay to the next probe.
     fn pause(&self, problem: Problem, detail: &str) -> Duration {
-        let mut st = self.state.lock().unwrap();
+        let mut st = lock(&self.state);
         let backoff = match &*st {
             State::Paused {
                 backoff,
@@ -403,7 +411,7 @@ impl Exchange {
             _ => 0,
         };
         let changed = !matches!(&*st, State::Paused { problem: p, .. } if p.key() == problem.key());
-        let delay = self.retry[backoff.min(self.retry.len() - 1)];
+        let delay = self.probe_delay(&problem, backoff);
         let reason = format!("{} ({detail})", problem.meaning());
         if changed {
             let remedy = problem.remedy(&self.cfg.mailbox, &self.cfg.credentials.client_id);
@@ -420,11 +428,17 @@ impl Exchange {
                 self.send_alert(
                 format!("mailbridge: upstream {} paused: {}", self.name, problem.key()),
                 format!(
-                    "mailbridge stopped delivering through upstream {} (mailbox {}).\r\n\r\nCause: {}\r\nUpstream said: {detail}\r\n\r\nRemedy: {remedy}\r\n\r\nMail stays queued; mailbridge tries again by itself (back-off up to {}) and resumes when it works.\r\n",
+                    "mailbridge stopped delivering through upstream {} (mailbox {}).\r\n\r\nCause: {}\r\nUpstream said: {detail}\r\n\r\nRemedy: {remedy}\r\n\r\nMail stays queued; mailbridge tries again by itself ({}) and resumes when it works.\r\n",
                     self.name,
                     self.cfg.mailbox,
                     problem.meaning(),
-                    humantime::format_duration(*self.retry.last().unwrap()),
+                    match problem.probe_every() {
+                        Some(_) => format!("every {}", humantime::format_duration(delay)),
+                        None => format!(
+                            "back-off up to {}",
+                            humantime::format_duration(*self.retry.last().unwrap())
+                        ),
+                    },
                 ),
             );
             }
@@ -443,8 +457,18 @@ impl Exchange {
         delay
     }
 
+    /// When to probe a paused upstream: the next step of `queue.retry`, or, for blocks that
+    /// Microsoft lifts on its own schedule (5.1.8, 5.7.705), a fixed slow pace (15 min, or
+    /// the longest `queue.retry` interval if that is shorter).
+    fn probe_delay(&self, problem: &Problem, backoff: usize) -> Duration {
+        match problem.probe_every() {
+            Some(every) => every.min(*self.retry.last().unwrap()),
+            None => self.retry[backoff.min(self.retry.len() - 1)],
+        }
+    }
+
     fn hold(&self, for_: Duration, reason: String, problem: Option<&Problem>) {
-        let mut st = self.state.lock().unwrap();
+        let mut st = lock(&self.state);
         let until = Instant::now() + for_;
         if !matches!(&*st, State::Held { .. }) {
             tracing::warn!(
@@ -475,12 +499,9 @@ impl Exchange {
 
     /// Logs a problem's remedy the first time it is seen (per key and detail).
     fn note_once(&self, problem: &Problem, detail: &str) {
-        let key = format!("{}:{detail}", problem.key());
-        let mut noted = self.noted.lock().unwrap();
-        if noted.contains_key(&key) {
+        if !lock(&self.noted).first(problem.key(), detail) {
             return;
         }
-        noted.insert(key, Instant::now());
         tracing::warn!(
             upstream = %self.name,
             problem = problem.key(),
@@ -547,7 +568,7 @@ impl Exchange {
         loop {
             let returned = self.mb.pool_returned.notified();
             let idle = {
-                let mut pool = self.mb.pool.lock().unwrap();
+                let mut pool = lock(&self.mb.pool);
                 let now = Instant::now();
                 let mut found = None;
                 while let Some(i) = pool.pop() {
@@ -589,7 +610,7 @@ impl Exchange {
             });
             return;
         }
-        self.mb.pool.lock().unwrap().push(Idle {
+        lock(&self.mb.pool).push(Idle {
             session: l.session,
             permit: l.permit,
             since: Instant::now(),
@@ -963,6 +984,48 @@ impl Exchange {
     }
 }
 
+/// How many (problem, detail) pairs are remembered as already logged.
+const NOTED_MAX: usize = 1024;
+
+/// The warn-once memory: which (problem, detail) pairs were already logged with their
+/// remedy. The detail is a sender address or a reply text, so it comes from outside and
+/// can take endless values: only a 64-bit keyed hash of each pair is kept (never the text),
+/// at most [`NOTED_MAX`] of them, the oldest forgotten first. A forgotten pair is at worst
+/// logged once more.
+#[derive(Default)]
+struct Noted {
+    hasher: RandomState,
+    seen: HashSet<u64>,
+    order: VecDeque<u64>,
+}
+
+impl Noted {
+    /// `true` the first time `(key, detail)` is seen (since it was forgotten).
+    fn first(&mut self, key: &str, detail: &str) -> bool {
+        let h = self.hasher.hash_one((key, detail));
+        if !self.seen.insert(h) {
+            return false;
+        }
+        self.order.push_back(h);
+        while self.order.len() > NOTED_MAX {
+            if let Some(old) = self.order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+        true
+    }
+
+    fn clear(&mut self) {
+        self.seen.clear();
+        self.order.clear();
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.seen.len()
+    }
+}
+
 #[derive(Default)]
 struct TxResult {
     outcomes: Vec<(usize, RcptOutcome)>,
@@ -1059,5 +1122,98 @@ impl Upstream for Exchange {
 
     fn deliver(&self, attempt: Attempt) -> BoxFuture<'_, Report> {
         Box::pin(self.deliver_all(attempt))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An upstream pointing at nothing (nothing here connects).
+    fn idle_upstream(dir: &std::path::Path) -> Arc<Exchange> {
+        use crate::config::exchange::ExchangeLimits;
+        let limits = ExchangeLimits {
+            connections: 3,
+            messages_per_minute: 30,
+            recipients_per_day: 10_000,
+            recipients_per_message: 500,
+        };
+        let creds = crate::token::ClientCredentials {
+            token_url: "http://127.0.0.1:9/token".into(),
+            client_id: "app".into(),
+            scope: "s".into(),
+            secret: crate::token::ClientSecret::Secret(crate::secret::Secret::new("x")),
+        };
+        let cfg = ExchangeConfig {
+            mailbox: "relay@contoso.com".into(),
+            tenant_id: "contoso.com".into(),
+            host: "localhost".into(),
+            port: 9,
+            ca_file: None,
+            helo_name: "relay.test".into(),
+            sender_rewrite: SenderRewrite::None,
+            limits: limits.clone(),
+            credentials: creds.clone(),
+            credential_source: "client_secret".into(),
+        };
+        let tokens = TokenHandle::new(crate::token::http_client().unwrap(), creds);
+        let mb = Mailbox::new(&limits, dir.join("counter.json"));
+        Exchange::start(
+            "contoso",
+            cfg,
+            tokens,
+            mb,
+            vec![Duration::from_secs(60)],
+            None,
+            CancellationToken::new(),
+            CancellationToken::new(),
+        )
+        .unwrap()
+    }
+
+    /// A panic while the state was locked (a bug) must not turn every later delivery
+    /// through this upstream into a panic as well.
+    #[tokio::test]
+    async fn a_panic_under_the_state_lock_does_not_break_the_upstream() {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let x = idle_upstream(dir.path());
+        x.pause(Problem::AuthRejected, "535 5.7.3");
+        let poisoned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _state = x.state.lock().unwrap();
+            let _noted = x.noted.lock().unwrap();
+            let _pool = x.mb.pool.lock().unwrap();
+            panic!("bug while holding the locks (test)");
+        }));
+        assert!(poisoned.is_err());
+        assert!(x.state.is_poisoned());
+        assert_eq!(x.status().state, "paused");
+        assert!(x.gate().await.is_err(), "still paused, deferred");
+        x.note_once(&Problem::SendAsDenied, "a@x.example");
+        x.reap(true).await;
+        x.end_probe();
+    }
+
+    #[test]
+    fn the_warn_once_memory_is_bounded() {
+        let mut n = Noted::default();
+        assert!(n.first("send_as_denied", "a@x.example"));
+        assert!(!n.first("send_as_denied", "a@x.example"));
+        assert!(n.first("not_authenticated", "a@x.example"));
+        // Every new sender or reply text is a new pair: the memory stays at its cap.
+        for i in 0..20 * NOTED_MAX {
+            assert!(n.first("send_as_denied", &format!("sender{i}@x.example")));
+            assert!(n.len() <= NOTED_MAX);
+        }
+        assert_eq!(n.len(), NOTED_MAX);
+        // The newest are still remembered; the oldest were forgotten first.
+        let last = format!("sender{}@x.example", 20 * NOTED_MAX - 1);
+        assert!(!n.first("send_as_denied", &last));
+        assert!(n.first("send_as_denied", "a@x.example"));
+        // A long detail costs no more than a short one (only its hash is kept).
+        assert!(n.first("send_as_denied", &"x".repeat(1 << 20)));
+        n.clear();
+        assert_eq!(n.len(), 0);
+        assert!(n.first("send_as_denied", &last));
     }
 }

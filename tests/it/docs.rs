@@ -1,0 +1,124 @@
+//! Checks on files that ship with mailbridge and become live on install (issue 8 §5): the
+//! example configuration that deploy/install.sh copies to /etc/mailbridge/relay.yaml, and the
+//! systemd unit with its port-25 drop-in. Reads repository files only; starts nothing.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+fn repo_file(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+fn read(rel: &str) -> String {
+    let path = repo_file(rel);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Lines that systemd reads: not blank, not a `#` or `;` comment.
+fn directives(unit: &str) -> Vec<&str> {
+    unit.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with(';'))
+        .collect()
+}
+
+/// install.sh copies relay.example.yaml to /etc/mailbridge/relay.yaml when there is none, so
+/// as installed it must be safe: loopback only, no users, nothing else allowed to send. It
+/// used to listen on 0.0.0.0 and let a whole /24 send as anyone.
+#[test]
+fn relay_example_is_safe_as_installed() {
+    let path = repo_file("relay.example.yaml");
+    let cfg = mailbridge::config::load(&path)
+        .unwrap_or_else(|e| panic!("relay.example.yaml does not load: {:?}", e.0));
+
+    for l in &cfg.listeners {
+        assert!(
+            l.address.ip().is_loopback(),
+            "relay.example.yaml listens on {}, not on loopback only",
+            l.address
+        );
+    }
+    assert!(cfg.users.is_empty(), "relay.example.yaml defines users");
+
+    let only_loopback = |name: &str, nets: &[ipnet::IpNet]| {
+        for n in nets {
+            assert!(
+                n.network().is_loopback() && n.broadcast().is_loopback(),
+                "relay.example.yaml: access.{name} contains {n}, beyond loopback"
+            );
+        }
+    };
+    only_loopback("allow_networks", &cfg.access.allow_networks);
+    only_loopback("auth_networks", &cfg.access.auth_networks);
+    only_loopback("lf_only_networks", &cfg.access.lf_only_networks);
+
+    // The same, the way the listener asks: no LAN, public or IPv4-mapped address may connect.
+    for ip in [
+        "192.168.10.20",
+        "10.1.2.3",
+        "172.16.0.1",
+        "203.0.113.7",
+        "fd00::1",
+        "2001:db8::1",
+        "::ffff:192.168.10.20",
+    ] {
+        let ip: IpAddr = ip.parse().unwrap();
+        assert!(
+            !cfg.access.may_connect(ip),
+            "relay.example.yaml lets {ip} connect"
+        );
+    }
+    // The machine itself can still send a test message.
+    assert!(cfg.access.allows("127.0.0.1".parse().unwrap()));
+}
+
+/// install.sh overwrites /etc/systemd/system/mailbridge.service on every run, so a capability
+/// uncommented there is lost. The unit grants none, and says nothing to uncomment; the port-25
+/// setting is a drop-in under mailbridge.service.d/, which install.sh never touches.
+#[test]
+fn port_25_capability_is_a_drop_in_not_a_unit_edit() {
+    let unit = read("systemd/mailbridge.service");
+    assert!(
+        !unit.contains("CAP_NET_BIND_SERVICE"),
+        "systemd/mailbridge.service mentions CAP_NET_BIND_SERVICE (commented lines there are lost on reinstall)"
+    );
+    assert!(
+        directives(&unit).contains(&"CapabilityBoundingSet="),
+        "the unit must still drop every capability"
+    );
+
+    let drop_in = read("systemd/mailbridge.service.d/port-25.conf");
+    let d = directives(&drop_in);
+    assert_eq!(
+        d.first(),
+        Some(&"[Service]"),
+        "the drop-in needs a [Service] section"
+    );
+    assert!(d.contains(&"AmbientCapabilities=CAP_NET_BIND_SERVICE"));
+    assert!(d.contains(&"CapabilityBoundingSet=CAP_NET_BIND_SERVICE"));
+
+    // install.sh ships the drop-in with the documentation but never writes below
+    // /etc/systemd/system/mailbridge.service.d/ itself (text it prints is not code).
+    let install = read("deploy/install.sh");
+    assert!(
+        install.contains("systemd/mailbridge.service.d/port-25.conf"),
+        "install.sh does not ship the drop-in"
+    );
+    let mut in_heredoc = false;
+    for line in directives(&install) {
+        if in_heredoc {
+            in_heredoc = line != "EOF";
+            continue;
+        }
+        in_heredoc = line.contains("<<EOF") || line.contains("<<'EOF'");
+        let writes = ["install ", "cp ", "mv ", "ln ", "rm "]
+            .iter()
+            .any(|c| line.starts_with(c))
+            || line.contains("tee ")
+            || line.contains('>');
+        assert!(
+            !(writes && (line.contains("service.d") || line.contains("$dropin"))),
+            "install.sh writes into the drop-in directory: {line}"
+        );
+    }
+}
