@@ -137,13 +137,23 @@ impl Daemon {
         for (l, lcfg) in bound {
             let addr = l.local_addr()?;
             addrs.push(addr);
+            if lcfg.tls != crate::config::TlsMode::None
+                && lcfg.tls_profile == crate::config::TlsProfile::Legacy
+            {
+                tracing::warn!(
+                    address = %addr,
+                    "listener {addr} has tls_profile: legacy: it accepts TLS 1.0 and 1.1 and SHA-1 suites (OpenSSL security level 0), which a capable attacker can break; keep it on a port only old devices on a trusted network can reach"
+                );
+            }
             tracing::info!(address = %addr, "listening");
             let ctx = Arc::new(SessionCtx {
                 config: config.clone(),
                 tls: if lcfg.tls == crate::config::TlsMode::None {
                     None
                 } else {
-                    tls.clone()
+                    tls.as_ref().map(|t: &Arc<crate::inbound::tls::Acceptors>| {
+                        t.for_profile(lcfg.tls_profile)
+                    })
                 },
                 listener: lcfg,
                 auth: authenticator.clone(),

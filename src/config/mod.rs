@@ -72,6 +72,52 @@ pub enum TlsMode {
 pub struct TlsConfig {
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
+    /// The profile of listeners that do not name one (`tls.tls_profile`).
+    pub tls_profile: TlsProfile,
+    /// The key type of a generated self-signed certificate (`tls.key_type`).
+    pub key_type: KeyType,
+}
+
+/// Which TLS versions and cipher suites a listener accepts (`tls_profile`; docs/tls.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsProfile {
+    /// TLS 1.2 and 1.3, ECDHE with AEAD suites only.
+    Modern,
+    /// Modern, plus TLS 1.2 CBC suites with ECDHE or DHE, and RSA key exchange.
+    #[default]
+    Compatible,
+    /// Compatible, plus TLS 1.0 and 1.1 (OpenSSL security level 0).
+    Legacy,
+}
+
+impl TlsProfile {
+    pub const ALL: [TlsProfile; 3] = [
+        TlsProfile::Modern,
+        TlsProfile::Compatible,
+        TlsProfile::Legacy,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TlsProfile::Modern => "modern",
+            TlsProfile::Compatible => "compatible",
+            TlsProfile::Legacy => "legacy",
+        }
+    }
+
+    fn parse(s: &str) -> Option<TlsProfile> {
+        TlsProfile::ALL.into_iter().find(|p| p.name() == s)
+    }
+}
+
+/// The key of the generated self-signed certificate (`tls.key_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyType {
+    /// RSA 2048: what every TLS client can use (many printers know no ECDSA).
+    #[default]
+    Rsa,
+    /// ECDSA P-256.
+    Ecdsa,
 }
 
 /// A local user that may AUTH (PLAIN or LOGIN).
@@ -144,6 +190,8 @@ pub struct Listener {
     pub require_auth: bool,
     /// AUTH may be used before TLS (legacy devices only).
     pub allow_plaintext_auth: bool,
+    /// TLS versions and suites accepted (`listeners[].tls_profile`, else `tls.tls_profile`).
+    pub tls_profile: TlsProfile,
     /// EHLO also lists `AUTH=PLAIN LOGIN` (Postfix's `broken_sasl_auth_clients`).
     pub broken_sasl_auth_clients: bool,
 }
@@ -441,9 +489,19 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             bare_lf: None,
             require_auth: None,
             allow_plaintext_auth: None,
+            tls_profile: None,
             broken_sasl_auth_clients: None,
         }]
     });
+    let default_profile = match raw.tls.tls_profile.as_deref() {
+        None => TlsProfile::default(),
+        Some(p) => TlsProfile::parse(p).unwrap_or_else(|| {
+            errs.push(format!(
+                "tls.tls_profile: unknown value {p:?} (expected modern, compatible or legacy)"
+            ));
+            TlsProfile::default()
+        }),
+    };
     if raw_listeners.is_empty() {
         errs.push("listeners: at least one listener is required".into());
     }
@@ -481,13 +539,28 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
                 None
             }
         };
-        if let (Some(address), Some(tls), Some(bare_lf)) = (address, tls, bare_lf) {
+        let tls_profile = match l.tls_profile.as_deref() {
+            None => Some(default_profile),
+            Some(p) => {
+                let parsed = TlsProfile::parse(p);
+                if parsed.is_none() {
+                    errs.push(format!(
+                        "{key}.tls_profile: unknown value {p:?} (expected modern, compatible or legacy)"
+                    ));
+                }
+                parsed
+            }
+        };
+        if let (Some(address), Some(tls), Some(bare_lf), Some(tls_profile)) =
+            (address, tls, bare_lf, tls_profile)
+        {
             listeners.push(Listener {
                 address,
                 tls,
                 bare_lf,
                 require_auth: l.require_auth.unwrap_or(false),
                 allow_plaintext_auth: l.allow_plaintext_auth.unwrap_or(false),
+                tls_profile,
                 broken_sasl_auth_clients: l.broken_sasl_auth_clients.unwrap_or(true),
             });
         }
@@ -545,10 +618,21 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     let user_upstreams: Vec<Option<String>> =
         raw.users.iter().map(|u| u.upstream.clone()).collect();
     let users = users(&mut errs, raw.users);
-    let tls = match (raw.tls.cert_file, raw.tls.key_file) {
+    let key_type = match raw.tls.key_type.as_deref() {
+        None | Some("rsa") => KeyType::Rsa,
+        Some("ecdsa") => KeyType::Ecdsa,
+        Some(other) => {
+            errs.push(format!(
+                "tls.key_type: unknown value {other:?} (expected rsa or ecdsa)"
+            ));
+            KeyType::Rsa
+        }
+    };
+    let mut tls = match (raw.tls.cert_file, raw.tls.key_file) {
         (Some(c), Some(k)) => TlsConfig {
             cert_file: Some(PathBuf::from(c)),
             key_file: Some(PathBuf::from(k)),
+            ..TlsConfig::default()
         },
         (None, None) => TlsConfig::default(),
         (Some(_), None) => {
@@ -560,6 +644,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             TlsConfig::default()
         }
     };
+    tls.tls_profile = default_profile;
+    tls.key_type = key_type;
     let state_dir = PathBuf::from(
         raw.state_dir
             .unwrap_or_else(|| "/var/lib/mailbridge".into()),
@@ -1003,6 +1089,7 @@ pub fn demo(dir: &Path) -> Config {
             bare_lf: None,
             require_auth: None,
             allow_plaintext_auth: None,
+            tls_profile: None,
             broken_sasl_auth_clients: None,
         }]),
         upstreams: vec![RawUpstream::Outbox(raw::RawOutbox {
@@ -1455,5 +1542,44 @@ users:
         assert_eq!(c.route("x@contoso.com", Some("unknown")), 0);
         assert!(!c.queue.bounce);
         assert_eq!(c.queue.postmaster.as_deref(), Some("admin@contoso.com"));
+    }
+
+    #[test]
+    fn tls_profile_per_listener_with_a_default_and_key_type() {
+        let yaml = r#"
+listeners:
+  - address: "127.0.0.1:587"
+    tls: starttls
+  - address: "127.0.0.1:2587"
+    tls: starttls
+    tls_profile: legacy
+upstreams: [{name: o, type: outbox, path: /tmp/o}]
+"#;
+        let c = from_yaml_str(yaml).unwrap();
+        assert_eq!(c.tls.tls_profile, TlsProfile::Compatible);
+        assert_eq!(c.tls.key_type, KeyType::Rsa);
+        assert_eq!(c.listeners[0].tls_profile, TlsProfile::Compatible);
+        assert_eq!(c.listeners[1].tls_profile, TlsProfile::Legacy);
+
+        let c = from_yaml_str(&format!(
+            "{yaml}tls:\n  tls_profile: modern\n  key_type: ecdsa\n"
+        ))
+        .unwrap();
+        assert_eq!(c.listeners[0].tls_profile, TlsProfile::Modern);
+        assert_eq!(c.listeners[1].tls_profile, TlsProfile::Legacy);
+        assert_eq!(c.tls.key_type, KeyType::Ecdsa);
+
+        let e = from_yaml_str(
+            "listeners:\n  - address: \"127.0.0.1:25\"\n    tls_profile: old\nupstreams: [{name: o, type: outbox, path: /tmp/o}]\ntls: {tls_profile: tls1, key_type: dsa}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "listeners[0].tls_profile: unknown value \"old\" (expected modern, compatible or legacy)",
+            "tls.tls_profile: unknown value \"tls1\"",
+            "tls.key_type: unknown value \"dsa\" (expected rsa or ecdsa)",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in {e}");
+        }
     }
 }

@@ -49,6 +49,10 @@ pub struct RawRoute {
 pub struct RawTls {
     pub cert_file: Option<String>,
     pub key_file: Option<String>,
+    /// Default for listeners without their own: `modern`, `compatible` or `legacy`.
+    pub tls_profile: Option<String>,
+    /// Key of the generated self-signed certificate: `rsa` or `ecdsa`.
+    pub key_type: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -89,6 +93,8 @@ pub struct RawListener {
     pub require_auth: Option<bool>,
     /// AUTH before TLS (legacy devices only).
     pub allow_plaintext_auth: Option<bool>,
+    /// Which TLS versions and cipher suites this listener accepts (default: `tls.tls_profile`).
+    pub tls_profile: Option<String>,
     /// Also advertise `AUTH=PLAIN LOGIN` in EHLO (Postfix's name; default true).
     pub broken_sasl_auth_clients: Option<bool>,
 }

@@ -27,7 +27,7 @@ pub struct SessionCtx {
     /// (no 250 was sent, so the client keeps its copy).
     pub hard_stop: CancellationToken,
     /// For `starttls` and `implicit` listeners.
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub tls: Option<tls::Acceptor>,
     /// Checks AUTH credentials against `users` (shared by all listeners).
     pub auth: Arc<auth::Authenticator>,
     /// Slows down and blocks addresses that keep failing AUTH (shared by all listeners).

@@ -127,20 +127,16 @@ where
 }
 
 async fn handshake<S>(
-    acceptor: &tokio_rustls::TlsAcceptor,
+    acceptor: &super::tls::Acceptor,
     stream: S,
     ip: IpAddr,
-) -> Option<tokio_rustls::server::TlsStream<S>>
+) -> Option<super::tls::TlsStream<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => Some(tls),
-        Ok(Err(e)) => {
-            // Old devices offering only TLS 1.0/1.1 end here: they need a plain listener.
-            tracing::info!(client = %ip, error = %e, "TLS handshake failed (a device limited to TLS 1.0/1.1 must use a plain listener on an allowed network)");
-            None
-        }
+    // A failure is logged by the acceptor, with what the client offered (docs/tls.md).
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream, ip)).await {
+        Ok(tls) => tls,
         Err(_) => {
             tracing::info!(client = %ip, "TLS handshake timed out");
             None

@@ -45,8 +45,11 @@ impl Harness {
         // Keep the receiver alive by leaking the scheduler: events are simply not consumed.
         std::mem::forget(_scheduler);
         // A TLS listener gets the daemon's acceptor (self-signed certificate in state_dir).
-        let tls = (cfg.listeners[0].tls != mailbridge::config::TlsMode::None)
-            .then(|| mailbridge::inbound::tls::acceptor(&cfg).expect("TLS set-up"));
+        let tls = (cfg.listeners[0].tls != mailbridge::config::TlsMode::None).then(|| {
+            mailbridge::inbound::tls::acceptor(&cfg)
+                .expect("TLS set-up")
+                .for_profile(cfg.listeners[0].tls_profile)
+        });
         let users = cfg.users.clone();
         let ctx = Arc::new(SessionCtx {
             listener: cfg.listeners[0].clone(),

@@ -17,3 +17,4 @@ mod interop_auth;
 mod interop_tls;
 mod session;
 mod tls;
+mod tls_matrix;

@@ -1,5 +1,7 @@
-//! LAN-side TLS over an in-memory stream with a real rustls client: STARTTLS (RFC 3207),
-//! implicit TLS (RFC 8314), and behaviour.md B12, B27 and C38.
+//! LAN-side TLS (OpenSSL) over an in-memory stream with a real rustls client: STARTTLS
+//! (RFC 3207), implicit TLS (RFC 8314), and behaviour.md B12, B27 and C38; hand-made
+//! ClientHellos with suites no current client offers (RC4, 3DES, export, NULL); the
+//! handshake time limit.
 
 use std::net::SocketAddr;
 
@@ -150,4 +152,100 @@ async fn implicit_tls_listener_drops_a_plaintext_client() {
         !String::from_utf8_lossy(&out).contains("250"),
         "no SMTP in the clear"
     );
+}
+
+/// A TLS 1.2 ClientHello (RFC 5246 §7.4.1.2) offering exactly `suites`, with the extensions
+/// ECDHE needs (RFC 8422 §5.1) and signature algorithms (RFC 5246 §7.4.1.4.1).
+fn client_hello(suites: &[u16]) -> Vec<u8> {
+    let mut body = vec![3, 3];
+    body.extend([7u8; 32]);
+    body.push(0);
+    body.extend(((suites.len() * 2) as u16).to_be_bytes());
+    for s in suites {
+        body.extend(s.to_be_bytes());
+    }
+    body.extend([1, 0]);
+    let ext: &[u8] = &[
+        0x00, 0x0a, 0x00, 0x06, 0x00, 0x04, 0x00, 0x1d, 0x00, 0x17, // groups: x25519, P-256
+        0x00, 0x0b, 0x00, 0x02, 0x01, 0x00, // point formats: uncompressed
+        0x00, 0x0d, 0x00, 0x06, 0x00, 0x04, 0x04, 0x01, 0x08, 0x04, // rsa sha256, pss
+    ];
+    body.extend((ext.len() as u16).to_be_bytes());
+    body.extend(ext);
+    let mut hs = vec![1, 0];
+    hs.extend((body.len() as u16).to_be_bytes());
+    hs.extend(body);
+    let mut rec = vec![22, 3, 1];
+    rec.extend((hs.len() as u16).to_be_bytes());
+    rec.extend(hs);
+    rec
+}
+
+/// The content type of the server's first record: 22 (handshake: ServerHello) or 21 (alert).
+async fn first_record_type(profile: &str, suites: &[u16]) -> u8 {
+    let h = Harness::new(&format!(
+        "listeners:\n  - address: \"127.0.0.1:0\"\n    tls: implicit\n    tls_profile: {profile}\n"
+    ));
+    let mut c = start(&h);
+    c.write_all(&client_hello(suites)).await.unwrap();
+    let mut b = [0u8; 1];
+    c.read_exact(&mut b).await.unwrap();
+    b[0]
+}
+
+/// No RC4, 3DES, export, NULL or anonymous suite in any profile (issue 8 §1). OpenSSL 3
+/// clients cannot offer most of these any more, so the ClientHello is made here.
+#[tokio::test]
+async fn rc4_3des_export_null_and_anonymous_suites_are_refused_by_every_profile() {
+    const REFUSED: &[(u16, &str)] = &[
+        (0x000a, "DES-CBC3-SHA"),
+        (0xc012, "ECDHE-RSA-DES-CBC3-SHA"),
+        (0x0016, "DHE-RSA-DES-CBC3-SHA"),
+        (0x0005, "RC4-SHA"),
+        (0x0004, "RC4-MD5"),
+        (0xc011, "ECDHE-RSA-RC4-SHA"),
+        (0x0003, "EXP-RC4-MD5"),
+        (0x0008, "EXP-DES-CBC-SHA"),
+        (0x0009, "DES-CBC-SHA"),
+        (0x0001, "NULL-MD5"),
+        (0x0002, "NULL-SHA"),
+        (0x003b, "NULL-SHA256"),
+        (0xc010, "ECDHE-RSA-NULL-SHA"),
+        (0x0034, "ADH-AES128-SHA"),
+        (0xc018, "AECDH-AES128-SHA"),
+    ];
+    for profile in ["modern", "compatible", "legacy"] {
+        for (id, name) in REFUSED {
+            assert_eq!(
+                first_record_type(profile, &[*id]).await,
+                21,
+                "{name} accepted by {profile}"
+            );
+        }
+    }
+    // The same ClientHello with a suite the profile has is answered (so the refusals above
+    // are about the suites).
+    assert_eq!(first_record_type("compatible", &[0x002f]).await, 22);
+    assert_eq!(first_record_type("modern", &[0xc02f]).await, 22);
+}
+
+/// A client that connects to an implicit-TLS port and sends half a ClientHello is cut off
+/// after the 30-second handshake limit (paused clock), not held forever.
+#[tokio::test(start_paused = true)]
+async fn a_stalled_handshake_is_cut_off_after_30_seconds() {
+    let h = Harness::new("listeners:\n  - address: \"127.0.0.1:0\"\n    tls: implicit\n");
+    let mut c = start(&h);
+    let hello = client_hello(&[0xc02f]);
+    c.write_all(&hello[..hello.len() / 2]).await.unwrap();
+    let begin = tokio::time::Instant::now();
+    let mut buf = Vec::new();
+    let read =
+        tokio::time::timeout(std::time::Duration::from_secs(120), c.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the connection was still open after 120 s");
+    let waited = begin.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_secs(30) && waited < std::time::Duration::from_secs(31),
+        "{waited:?}"
+    );
+    assert!(buf.is_empty(), "nothing is sent for half a ClientHello");
 }
