@@ -1887,10 +1887,11 @@ fn reserved_connections_are_kept_for_allow_networks() {
     // The printers' sessions work.
     p1.expect("EHLO printer.test", 250).unwrap();
     p2.expect("NOOP", 250).unwrap();
+    // The log is read from the daemon's stdout by another thread: wait for the line.
     assert!(
-        relay.logs().iter().any(|v| v["message"]
+        wait_until(SHORT, || relay.logs().iter().any(|v| v["message"]
             .as_str()
-            .is_some_and(|m| m.contains("limits.reserved_connections"))),
+            .is_some_and(|m| m.contains("limits.reserved_connections")))),
         "{}",
         relay.transcript()
     );

@@ -585,7 +585,8 @@ async fn connection_lost_after_the_dot_is_retried_as_a_possible_duplicate() {
         "{}",
         relay.transcript()
     );
-    assert!(log_has(&relay, "possible duplicate"));
+    // The log is read from the daemon's stdout by another thread: wait for the line.
+    assert!(wait_until(SHORT, || log_has(&relay, "possible duplicate")).await);
     let got = s.ex.received();
     assert_eq!(got[0].data, got[1].data);
     assert!(wait_until(SHORT, || count_files(&relay.queue_dir()) == 0).await);
