@@ -19,11 +19,20 @@
 //! (some recipients deferred), and in `failed/` with the final state: per-recipient status and replies, last error.
 //! `MAILBRIDGE-STATE 1 <crc32 of the JSON>\n<JSON>\n`, replaced atomically (write to tmp/,
 //! rename). When it is missing, every recipient is pending.
+//!
+//! The state JSON carries each recipient's typed outcome of its last attempt
+//! ([`crate::outcome::Outcome`]: verdict, step, reply code / enhanced status / text, problem
+//! key with meaning and remedy) and the attempt's last outcome. These fields are optional
+//! with serde defaults, so a state file written before they existed (only `reply` and
+//! `last_error` strings) still loads, and the version stays 1: an older mailbridge reading a
+//! newer file ignores the fields it does not know.
 
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
+
+use crate::outcome::Outcome;
 
 pub const QUEUE_MAGIC: &[u8] = b"MAILBRIDGE-QUEUE 1\n";
 pub const TRAILER_TAG: &[u8] = b"\nMAILBRIDGE-END ";
@@ -120,6 +129,10 @@ pub struct RcptState {
     /// The last reply or error for this recipient (upstream text, no secrets).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply: Option<String>,
+    /// The typed outcome of the last attempt for this recipient (absent in files written
+    /// before outcomes were stored, and before the first attempt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<Outcome>,
 }
 
 /// The mutable part of a queue entry.
@@ -134,6 +147,9 @@ pub struct State {
     pub in_flight: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The typed outcome behind `last_error`: the last failure or deferral of any recipient.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_outcome: Option<Outcome>,
     pub recipients: Vec<RcptState>,
 }
 
@@ -144,12 +160,14 @@ impl State {
             next_attempt_ms: envelope.arrival_ms,
             in_flight: false,
             last_error: None,
+            last_outcome: None,
             recipients: envelope
                 .recipients
                 .iter()
                 .map(|_| RcptState {
                     status: RcptStatus::Pending,
                     reply: None,
+                    outcome: None,
                 })
                 .collect(),
         }
@@ -416,5 +434,51 @@ mod tests {
         assert_eq!(decode_state(&b, 1).unwrap(), s);
         assert!(decode_state(&b[..b.len() - 2], 1).is_err());
         assert!(decode_state(&b, 2).is_err());
+    }
+
+    /// A state file as the format wrote it before typed outcomes (the bytes of
+    /// tests/support/spool-v1): it loads, with no outcomes, and its replies intact.
+    #[test]
+    fn state_without_outcomes_still_loads() {
+        let old = include_bytes!(
+            "../../tests/support/spool-v1/queue/01a234389637766eb09d6a34932d1931.state"
+        );
+        let st = decode_state(old, 3).unwrap();
+        assert_eq!(st.attempts, 1);
+        assert_eq!(st.last_error.as_deref(), Some("451 4.3.0 try later"));
+        assert_eq!(st.last_outcome, None);
+        assert_eq!(st.recipients[0].status, RcptStatus::Delivered);
+        assert_eq!(st.recipients[1].status, RcptStatus::Pending);
+        assert_eq!(
+            st.recipients[1].reply.as_deref(),
+            Some("451 4.3.0 try later")
+        );
+        assert!(st.recipients.iter().all(|r| r.outcome.is_none()));
+        assert_eq!(st.pending().collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    #[test]
+    fn state_with_outcomes_round_trips() {
+        use crate::outcome::{Diagnosis, Outcome, Step, Verdict};
+        let mut s = State::initial(&env());
+        let o = Outcome {
+            verdict: Verdict::Paused {
+                until_ms: 1_795_000_000_000,
+            },
+            upstream: "m365".into(),
+            at_ms: 1_794_999_999_000,
+            attempt: 2,
+            ..Outcome::deferred("535 5.7.139 Authentication unsuccessful".into())
+                .at(Step::Auth)
+                .with_problem(Some(Diagnosis {
+                    key: "smtp_auth_disabled".into(),
+                    meaning: "SMTP AUTH is off".into(),
+                    remedy: "Set-CASMailbox".into(),
+                }))
+        };
+        s.recipients[0].outcome = Some(o.clone());
+        s.last_outcome = Some(o);
+        let b = encode_state(&s);
+        assert_eq!(decode_state(&b, 1).unwrap(), s);
     }
 }
