@@ -616,6 +616,62 @@ mod tests {
         assert_eq!(files(dir.path(), "failed"), 2);
     }
 
+    /// The typed outcome of an attempt is journalled with the message and read back after
+    /// a restart (a new Spool on the same directory): verdict with its due time, step,
+    /// reply fields, problem, upstream and attempt number.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn stored_outcome_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let problem = Diagnosis {
+            key: "smtp_auth_disabled".into(),
+            meaning: "SMTP AUTH is not enabled for this mailbox".into(),
+            remedy: "Set-CASMailbox -SmtpClientAuthenticationDisabled $false".into(),
+        };
+        let (id, next) = {
+            let spool = Spool::open(dir.path()).unwrap();
+            let up = Scripted::new(vec![vec![
+                RcptOutcome::delivered("250 2.0.0 OK".into()).at(crate::outcome::Step::Dot),
+                RcptOutcome::new(
+                    Verdict::Paused { until_ms: 0 },
+                    "535 5.7.139 Authentication unsuccessful".into(),
+                )
+                .at(crate::outcome::Step::Auth)
+                .with_problem(Some(problem.clone())),
+            ]]);
+            let d = Delivery::new(
+                spool.clone(),
+                up,
+                queue_cfg(&[60], Duration::from_secs(3600), 1),
+            );
+            let q = enqueue(&spool, &["a@x", "b@x"], now_ms()).await;
+            let next = d.attempt(&q.id).await.expect("b@x stays queued");
+            (q.id, next)
+        };
+        let spool = Spool::open(dir.path()).unwrap();
+        let rec = spool.recover().unwrap();
+        assert_eq!(rec.queued.len(), 1);
+        let st = spool.load(&id).unwrap().state;
+        let a = st.recipients[0].outcome.clone().expect("a@x outcome");
+        assert_eq!(a.verdict, Verdict::Delivered);
+        assert_eq!(a.reply.code, Some(250));
+        let b = st.recipients[1].outcome.clone().expect("b@x outcome");
+        assert_eq!(b.verdict, Verdict::Paused { until_ms: next });
+        assert_eq!(b.step, Some(crate::outcome::Step::Auth));
+        assert_eq!(b.reply.code, Some(535));
+        assert_eq!(b.reply.enhanced.as_deref(), Some("5.7.139"));
+        assert_eq!(b.reply.text, "Authentication unsuccessful");
+        assert_eq!(b.problem, Some(problem));
+        assert_eq!(b.upstream, "scripted");
+        assert_eq!(b.attempt, 1);
+        assert!(b.at_ms > 0);
+        assert_eq!(st.last_outcome, Some(b));
+        // The reply strings stay for older readers.
+        assert_eq!(
+            st.recipients[1].reply.as_deref(),
+            Some("535 5.7.139 Authentication unsuccessful")
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn next_attempt_is_recorded_before_the_attempt() {
         let dir = tempfile::tempdir().unwrap();
