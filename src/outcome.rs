@@ -56,7 +56,7 @@ impl Step {
             Step::Greeting => "greeting",
             Step::Ehlo => "EHLO",
             Step::StartTls => "STARTTLS",
-            Step::Auth => "AUTH XOAUTH2",
+            Step::Auth => "AUTH",
             Step::Mail => "MAIL FROM",
             Step::Rcpt => "RCPT TO",
             Step::Data => "DATA",
