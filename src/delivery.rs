@@ -117,11 +117,7 @@ impl Delivery {
                 stored.state.attempts
             );
             // The last upstream's diagnosis still explains why it never went out.
-            let last_problem = stored
-                .state
-                .last_outcome
-                .as_ref()
-                .and_then(|o| o.problem.clone());
+            let last_problem = stored.state.last_outcome().and_then(|o| o.problem.clone());
             let expired = Outcome {
                 at_ms: now,
                 attempt: stored.state.attempts,
@@ -136,10 +132,11 @@ impl Delivery {
             for &i in &pending {
                 stored.state.recipients[i].status = RcptStatus::Failed;
                 stored.state.recipients[i].reply = Some(reason.clone());
-                stored.state.recipients[i].outcome = Some(expired.clone());
+                stored.state.set_outcome(i, expired.clone());
             }
             stored.state.last_error = Some(reason);
-            stored.state.last_outcome = Some(expired);
+            stored.state.set_last_outcome(expired.clone());
+            stored.state.push_history(expired);
             self.finish(stored).await;
             return None;
         }
@@ -190,7 +187,8 @@ impl Delivery {
             outcome.attempt = stored.state.attempts;
             let r = &mut stored.state.recipients[i];
             // The reply string stays for files read by an older mailbridge.
-            r.reply = Some(outcome.reply.to_string());
+            let reply = outcome.reply.to_string();
+            r.reply = Some(reply.clone());
             match outcome.verdict {
                 Verdict::Delivered => {
                     r.status = RcptStatus::Delivered;
@@ -198,26 +196,34 @@ impl Delivery {
                 }
                 Verdict::Bounced => {
                     r.status = RcptStatus::Failed;
-                    stored.state.last_error = r.reply.clone();
-                    stored.state.last_outcome = Some(outcome.clone());
+                    stored.state.last_error = Some(reply);
+                    stored.state.set_last_outcome(outcome.clone());
                     failed += 1;
                     last_failed = Some(k);
                 }
                 Verdict::Deferred { .. } | Verdict::Paused { .. } | Verdict::Held { .. } => {
-                    stored.state.last_error = r.reply.clone();
-                    stored.state.last_outcome = Some(outcome.clone());
+                    stored.state.last_error = Some(reply);
+                    stored.state.set_last_outcome(outcome.clone());
                     deferred += 1;
                     last_deferred = Some(k);
                 }
             }
-            r.outcome = Some(outcome);
+            stored.state.set_outcome(i, outcome);
         }
-        let fields =
-            |k: Option<usize>| k.and_then(|k| stored.state.recipients[pending[k]].outcome.clone());
+        let of = |k: Option<usize>| k.and_then(|k| stored.state.outcome_of(pending[k]).cloned());
+        let (failed_o, deferred_o) = (of(last_failed), of(last_deferred));
+        let first_o = pending
+            .first()
+            .and_then(|&i| stored.state.outcome_of(i).cloned());
+        // The attempt's entry in the history: what kept the message (the last deferral,
+        // else the last failure), or what delivered it.
+        if let Some(o) = deferred_o.clone().or(failed_o.clone()).or(first_o) {
+            stored.state.push_history(o);
+        }
         if delivered > 0 {
             tracing::info!(queue_id = %id, upstream, recipients = delivered, attempt = stored.state.attempts, "delivered");
         }
-        if let Some(o) = fields(last_failed) {
+        if let Some(o) = failed_o {
             tracing::warn!(
                 queue_id = %id,
                 upstream,
@@ -231,7 +237,7 @@ impl Delivery {
                 "delivery failed permanently"
             );
         }
-        if let Some(o) = fields(last_deferred) {
+        if let Some(o) = deferred_o {
             tracing::warn!(
                 queue_id = %id,
                 upstream,
@@ -339,9 +345,10 @@ impl Delivery {
             .recipients
             .iter()
             .zip(&stored.state.recipients)
-            .filter(|(_, r)| r.status == RcptStatus::Failed)
-            .map(|(a, r)| {
-                let outcome = r.outcome.clone().unwrap_or_else(|| {
+            .enumerate()
+            .filter(|(_, (_, r))| r.status == RcptStatus::Failed)
+            .map(|(i, (a, r))| {
+                let outcome = stored.state.outcome_of(i).cloned().unwrap_or_else(|| {
                     // A file written before outcomes were stored: its reply string.
                     Outcome::bounced(UpstreamReply::parse(
                         r.reply.as_deref().unwrap_or("5.0.0 delivery failed"),
@@ -651,10 +658,10 @@ mod tests {
         let rec = spool.recover().unwrap();
         assert_eq!(rec.queued.len(), 1);
         let st = spool.load(&id).unwrap().state;
-        let a = st.recipients[0].outcome.clone().expect("a@x outcome");
+        let a = st.outcome_of(0).cloned().expect("a@x outcome");
         assert_eq!(a.verdict, Verdict::Delivered);
         assert_eq!(a.reply.code, Some(250));
-        let b = st.recipients[1].outcome.clone().expect("b@x outcome");
+        let b = st.outcome_of(1).cloned().expect("b@x outcome");
         assert_eq!(b.verdict, Verdict::Paused { until_ms: next });
         assert_eq!(b.step, Some(crate::outcome::Step::Auth));
         assert_eq!(b.reply.code, Some(535));
@@ -664,7 +671,8 @@ mod tests {
         assert_eq!(b.upstream, "scripted");
         assert_eq!(b.attempt, 1);
         assert!(b.at_ms > 0);
-        assert_eq!(st.last_outcome, Some(b));
+        assert_eq!(st.last_outcome(), Some(&b));
+        assert_eq!(st.history().collect::<Vec<_>>(), vec![&b]);
         // The reply strings stay for older readers.
         assert_eq!(
             st.recipients[1].reply.as_deref(),

@@ -203,7 +203,7 @@ async fn spool_written_before_typed_outcomes_still_delivers() {
     let failed = std::fs::read(root.join(format!("failed/{FAILED}.state"))).unwrap();
     let failed = mailbridge::spool::format::decode_state(&failed, 1).unwrap();
     assert_eq!(failed.recipients[0].status, RcptStatus::Failed);
-    assert!(failed.recipients[0].outcome.is_none());
+    assert!(failed.outcome_of(0).is_none());
 
     let outbox = dir.path().join("outbox");
     std::fs::create_dir_all(&outbox).unwrap();

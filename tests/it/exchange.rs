@@ -1424,7 +1424,7 @@ fn stored_outcomes(dir: &Path, rcpt: &str) -> Vec<mailbridge::outcome::Outcome> 
             continue;
         };
         if let Ok(st) = mailbridge::spool::format::decode_state(&st, env.recipients.len())
-            && let Some(o) = st.recipients[i].outcome.clone()
+            && let Some(o) = st.outcome_of(i).cloned()
         {
             out.push(o);
         }
