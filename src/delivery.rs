@@ -11,9 +11,10 @@
 use std::sync::{Arc, OnceLock};
 
 use crate::config::QueueConfig;
+use crate::outcome::{Diagnosis, Outcome, UpstreamReply, Verdict};
 use crate::scheduler::SchedulerHandle;
 use crate::spool::{Envelope, RcptStatus, Recipient, Spool, SpoolError, Stored, new_id, now_ms};
-use crate::upstream::{Attempt, RcptOutcome, Upstream};
+use crate::upstream::{Attempt, Upstream};
 
 /// Picks the upstream (index) for a message: routes, the user's upstream, else the first.
 pub type Router = Arc<dyn Fn(&Envelope) -> usize + Send + Sync>;
@@ -115,11 +116,27 @@ impl Delivery {
                 humantime::format_duration(std::time::Duration::from_secs(age_ms / 1000)),
                 stored.state.attempts
             );
+            // The last upstream's diagnosis still explains why it never went out.
+            let last_problem = stored.state.last_outcome().and_then(|o| o.problem.clone());
+            let expired = Outcome {
+                at_ms: now,
+                attempt: stored.state.attempts,
+                ..Outcome::bounced(UpstreamReply::parse(&reason)).with_problem(Some(
+                    last_problem.unwrap_or_else(|| Diagnosis {
+                        key: "expired".into(),
+                        meaning: "the message could not be delivered within queue.max_age".into(),
+                        remedy: "see the relay's log for the queue ID; raise queue.max_age only if the upstream is down for longer on purpose".into(),
+                    }),
+                ))
+            };
             for &i in &pending {
                 stored.state.recipients[i].status = RcptStatus::Failed;
                 stored.state.recipients[i].reply = Some(reason.clone());
+                stored.state.set_outcome(i, expired.clone());
             }
             stored.state.last_error = Some(reason);
+            stored.state.set_last_outcome(expired.clone());
+            stored.state.push_history(expired);
             self.finish(stored).await;
             return None;
         }
@@ -156,45 +173,82 @@ impl Delivery {
         };
         stored.state.next_attempt_ms = next;
 
+        let upstream = upstream.name();
+        let ended = now_ms();
         let (mut delivered, mut failed, mut deferred) = (0, 0, 0);
+        let (mut last_failed, mut last_deferred) = (None, None);
         for (k, &i) in pending.iter().enumerate() {
-            let outcome = outcomes.get(k).cloned().unwrap_or_else(|| {
-                RcptOutcome::Deferred("upstream returned no result for this recipient".into())
+            let mut outcome = outcomes.get(k).cloned().unwrap_or_else(|| {
+                Outcome::deferred("upstream returned no result for this recipient".into())
             });
+            outcome.verdict = outcome.verdict.until(next);
+            outcome.upstream = upstream.to_string();
+            outcome.at_ms = ended;
+            outcome.attempt = stored.state.attempts;
             let r = &mut stored.state.recipients[i];
-            match outcome {
-                RcptOutcome::Delivered(reply) => {
+            // The reply string stays for files read by an older mailbridge.
+            let reply = outcome.reply.to_string();
+            r.reply = Some(reply.clone());
+            match outcome.verdict {
+                Verdict::Delivered => {
                     r.status = RcptStatus::Delivered;
-                    r.reply = Some(reply);
                     delivered += 1;
                 }
-                RcptOutcome::Failed(reply) => {
+                Verdict::Bounced => {
                     r.status = RcptStatus::Failed;
-                    r.reply = Some(reply.clone());
                     stored.state.last_error = Some(reply);
+                    stored.state.set_last_outcome(outcome.clone());
                     failed += 1;
+                    last_failed = Some(k);
                 }
-                RcptOutcome::Deferred(reply) => {
-                    r.reply = Some(reply.clone());
+                Verdict::Deferred { .. } | Verdict::Paused { .. } | Verdict::Held { .. } => {
                     stored.state.last_error = Some(reply);
+                    stored.state.set_last_outcome(outcome.clone());
                     deferred += 1;
+                    last_deferred = Some(k);
                 }
             }
+            stored.state.set_outcome(i, outcome);
         }
-        let upstream = upstream.name();
+        let of = |k: Option<usize>| k.and_then(|k| stored.state.outcome_of(pending[k]).cloned());
+        let (failed_o, deferred_o) = (of(last_failed), of(last_deferred));
+        let first_o = pending
+            .first()
+            .and_then(|&i| stored.state.outcome_of(i).cloned());
+        // The attempt's entry in the history: what kept the message (the last deferral,
+        // else the last failure), or what delivered it.
+        if let Some(o) = deferred_o.clone().or(failed_o.clone()).or(first_o) {
+            stored.state.push_history(o);
+        }
         if delivered > 0 {
             tracing::info!(queue_id = %id, upstream, recipients = delivered, attempt = stored.state.attempts, "delivered");
         }
-        if failed > 0 {
-            tracing::warn!(queue_id = %id, upstream, recipients = failed, error = stored.state.last_error.as_deref().unwrap_or(""), "delivery failed permanently");
+        if let Some(o) = failed_o {
+            tracing::warn!(
+                queue_id = %id,
+                upstream,
+                recipients = failed,
+                verdict = o.verdict.name(),
+                step = o.step.map(|s| s.name()),
+                code = o.reply.code,
+                enhanced = o.reply.enhanced.as_deref(),
+                problem = o.problem_key(),
+                error = stored.state.last_error.as_deref().unwrap_or(""),
+                "delivery failed permanently"
+            );
         }
-        if deferred > 0 {
+        if let Some(o) = deferred_o {
             tracing::warn!(
                 queue_id = %id,
                 upstream,
                 recipients = deferred,
                 attempt = stored.state.attempts,
                 retry_in = %humantime::format_duration(std::time::Duration::from_secs(next.saturating_sub(now_ms()) / 1000)),
+                verdict = o.verdict.name(),
+                step = o.step.map(|s| s.name()),
+                code = o.reply.code,
+                enhanced = o.reply.enhanced.as_deref(),
+                problem = o.problem_key(),
                 error = stored.state.last_error.as_deref().unwrap_or(""),
                 "delivery deferred"
             );
@@ -287,22 +341,32 @@ impl Delivery {
             .sender_address()
             .map(str::to_string)
             .unwrap_or_else(|| format!("MAILER-DAEMON@{}", self.hostname));
-        let recipients: Vec<crate::dsn::DsnRecipient> = env
+        let recipients: Vec<(crate::dsn::DsnRecipient, Option<Diagnosis>)> = env
             .recipients
             .iter()
             .zip(&stored.state.recipients)
-            .filter(|(_, r)| r.status == RcptStatus::Failed)
-            .map(|(a, r)| crate::dsn::DsnRecipient {
-                address: a.address.clone(),
-                action: crate::dsn::Action::Failed,
-                reply: r
-                    .reply
-                    .clone()
-                    .unwrap_or_else(|| "5.0.0 delivery failed".into()),
-                remote_mta: None,
+            .enumerate()
+            .filter(|(_, (_, r))| r.status == RcptStatus::Failed)
+            .map(|(i, (a, r))| {
+                let outcome = stored.state.outcome_of(i).cloned().unwrap_or_else(|| {
+                    // A file written before outcomes were stored: its reply string.
+                    Outcome::bounced(UpstreamReply::parse(
+                        r.reply.as_deref().unwrap_or("5.0.0 delivery failed"),
+                    ))
+                });
+                (
+                    crate::dsn::DsnRecipient {
+                        address: a.address.clone(),
+                        action: crate::dsn::Action::Failed,
+                        reply: outcome.reply.clone(),
+                        remote_mta: None,
+                    },
+                    outcome.problem,
+                )
             })
             .collect();
-        let explanation = explain(&recipients, upstream.sender_address());
+        let explanation = explain(recipients.iter().filter_map(|(_, p)| p.as_ref()));
+        let recipients = recipients.into_iter().map(|(r, _)| r).collect();
         let spool = self.spool.clone();
         let owned = stored.clone();
         let headers = tokio::task::spawn_blocking(move || {
@@ -408,31 +472,16 @@ impl Delivery {
     }
 }
 
-/// The human part of a DSN: what happened and, when the reply is one we know, the remedy.
-fn explain(recipients: &[crate::dsn::DsnRecipient], mailbox: Option<&str>) -> String {
-    use crate::upstream::exchange::classify::{Step, Verdict, classify};
-    let mut text = String::new();
-    for r in recipients {
-        // The reply is text from the upstream: split only where it is ASCII digits.
-        let (code, rest) = match r.reply.get(..3) {
-            Some(code) if code.bytes().all(|b| b.is_ascii_digit()) => (code, &r.reply[3..]),
-            _ => continue,
-        };
-        if let Ok(code) = code.parse::<u16>()
-            && let Verdict::Fail { problem: Some(p) } = classify(Step::Dot, code, rest.trim(), true)
-        {
-            text.push_str(&format!(
-                "Cause: {}.\nFor the mail administrator: {}\n",
-                p.meaning(),
-                p.remedy(
-                    mailbox.unwrap_or("<the relay mailbox>"),
-                    "<the app's client id>"
-                )
-            ));
-            break;
-        }
+/// The human part of a DSN: the cause and remedy of the first diagnosed problem, as the
+/// upstream that produced the outcome diagnosed it (the generic code knows no phrases).
+fn explain<'a>(mut problems: impl Iterator<Item = &'a Diagnosis>) -> String {
+    match problems.next() {
+        Some(p) => format!(
+            "Cause: {}.\nFor the mail administrator: {}\n",
+            p.meaning, p.remedy
+        ),
+        None => String::new(),
     }
-    text
 }
 
 #[cfg(test)]
@@ -440,6 +489,7 @@ mod tests {
     use super::*;
     use crate::scheduler::Scheduler;
     use crate::spool::{Envelope, Recipient, new_id};
+    use crate::upstream::RcptOutcome;
     use crate::upstream::{BoxFuture, Upstream};
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -496,7 +546,7 @@ mod tests {
                 // The script applies to messages for a@x; everything else is delivered.
                 let scripted = attempt.stored.envelope.recipients[0].address == "a@x";
                 if s.is_empty() || !scripted {
-                    vec![RcptOutcome::Delivered("250 ok".into()); attempt.recipients.len()].into()
+                    vec![RcptOutcome::delivered("250 ok".into()); attempt.recipients.len()].into()
                 } else {
                     s.remove(0).into()
                 }
@@ -547,9 +597,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
         let up = Scripted::new(vec![vec![
-            RcptOutcome::Delivered("250 ok".into()),
-            RcptOutcome::Failed("550 5.1.1 no such user".into()),
-            RcptOutcome::Deferred("451 4.3.0 try later".into()),
+            RcptOutcome::delivered("250 ok".into()),
+            RcptOutcome::bounced("550 5.1.1 no such user".into()),
+            RcptOutcome::deferred("451 4.3.0 try later".into()),
         ]]);
         let d = Delivery::new(
             spool.clone(),
@@ -571,6 +621,63 @@ mod tests {
         assert_eq!(calls[1].1, vec![2]);
         assert_eq!(files(dir.path(), "queue"), 0);
         assert_eq!(files(dir.path(), "failed"), 2);
+    }
+
+    /// The typed outcome of an attempt is journalled with the message and read back after
+    /// a restart (a new Spool on the same directory): verdict with its due time, step,
+    /// reply fields, problem, upstream and attempt number.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn stored_outcome_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let problem = Diagnosis {
+            key: "smtp_auth_disabled".into(),
+            meaning: "SMTP AUTH is not enabled for this mailbox".into(),
+            remedy: "Set-CASMailbox -SmtpClientAuthenticationDisabled $false".into(),
+        };
+        let (id, next) = {
+            let spool = Spool::open(dir.path()).unwrap();
+            let up = Scripted::new(vec![vec![
+                RcptOutcome::delivered("250 2.0.0 OK".into()).at(crate::outcome::Step::Dot),
+                RcptOutcome::new(
+                    Verdict::Paused { until_ms: 0 },
+                    "535 5.7.139 Authentication unsuccessful".into(),
+                )
+                .at(crate::outcome::Step::Auth)
+                .with_problem(Some(problem.clone())),
+            ]]);
+            let d = Delivery::new(
+                spool.clone(),
+                up,
+                queue_cfg(&[60], Duration::from_secs(3600), 1),
+            );
+            let q = enqueue(&spool, &["a@x", "b@x"], now_ms()).await;
+            let next = d.attempt(&q.id).await.expect("b@x stays queued");
+            (q.id, next)
+        };
+        let spool = Spool::open(dir.path()).unwrap();
+        let rec = spool.recover().unwrap();
+        assert_eq!(rec.queued.len(), 1);
+        let st = spool.load(&id).unwrap().state;
+        let a = st.outcome_of(0).cloned().expect("a@x outcome");
+        assert_eq!(a.verdict, Verdict::Delivered);
+        assert_eq!(a.reply.code, Some(250));
+        let b = st.outcome_of(1).cloned().expect("b@x outcome");
+        assert_eq!(b.verdict, Verdict::Paused { until_ms: next });
+        assert_eq!(b.step, Some(crate::outcome::Step::Auth));
+        assert_eq!(b.reply.code, Some(535));
+        assert_eq!(b.reply.enhanced.as_deref(), Some("5.7.139"));
+        assert_eq!(b.reply.text, "Authentication unsuccessful");
+        assert_eq!(b.problem, Some(problem));
+        assert_eq!(b.upstream, "scripted");
+        assert_eq!(b.attempt, 1);
+        assert!(b.at_ms > 0);
+        assert_eq!(st.last_outcome(), Some(&b));
+        assert_eq!(st.history().collect::<Vec<_>>(), vec![&b]);
+        // The reply strings stay for older readers.
+        assert_eq!(
+            st.recipients[1].reply.as_deref(),
+            Some("535 5.7.139 Authentication unsuccessful")
+        );
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -612,9 +719,20 @@ mod tests {
         let spool = Spool::open(dir.path()).unwrap();
         // Every attempt for a@x fails permanently; everything else is delivered.
         let up = Scripted::new(vec![
-            vec![RcptOutcome::Failed(
-                "550 5.7.60 SMTP; Client does not have permissions to send as this sender".into()
-            )];
+            vec![
+                RcptOutcome::bounced(
+                    "550 5.7.60 SMTP; Client does not have permissions to send as this sender"
+                        .into()
+                )
+                .at(crate::outcome::Step::Dot)
+                .with_problem(Some(Diagnosis {
+                    key: "send_as_denied".into(),
+                    meaning: "the mailbox may not send as this message's sender".into(),
+                    remedy:
+                        "`Add-RecipientPermission -Identity <sender address> -AccessRights SendAs`"
+                            .into(),
+                }))
+            ];
             3
         ]);
         let mut q = queue_cfg(&[60], Duration::from_secs(3600), 1);
@@ -711,16 +829,22 @@ mod tests {
     }
 
     #[test]
-    fn any_reply_text_can_be_explained_without_a_panic() {
-        for reply in ["", "5", "0 é", "5é0 x", "€€€", "550", "550 5.7.60 x"] {
-            let r = crate::dsn::DsnRecipient {
-                address: "a@x".into(),
-                action: crate::dsn::Action::Failed,
-                reply: reply.into(),
-                remote_mta: None,
-            };
-            let _ = explain(&[r], Some("relay@contoso.com"));
+    fn any_reply_text_can_be_parsed_without_a_panic() {
+        for reply in [
+            "",
+            "5",
+            "0 é",
+            "5é0 x",
+            "€€€",
+            "550",
+            "550 5.7.60 x",
+            "550-é\n550 é",
+        ] {
+            let r = UpstreamReply::parse(reply);
+            let _ = crate::dsn::status_code(&r, crate::dsn::Action::Failed);
+            let _ = r.to_string();
         }
+        assert_eq!(explain(std::iter::empty()), "");
     }
 
     /// An upstream with a bug: the first `panics` attempts panic, later ones deliver.
@@ -741,7 +865,7 @@ mod tests {
                     self.panics.store(left - 1, Ordering::SeqCst);
                     panic!("injected upstream panic (test)");
                 }
-                vec![RcptOutcome::Delivered("250 ok".into()); attempt.recipients.len()].into()
+                vec![RcptOutcome::delivered("250 ok".into()); attempt.recipients.len()].into()
             })
         }
     }
@@ -792,7 +916,7 @@ mod tests {
     async fn scheduler_follows_retry_intervals_and_worker_limit() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
-        let deferred = |n: usize| vec![RcptOutcome::Deferred("421 4.3.0 busy".into()); n];
+        let deferred = |n: usize| vec![RcptOutcome::deferred("421 4.3.0 busy".into()); n];
         // Message 1 is deferred twice, then delivered.
         let up = Arc::new(Scripted {
             hold: Duration::from_millis(500),

@@ -2,7 +2,8 @@
 //! its mail failed or is delayed.
 //!
 //! Pure code: [`build`] turns a [`Dsn`] into the bytes of a complete message (CRLF line endings,
-//! no line over 998 octets), [`status_code`] derives the RFC 3463 status from a reply, and
+//! no line over 998 octets), [`status_code`] derives the RFC 3463 status from a typed reply
+//! ([`crate::outcome::UpstreamReply`], parsed once where it was received), and
 //! [`read_header_section`] reads the original message's header section for the third part.
 //!
 //! Everything that comes from outside (addresses, upstream replies, the original headers) is
@@ -13,6 +14,7 @@
 use std::io::{self, Read};
 use std::time::{Duration, UNIX_EPOCH};
 
+use crate::outcome::UpstreamReply;
 use crate::smtp::headers::rfc5322_date;
 
 /// What happened to a recipient (RFC 3464 §2.3.3; `delivered`, `relayed` and `expanded` are never
@@ -39,8 +41,9 @@ pub struct DsnRecipient {
     pub address: String,
     pub action: Action,
     /// The upstream reply (`550 5.7.60 SMTP; Client does not have permissions ...`) or our own
-    /// reason without a reply code (`4.4.7 delivery time expired ...`).
-    pub reply: String,
+    /// reason without a reply code (`4.4.7 delivery time expired ...`), from the recipient's
+    /// typed outcome.
+    pub reply: UpstreamReply,
     /// The upstream host that gave the reply, e.g. `smtp.office365.com`.
     pub remote_mta: Option<String>,
 }
@@ -161,24 +164,10 @@ pub fn build(d: &Dsn) -> Vec<u8> {
 /// `5.0.0`, `451 x` -> `4.0.0`), without either the action's (`failed` -> `5.0.0`, `delayed` ->
 /// `4.0.0`). A delayed recipient is never reported with a permanent (5.x.x) status: its class
 /// becomes 4 (e.g. the `554 5.2.0` quota reply that the relay treats as a deferral).
-pub fn status_code(reply: &str, action: Action) -> String {
-    let reply = join_reply(reply);
-    let s = reply.trim_start();
-    let (class, rest) = match basic_code(s) {
-        Some(code) => (
-            Some(code.as_bytes()[0]),
-            s[3..].trim_start_matches(['-', ' ']),
-        ),
-        None => (None, s),
-    };
-    let enhanced = rest
-        .split_whitespace()
-        .next()
-        .map(|t| t.trim_end_matches([',', ';', ':', '.']))
-        .filter(|t| is_enhanced(t));
-    let code = match (enhanced, class) {
-        (Some(e), _) => e.to_string(),
-        (None, Some(c @ (b'4' | b'5'))) => format!("{}.0.0", c as char),
+pub fn status_code(reply: &UpstreamReply, action: Action) -> String {
+    let code = match (&reply.enhanced, reply.code.map(|c| c / 100)) {
+        (Some(e), _) => e.clone(),
+        (None, Some(c @ (4 | 5))) => format!("{c}.0.0"),
         _ => match action {
             Action::Failed => "5.0.0".to_string(),
             Action::Delayed => "4.0.0".to_string(),
@@ -321,7 +310,7 @@ fn recipient_lines(lines: &mut Vec<String>, recipients: &[&DsnRecipient]) {
     for r in recipients {
         let addr = clean_addr(&r.address);
         lines.push(format!("  <{addr}>"));
-        let reply = clean_text_line(&join_reply(&r.reply)).trim().to_string();
+        let reply = clean_text_line(&r.reply.to_string()).trim().to_string();
         let reply = match &r.remote_mta {
             Some(mta) => format!("{} said: {reply}", clean_line(mta)),
             None => reply,
@@ -353,9 +342,9 @@ fn status_part(d: &Dsn) -> String {
         if let Some(mta) = &r.remote_mta {
             push_field(&mut out, "Remote-MTA", &format!("dns; {}", ascii_only(mta)));
         }
-        let reply = ascii_only(&join_reply(&r.reply));
-        let reply = reply.trim();
-        let diagnostic = if basic_code(reply).is_some() {
+        let text = ascii_only(&r.reply.to_string());
+        let reply = text.trim();
+        let diagnostic = if r.reply.code.is_some() {
             format!("smtp; {reply}")
         } else {
             format!("X-Mailbridge; {reply}")
@@ -418,74 +407,6 @@ fn byte_cut(line: &[u8], room: usize) -> usize {
 
 // ---------------------------------------------------------------------------------------------
 // Values and lines.
-
-/// The 3-digit reply code at the start of `s` (`550 x`, `550-x`, `550`), if any.
-fn basic_code(s: &str) -> Option<&str> {
-    let b = s.as_bytes();
-    if b.len() >= 3
-        && (b'2'..=b'5').contains(&b[0])
-        && b[1].is_ascii_digit()
-        && b[2].is_ascii_digit()
-        && (b.len() == 3 || b[3] == b' ' || b[3] == b'-')
-    {
-        Some(&s[..3])
-    } else {
-        None
-    }
-}
-
-/// `class.subject.detail` with class 2, 4 or 5 and 1-3 digits each (RFC 3463).
-fn is_enhanced(t: &str) -> bool {
-    let mut parts = t.split('.');
-    let (Some(c), Some(s), Some(d), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return false;
-    };
-    let digits = |x: &str| (1..=3).contains(&x.len()) && x.bytes().all(|b| b.is_ascii_digit());
-    matches!(c, "2" | "4" | "5") && digits(s) && digits(d)
-}
-
-/// A possibly multi-line reply on one line: `550-5.7.1 a\r\n550 5.7.1 b` -> `550 5.7.1 a b`.
-/// Continuation lines lose the reply code (and the enhanced code) when it repeats the first
-/// line's; every other control character becomes a space.
-fn join_reply(reply: &str) -> String {
-    let mut lines = split_lines(reply.trim_matches(['\r', '\n'])).into_iter();
-    let Some(first) = lines.next() else {
-        return String::new();
-    };
-    let code = basic_code(first).map(str::to_string);
-    let mut out = match &code {
-        Some(c) => format!("{c} {}", first[3..].trim_start_matches(['-', ' '])),
-        None => first.to_string(),
-    };
-    let enhanced = code.as_ref().and_then(|_| {
-        out[4..]
-            .split_whitespace()
-            .next()
-            .filter(|t| is_enhanced(t))
-            .map(str::to_string)
-    });
-    for line in lines {
-        let mut rest = line;
-        if let Some(c) = &code
-            && basic_code(line) == Some(c.as_str())
-        {
-            rest = line[3..].trim_start_matches(['-', ' ']);
-            if let Some(e) = &enhanced
-                && let Some(after) = rest.strip_prefix(e.as_str())
-                && (after.is_empty() || after.starts_with(' '))
-            {
-                rest = after.trim_start();
-            }
-        }
-        if !rest.trim().is_empty() {
-            out.push(' ');
-            out.push_str(rest.trim());
-        }
-    }
-    clean_line(&out)
-}
 
 /// Lines split at CRLF, LF or a lone CR.
 fn split_lines(s: &str) -> Vec<&str> {
@@ -643,7 +564,7 @@ mod tests {
         DsnRecipient {
             address: addr.to_string(),
             action: Action::Failed,
-            reply: reply.to_string(),
+            reply: reply.into(),
             remote_mta: Some("smtp.office365.com".to_string()),
         }
     }
@@ -792,6 +713,48 @@ mod tests {
         assert!(!status.contains("Will-Retry-Until"));
     }
 
+    /// Status and Diagnostic-Code come from the typed reply's fields, not from re-reading a
+    /// string: an enhanced status the upstream gave, or none.
+    #[test]
+    fn status_fields_come_from_the_typed_reply() {
+        let typed = |code, enhanced: Option<&str>, text: &str| UpstreamReply {
+            code,
+            enhanced: enhanced.map(str::to_string),
+            text: text.to_string(),
+        };
+        let msg = build(&sample(vec![
+            DsnRecipient {
+                address: "a@example.com".into(),
+                action: Action::Failed,
+                reply: typed(Some(554), Some("5.2.252"), "SendAsDenied; not allowed"),
+                remote_mta: None,
+            },
+            DsnRecipient {
+                address: "b@example.com".into(),
+                action: Action::Failed,
+                // Text that looks like a status is not one: the field is empty.
+                reply: typed(Some(550), None, "5.7.60 looks like a status"),
+                remote_mta: None,
+            },
+            DsnRecipient {
+                address: "c@example.com".into(),
+                action: Action::Failed,
+                reply: typed(None, Some("4.4.7"), "delivery time expired"),
+                remote_mta: None,
+            },
+        ]));
+        let s = String::from_utf8(msg).unwrap();
+        let (_, parts) = parse(s.as_bytes());
+        let status = &parts[1].1;
+        for want in [
+            "Status: 5.2.252\r\nDiagnostic-Code: smtp; 554 5.2.252 SendAsDenied; not allowed",
+            "Status: 5.0.0\r\nDiagnostic-Code: smtp; 550 5.7.60 looks like a status",
+            "Status: 4.4.7\r\nDiagnostic-Code: X-Mailbridge; 4.4.7 delivery time expired",
+        ] {
+            assert!(status.contains(want), "{want}: {status}");
+        }
+    }
+
     #[test]
     fn status_codes() {
         use Action::*;
@@ -821,12 +784,17 @@ mod tests {
             ("250 2.0.0 ok", Failed, "2.0.0"),
         ];
         for (reply, action, want) in table {
-            assert_eq!(status_code(reply, action), want, "{reply:?} {action:?}");
+            assert_eq!(
+                status_code(&UpstreamReply::parse(reply), action),
+                want,
+                "{reply:?} {action:?}"
+            );
         }
     }
 
     #[test]
     fn multiline_reply_is_joined() {
+        let join_reply = |s: &str| UpstreamReply::parse(s).to_string();
         assert_eq!(
             join_reply("550-5.7.60 first\r\n550-5.7.60 second\n550 5.7.60 third"),
             "550 5.7.60 first second third"

@@ -20,6 +20,8 @@
 //! - [`spool`]: the only code that touches spool files.
 //! - [`scheduler`]: due times, worker slots.
 //! - [`delivery`]: one attempt: spool → upstream → per-recipient outcomes → spool.
+//! - [`outcome`]: the typed outcome of an attempt (reply, step, verdict, problem), the one
+//!   upstream reply parser and the named upstream reply codes.
 //! - [`upstream`]: the `Upstream` trait and its implementations.
 //! - [`token`]: OAuth client-credentials tokens for Exchange Online (not wired in yet).
 //! - [`secret`]: the redacting type every password, hash and token lives in.
@@ -32,6 +34,7 @@ pub mod delivery;
 pub mod dsn;
 pub mod inbound;
 pub mod logging;
+pub mod outcome;
 pub mod scheduler;
 pub mod secret;
 pub mod smtp;

@@ -19,11 +19,23 @@
 //! (some recipients deferred), and in `failed/` with the final state: per-recipient status and replies, last error.
 //! `MAILBRIDGE-STATE 1 <crc32 of the JSON>\n<JSON>\n`, replaced atomically (write to tmp/,
 //! rename). When it is missing, every recipient is pending.
+//!
+//! The state JSON carries the typed outcomes ([`crate::outcome::Outcome`]: verdict, step,
+//! reply code / enhanced status / text, problem key with meaning and remedy) in one table,
+//! `outcomes`, each distinct outcome once: recipients (`recipients[].outcome`), the last
+//! failure or deferral (`last_outcome`) and the attempt log (`history`, one per attempt, the
+//! last [`HISTORY_MAX`]) refer to it by index. A 500-recipient message paused by one problem
+//! stores its remedy text once, not 500 times. These fields are optional with serde
+//! defaults, so a state file written before they existed (only `reply` and `last_error`
+//! strings) still loads, and the version stays 1: an older mailbridge reading a newer file
+//! ignores the fields it does not know.
 
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
+
+use crate::outcome::Outcome;
 
 pub const QUEUE_MAGIC: &[u8] = b"MAILBRIDGE-QUEUE 1\n";
 pub const TRAILER_TAG: &[u8] = b"\nMAILBRIDGE-END ";
@@ -120,6 +132,11 @@ pub struct RcptState {
     /// The last reply or error for this recipient (upstream text, no secrets).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply: Option<String>,
+    /// The typed outcome of the last attempt for this recipient, as an index into
+    /// [`State::outcomes`] (absent in files written before outcomes were stored, and before
+    /// the first attempt). Read it with [`State::outcome_of`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<usize>,
 }
 
 /// The mutable part of a queue entry.
@@ -134,6 +151,17 @@ pub struct State {
     pub in_flight: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The distinct typed outcomes the fields below refer to (see the module comment).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outcomes: Vec<Outcome>,
+    /// The outcome behind `last_error` (the last failure or deferral of any recipient), an
+    /// index into `outcomes`. Read it with [`State::last_outcome`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_outcome: Option<usize>,
+    /// One outcome per attempt, oldest first, the last [`HISTORY_MAX`]: indices into
+    /// `outcomes`. Read it with [`State::history`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<usize>,
     pub recipients: Vec<RcptState>,
 }
 
@@ -144,15 +172,111 @@ impl State {
             next_attempt_ms: envelope.arrival_ms,
             in_flight: false,
             last_error: None,
+            outcomes: Vec::new(),
+            last_outcome: None,
+            history: Vec::new(),
             recipients: envelope
                 .recipients
                 .iter()
                 .map(|_| RcptState {
                     status: RcptStatus::Pending,
                     reply: None,
+                    outcome: None,
                 })
                 .collect(),
         }
+    }
+
+    /// Recipient `i`'s outcome of its last attempt.
+    pub fn outcome_of(&self, i: usize) -> Option<&Outcome> {
+        self.recipients
+            .get(i)?
+            .outcome
+            .and_then(|k| self.outcomes.get(k))
+    }
+
+    /// The last failure or deferral of any recipient.
+    pub fn last_outcome(&self) -> Option<&Outcome> {
+        self.last_outcome.and_then(|k| self.outcomes.get(k))
+    }
+
+    /// One outcome per attempt, oldest first (at most [`HISTORY_MAX`]).
+    pub fn history(&self) -> impl Iterator<Item = &Outcome> + '_ {
+        self.history.iter().filter_map(|&k| self.outcomes.get(k))
+    }
+
+    /// The table index of `o`, adding it if no equal outcome is there yet.
+    fn intern(&mut self, o: Outcome) -> usize {
+        match self.outcomes.iter().position(|x| *x == o) {
+            Some(k) => k,
+            None => {
+                self.outcomes.push(o);
+                self.outcomes.len() - 1
+            }
+        }
+    }
+
+    /// Records recipient `i`'s outcome.
+    pub fn set_outcome(&mut self, i: usize, o: Outcome) {
+        let k = self.intern(o);
+        if let Some(r) = self.recipients.get_mut(i) {
+            r.outcome = Some(k);
+        }
+        self.compact();
+    }
+
+    /// Records the outcome behind `last_error`.
+    pub fn set_last_outcome(&mut self, o: Outcome) {
+        self.last_outcome = Some(self.intern(o));
+        self.compact();
+    }
+
+    /// Appends an attempt's outcome to the history (the oldest beyond [`HISTORY_MAX`] go).
+    pub fn push_history(&mut self, o: Outcome) {
+        let k = self.intern(o);
+        self.history.push(k);
+        if self.history.len() > HISTORY_MAX {
+            let drop = self.history.len() - HISTORY_MAX;
+            self.history.drain(..drop);
+        }
+        self.compact();
+    }
+
+    /// Drops table entries nothing refers to and renumbers the references; an index out of
+    /// range (a file edited by hand) is dropped rather than failing the whole state.
+    fn compact(&mut self) {
+        let n = self.outcomes.len();
+        let mut used = vec![false; n];
+        let refs = self
+            .recipients
+            .iter()
+            .filter_map(|r| r.outcome)
+            .chain(self.last_outcome)
+            .chain(self.history.iter().copied());
+        for k in refs {
+            if k < n {
+                used[k] = true;
+            }
+        }
+        let mut map = vec![None; n];
+        let mut next = 0;
+        for (k, u) in used.iter().enumerate() {
+            if *u {
+                map[k] = Some(next);
+                next += 1;
+            }
+        }
+        let remap = |k: usize| map.get(k).copied().flatten();
+        for r in &mut self.recipients {
+            r.outcome = r.outcome.and_then(remap);
+        }
+        self.last_outcome = self.last_outcome.and_then(remap);
+        self.history = self.history.iter().filter_map(|&k| remap(k)).collect();
+        let mut k = 0;
+        self.outcomes.retain(|_| {
+            k += 1;
+            used[k - 1]
+        });
     }
 
     pub fn pending(&self) -> impl Iterator<Item = usize> + '_ {
@@ -163,6 +287,9 @@ impl State {
             .map(|(i, _)| i)
     }
 }
+
+/// How many attempts the state journal's history keeps.
+pub const HISTORY_MAX: usize = 20;
 
 /// The bytes that start a queue file, and the checksum state over them (the slot is not
 /// covered: it changes).
@@ -329,10 +456,12 @@ pub fn decode_state(bytes: &[u8], recipients: usize) -> Result<State, String> {
     if crc32fast::hash(json.as_bytes()) != crc {
         return Err("checksum mismatch".into());
     }
-    let state: State = serde_json::from_str(json).map_err(|e| format!("bad state: {e}"))?;
+    let mut state: State = serde_json::from_str(json).map_err(|e| format!("bad state: {e}"))?;
     if state.recipients.len() != recipients {
         return Err("recipient count does not match the envelope".into());
     }
+    // Outcomes are diagnostics: a bad reference loses that outcome, never the message.
+    state.compact();
     Ok(state)
 }
 
@@ -416,5 +545,99 @@ mod tests {
         assert_eq!(decode_state(&b, 1).unwrap(), s);
         assert!(decode_state(&b[..b.len() - 2], 1).is_err());
         assert!(decode_state(&b, 2).is_err());
+    }
+
+    /// A state file as the format wrote it before typed outcomes (the bytes of
+    /// tests/support/spool-v1): it loads, with no outcomes, and its replies intact.
+    #[test]
+    fn state_without_outcomes_still_loads() {
+        let old = include_bytes!(
+            "../../tests/support/spool-v1/queue/01a234389637766eb09d6a34932d1931.state"
+        );
+        let st = decode_state(old, 3).unwrap();
+        assert_eq!(st.attempts, 1);
+        assert_eq!(st.last_error.as_deref(), Some("451 4.3.0 try later"));
+        assert_eq!(st.last_outcome(), None);
+        assert_eq!(st.history().count(), 0);
+        assert_eq!(st.recipients[0].status, RcptStatus::Delivered);
+        assert_eq!(st.recipients[1].status, RcptStatus::Pending);
+        assert_eq!(
+            st.recipients[1].reply.as_deref(),
+            Some("451 4.3.0 try later")
+        );
+        assert!((0..3).all(|i| st.outcome_of(i).is_none()));
+        assert_eq!(st.pending().collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    #[test]
+    fn state_with_outcomes_round_trips() {
+        use crate::outcome::{Diagnosis, Outcome, Step, Verdict};
+        let mut s = State::initial(&env());
+        let o = Outcome {
+            verdict: Verdict::Paused {
+                until_ms: 1_795_000_000_000,
+            },
+            upstream: "m365".into(),
+            at_ms: 1_794_999_999_000,
+            attempt: 2,
+            ..Outcome::deferred("535 5.7.139 Authentication unsuccessful".into())
+                .at(Step::Auth)
+                .with_problem(Some(Diagnosis {
+                    key: "smtp_auth_disabled".into(),
+                    meaning: "SMTP AUTH is off".into(),
+                    remedy: "Set-CASMailbox".into(),
+                }))
+        };
+        s.set_outcome(0, o.clone());
+        s.set_last_outcome(o.clone());
+        s.push_history(o.clone());
+        let b = encode_state(&s);
+        let back = decode_state(&b, 1).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(back.outcome_of(0), Some(&o));
+        assert_eq!(back.last_outcome(), Some(&o));
+        assert_eq!(back.history().collect::<Vec<_>>(), vec![&o]);
+        // Stored once, referred to three times.
+        assert_eq!(back.outcomes.len(), 1);
+    }
+
+    /// Many recipients with the same outcome store it once; replaced outcomes leave the
+    /// table; the history is bounded; a dangling index (hand-edited file) is dropped.
+    #[test]
+    fn outcome_table_is_shared_compact_and_bounded() {
+        use crate::outcome::Outcome;
+        let mut e = env();
+        e.recipients = (0..500)
+            .map(|i| Recipient {
+                address: format!("r{i}@x"),
+            })
+            .collect();
+        let mut s = State::initial(&e);
+        let paused = Outcome::deferred("535 5.7.139 x".into());
+        for i in 0..500 {
+            s.set_outcome(i, paused.clone());
+        }
+        assert_eq!(s.outcomes.len(), 1);
+        let delivered = Outcome::delivered("250 ok".into());
+        for i in 0..500 {
+            s.set_outcome(i, delivered.clone());
+        }
+        assert_eq!(s.outcomes, vec![delivered.clone()]);
+        for n in 0..(HISTORY_MAX as u32 + 5) {
+            s.push_history(Outcome {
+                attempt: n,
+                ..paused.clone()
+            });
+        }
+        let h: Vec<u32> = s.history().map(|o| o.attempt).collect();
+        assert_eq!(h, (5..HISTORY_MAX as u32 + 5).collect::<Vec<_>>());
+        assert_eq!(s.outcomes.len(), HISTORY_MAX + 1);
+        let mut bad = State::initial(&env());
+        bad.outcomes.push(delivered.clone());
+        bad.recipients[0].outcome = Some(7);
+        bad.last_outcome = Some(0);
+        let back = decode_state(&encode_state(&bad), 1).unwrap();
+        assert_eq!(back.outcome_of(0), None);
+        assert_eq!(back.last_outcome(), Some(&delivered));
     }
 }

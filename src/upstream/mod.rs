@@ -13,16 +13,10 @@ use std::sync::Arc;
 
 use crate::spool::{Spool, Stored};
 
-/// What happened to one recipient in one attempt.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RcptOutcome {
-    /// Accepted by the upstream; the text is its reply.
-    Delivered(String),
-    /// Try again later (4xx, connection or local errors).
-    Deferred(String),
-    /// Permanent failure (5xx): the recipient will not be retried.
-    Failed(String),
-}
+/// What happened to one recipient in one attempt: the typed outcome (reply, step, verdict,
+/// problem). An upstream sets the verdict and leaves due times, upstream name and attempt
+/// number to the delivery worker.
+pub use crate::outcome::Outcome as RcptOutcome;
 
 /// One delivery attempt's input: the stored message and which recipients are still pending.
 #[derive(Clone)]

@@ -77,12 +77,15 @@ impl Upstream for Outbox {
                 .await
                 .unwrap_or_else(|e| Err(io::Error::other(e)));
             let outcome = match res {
-                Ok(dest) => RcptOutcome::Delivered(format!("written to {}", dest.display())),
-                Err(e) => RcptOutcome::Deferred(format!(
-                    "outbox {}: cannot write to {}: {e}",
-                    self.name,
-                    self.path.display()
-                )),
+                Ok(dest) => RcptOutcome::delivered(format!("written to {}", dest.display()).into()),
+                Err(e) => RcptOutcome::deferred(
+                    format!(
+                        "outbox {}: cannot write to {}: {e}",
+                        self.name,
+                        self.path.display()
+                    )
+                    .into(),
+                ),
             };
             vec![outcome; n].into()
         })

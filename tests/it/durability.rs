@@ -149,3 +149,90 @@ fn sync_rename_and_dir_fsync_precede_250_a1() {
         "250 sent before the spool was durable:\n{text}"
     );
 }
+
+/// Copies the spool written by the format before typed outcomes (tests/support/spool-v1:
+/// a queued message with a state journal of replies only, and a failed/ entry) into `dst`.
+fn old_spool(dst: &std::path::Path) {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/spool-v1");
+    for sub in ["queue", "failed"] {
+        std::fs::create_dir_all(dst.join(sub)).unwrap();
+        for e in std::fs::read_dir(src.join(sub)).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), dst.join(sub).join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// Principle 1 across an upgrade: a spool written by the previous format loads in place,
+/// keeps its per-recipient journal (the delivered recipient is not sent again) and delivers
+/// the rest.
+#[tokio::test(flavor = "multi_thread")]
+async fn spool_written_before_typed_outcomes_still_delivers() {
+    use mailbridge::config::QueueConfig;
+    use mailbridge::delivery::Delivery;
+    use mailbridge::spool::{RcptStatus, Spool};
+    use mailbridge::upstream::outbox::Outbox;
+    use std::sync::Arc;
+
+    const QUEUED: &str = "01a234389637766eb09d6a34932d1931";
+    const FAILED: &str = "01a23438963f779fa3f3754f8cc19824";
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("spool");
+    old_spool(&root);
+    let spool = Spool::open(&root).unwrap();
+    let rec = spool.recover().unwrap();
+    assert_eq!(rec.corrupt, 0, "nothing of the old spool is set aside");
+    assert_eq!(rec.queued.len(), 1);
+    assert_eq!(rec.queued[0].id, QUEUED);
+    let stored = spool.load(QUEUED).unwrap();
+    assert_eq!(stored.state.attempts, 1);
+    assert_eq!(
+        stored
+            .state
+            .recipients
+            .iter()
+            .map(|r| r.status)
+            .collect::<Vec<_>>(),
+        vec![
+            RcptStatus::Delivered,
+            RcptStatus::Pending,
+            RcptStatus::Pending
+        ]
+    );
+    // The failed/ entry's journal still reads.
+    let failed = std::fs::read(root.join(format!("failed/{FAILED}.state"))).unwrap();
+    let failed = mailbridge::spool::format::decode_state(&failed, 1).unwrap();
+    assert_eq!(failed.recipients[0].status, RcptStatus::Failed);
+    assert!(failed.outcome_of(0).is_none());
+
+    let outbox = dir.path().join("outbox");
+    std::fs::create_dir_all(&outbox).unwrap();
+    let up = Arc::new(Outbox::new("o", &outbox).unwrap());
+    let d = Delivery::new(
+        spool.clone(),
+        up,
+        QueueConfig {
+            retry: vec![Duration::from_secs(60)],
+            max_age: Duration::from_secs(10 * 365 * 86400),
+            workers: 1,
+            bounce: false,
+            postmaster: None,
+        },
+    );
+    assert_eq!(d.attempt(QUEUED).await, None, "delivered and removed");
+    assert!(!root.join(format!("queue/{QUEUED}.msg")).exists());
+    let files: Vec<_> = std::fs::read_dir(&outbox)
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    let all = files.concat();
+    assert!(all.contains("Subject: scan 10:42"), "{all}");
+    assert!(
+        all.contains("b@example.com") && all.contains("c@example.com"),
+        "{all}"
+    );
+    assert!(
+        !all.contains("a@example.com"),
+        "the recipient journalled as delivered is not sent again: {all}"
+    );
+}

@@ -1400,3 +1400,112 @@ async fn a_token_endpoint_claiming_an_endless_lifetime_panics_nothing() {
         relay.transcript()
     );
 }
+
+/// The typed outcomes (`recipients[].outcome` in `<dir>/<id>.state`) of the message to `rcpt`.
+fn stored_outcomes(dir: &Path, rcpt: &str) -> Vec<mailbridge::outcome::Outcome> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in entries.filter_map(Result::ok) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(id) = name.strip_suffix(".msg") else {
+            continue;
+        };
+        let Ok(msg) = std::fs::read(e.path()) else {
+            continue;
+        };
+        let Ok((env, _)) = mailbridge::spool::format::decode_queue_file(&msg) else {
+            continue;
+        };
+        let Some(i) = env.recipients.iter().position(|r| r.address == rcpt) else {
+            continue;
+        };
+        let Ok(st) = std::fs::read(dir.join(format!("{id}.state"))) else {
+            continue;
+        };
+        if let Ok(st) = mailbridge::spool::format::decode_state(&st, env.recipients.len())
+            && let Some(o) = st.outcome_of(i).cloned()
+        {
+            out.push(o);
+        }
+    }
+    out
+}
+
+/// What the Exchange classifier decided is stored, typed, with the message: a pause at AUTH
+/// (5.7.139) and a bounce after the dot (5.7.60), each with its step, reply fields and the
+/// problem's key, meaning and remedy for this mailbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_classified_outcome_is_stored_with_the_message() {
+    use mailbridge::outcome::{Step, Verdict};
+    let s = Setup::new(Duration::from_secs(3600)).await;
+    s.ex.add_rule(Rule::reply(
+        Stage::Auth,
+        "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant.",
+    ));
+    let relay = s.relay(&limits(3, 6000), "").start();
+    send_scan(&relay, "t").await;
+    let mut found = Vec::new();
+    assert!(
+        wait_until(LONG, || {
+            found = stored_outcomes(&relay.queue_dir(), "a@fabrikam.com");
+            !found.is_empty()
+        })
+        .await,
+        "{}",
+        relay.transcript()
+    );
+    let o = &found[0];
+    assert!(
+        matches!(o.verdict, Verdict::Paused { until_ms } if until_ms > 0),
+        "{o:?}"
+    );
+    assert_eq!(o.step, Some(Step::Auth));
+    assert_eq!(o.reply.code, Some(535));
+    assert_eq!(o.reply.enhanced.as_deref(), Some("5.7.139"));
+    assert!(
+        o.reply.text.starts_with("Authentication unsuccessful"),
+        "{o:?}"
+    );
+    let p = o.problem.as_ref().expect("diagnosed");
+    assert_eq!(p.key, "smtp_auth_disabled");
+    assert!(p.meaning.contains("SMTP AUTH"), "{p:?}");
+    assert!(
+        p.remedy.contains(
+            "Set-CASMailbox -Identity relay@contoso.com -SmtpClientAuthenticationDisabled $false"
+        ),
+        "{p:?}"
+    );
+    assert_eq!(o.upstream, "contoso");
+    assert!(o.attempt >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounce_is_stored_with_its_step_and_problem_in_failed() {
+    use mailbridge::outcome::{Step, Verdict};
+    let s = Setup::new(Duration::from_secs(3600)).await;
+    s.ex.set_send_as(Some(vec![]));
+    let relay = s.relay(&limits(3, 6000), "").start();
+    send_scan(&relay, "denied").await;
+    let failed = relay.spool.join("failed");
+    let mut found = Vec::new();
+    assert!(
+        wait_until(LONG, || {
+            found = stored_outcomes(&failed, "a@fabrikam.com");
+            !found.is_empty()
+        })
+        .await,
+        "{}",
+        relay.transcript()
+    );
+    let o = &found[0];
+    assert_eq!(o.verdict, Verdict::Bounced);
+    assert_eq!(o.step, Some(Step::Dot));
+    assert_eq!(o.reply.code, Some(550));
+    assert_eq!(o.reply.enhanced.as_deref(), Some("5.7.60"));
+    assert_eq!(
+        o.problem.as_ref().map(|p| p.key.as_str()),
+        Some("send_as_denied")
+    );
+}

@@ -7,36 +7,13 @@
 
 use std::time::Duration;
 
-/// Where in the session a reply (or error) happened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Step {
-    Connect,
-    Greeting,
-    Ehlo,
-    StartTls,
-    Auth,
-    Mail,
-    Rcpt,
-    Data,
-    /// The reply to the final dot.
-    Dot,
-}
+pub use crate::outcome::Step;
+use crate::outcome::{Diagnosis, UpstreamReply, code};
 
-impl Step {
-    pub fn name(self) -> &'static str {
-        match self {
-            Step::Connect => "connect",
-            Step::Greeting => "greeting",
-            Step::Ehlo => "EHLO",
-            Step::StartTls => "STARTTLS",
-            Step::Auth => "AUTH XOAUTH2",
-            Step::Mail => "MAIL FROM",
-            Step::Rcpt => "RCPT TO",
-            Step::Data => "DATA",
-            Step::Dot => "end of data",
-        }
-    }
-}
+/// Exchange's own reply codes (not in RFC 5321): `430 4.2.0 STOREDRV; mailbox logon failure`.
+pub const MAILBOX_LOGON_FAILURE: u16 = 430;
+/// Exchange's `432 4.3.2` throttling (concurrent connections, sender thread limit).
+pub const THROTTLED: u16 = 432;
 
 /// A diagnosed condition with a known cause and remedy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,6 +109,16 @@ impl Problem {
         match self {
             Problem::SenderRestricted | Problem::TenantBlocked => Some(SENDER_BLOCK_PROBE),
             _ => None,
+        }
+    }
+
+    /// The typed diagnosis stored with an outcome: key, meaning and the remedy with this
+    /// upstream's `mailbox` and `client_id` filled in.
+    pub fn diagnose(&self, mailbox: &str, client_id: &str) -> Diagnosis {
+        Diagnosis {
+            key: self.key().to_string(),
+            meaning: self.meaning(),
+            remedy: self.remedy(mailbox, client_id),
         }
     }
 
@@ -242,34 +229,13 @@ pub const QUOTA_HOLD: Duration = Duration::from_secs(3600);
 /// How often a sender or tenant block (5.1.8, 5.7.705) is probed.
 pub const SENDER_BLOCK_PROBE: Duration = Duration::from_secs(15 * 60);
 
-/// The enhanced status code (`5.7.3`) at the start of a reply's text, if any.
-pub fn enhanced(text: &str) -> Option<&str> {
-    let first = text.split_whitespace().next()?;
-    let parts: Vec<&str> = first.split('.').collect();
-    (parts.len() == 3
-        && matches!(parts[0], "2" | "4" | "5")
-        && parts[1..]
-            .iter()
-            .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit())))
-    .then_some(first)
-}
-
-/// The text after the enhanced status code (the whole text if there is none).
-fn after_enhanced(text: &str) -> &str {
-    let t = text.trim_start();
-    match enhanced(t) {
-        Some(esc) => t[esc.len()..].trim_start(),
-        None => t,
-    }
-}
-
 /// The reply's own words: the text after the enhanced code, cut where Exchange starts to
 /// echo what the client sent (an address in angle brackets, a quoted string, any word with
 /// an `@`). Phrases are looked for only here, so a recipient such as
 /// `<SubmissionQuotaExceeded@x.example>` in `550 5.1.1 <...>: Recipient not found` cannot
 /// make the reply mean something else.
-fn own_words(text: &str) -> String {
-    let after = after_enhanced(text);
+fn own_words(reply: &UpstreamReply) -> String {
+    let after = reply.text();
     let mut cut = after.find(['<', '"']).unwrap_or(after.len());
     let mut pos = 0;
     for word in after.split_inclusive(char::is_whitespace) {
@@ -288,8 +254,8 @@ fn own_words(text: &str) -> String {
 /// Whether the text after the enhanced code starts with `prefix` (ASCII case-insensitive):
 /// Exchange's own exception names come first, e.g. `554 5.2.0
 /// STOREDRV.Submission.Exception:SubmissionQuotaExceededException; ...`.
-fn starts_with_ci(text: &str, prefix: &str) -> bool {
-    let after = after_enhanced(text).as_bytes();
+fn starts_with_ci(reply: &UpstreamReply, prefix: &str) -> bool {
+    let after = reply.text().as_bytes();
     after.len() >= prefix.len() && after[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
 }
 
@@ -300,11 +266,17 @@ fn starts_with_ci(text: &str, prefix: &str) -> bool {
 /// Exchange's phrases only where Exchange puts them ([`own_words`], [`starts_with_ci`]): a
 /// reply that echoes an address or other client data never triggers a pause or a hold.
 pub fn classify(step: Step, code: u16, text: &str, retried_auth: bool) -> Verdict {
-    if (200..400).contains(&code) {
+    classify_reply(step, &UpstreamReply::from_parts(code, text), retried_auth)
+}
+
+/// [`classify`] for a parsed reply (the one parser: [`UpstreamReply::parse`]).
+pub fn classify_reply(step: Step, reply: &UpstreamReply, retried_auth: bool) -> Verdict {
+    let code = reply.code.unwrap_or(0);
+    if reply.is_positive() {
         return Verdict::Ok;
     }
-    let own = own_words(text);
-    let esc = enhanced(text.trim_start()).unwrap_or("");
+    let own = own_words(reply);
+    let esc = reply.enhanced.as_deref().unwrap_or("");
     let has = |s: &str| own.contains(&s.to_ascii_lowercase());
     let in_transaction = matches!(step, Step::Mail | Step::Rcpt | Step::Data | Step::Dot);
 
@@ -319,7 +291,7 @@ pub fn classify(step: Step, code: u16, text: &str, retried_auth: bool) -> Verdic
         return Verdict::pause(Problem::BasicAuthRejected);
     }
     if starts_with_ci(
-        text,
+        reply,
         "STOREDRV.Submission.Exception:SubmissionQuotaExceededException",
     ) {
         return Verdict::Defer {
@@ -345,17 +317,20 @@ pub fn classify(step: Step, code: u16, text: &str, retried_auth: bool) -> Verdic
     }
     if esc == "5.7.60"
         || esc == "5.2.252"
-        || starts_with_ci(text, "SendAsDenied")
-        || starts_with_ci(text, "STOREDRV.Submission.Exception:SendAsDeniedException")
+        || starts_with_ci(reply, "SendAsDenied")
+        || starts_with_ci(reply, "STOREDRV.Submission.Exception:SendAsDeniedException")
     {
         return Verdict::Fail {
             problem: Some(Problem::SendAsDenied),
         };
     }
-    if code == 430 || (esc == "4.2.0" && has("logon failure")) || has("mailbox logon failure") {
+    if code == MAILBOX_LOGON_FAILURE
+        || (esc == "4.2.0" && has("logon failure"))
+        || has("mailbox logon failure")
+    {
         return Verdict::pause(Problem::MailboxLogonFailure);
     }
-    if code == 432 || (esc == "4.3.2" && (has("concurrent") || has("thread limit"))) {
+    if code == THROTTLED || (esc == "4.3.2" && (has("concurrent") || has("thread limit"))) {
         return Verdict::Defer {
             problem: Some(Problem::TooManyConnections),
             pause: false,
@@ -363,7 +338,10 @@ pub fn classify(step: Step, code: u16, text: &str, retried_auth: bool) -> Verdic
             fewer_connections: true,
         };
     }
-    if code == 530 && (esc == "5.7.57" || step != Step::Auth) && step != Step::Greeting {
+    if code == code::AUTH_REQUIRED
+        && (esc == "5.7.57" || step != Step::Auth)
+        && step != Step::Greeting
+    {
         return Verdict::Defer {
             problem: Some(Problem::NotAuthenticated),
             pause: false,
@@ -380,14 +358,14 @@ pub fn classify(step: Step, code: u16, text: &str, retried_auth: bool) -> Verdic
             if esc == "5.5.124" || esc == "5.5.127" {
                 return Verdict::pause(Problem::XoauthInvalid);
             }
-            if code == 535 || code == 534 {
+            if code == code::AUTH_INVALID || code == code::AUTH_TOO_WEAK {
                 return if retried_auth {
                     Verdict::pause(Problem::AuthRejected)
                 } else {
                     Verdict::RefreshAndRetry
                 };
             }
-            if code >= 500 {
+            if reply.class() == Some(5) {
                 // Never bounce mail because of an authentication problem.
                 return Verdict::pause(Problem::AuthRejected);
             }
@@ -397,7 +375,7 @@ pub fn classify(step: Step, code: u16, text: &str, retried_auth: bool) -> Verdic
         // reply says the server (or something in between) is not what we expect.
         Step::Connect | Step::Greeting | Step::Ehlo | Step::StartTls => Verdict::defer(),
         Step::Mail | Step::Rcpt | Step::Data | Step::Dot => {
-            if (400..500).contains(&code) {
+            if reply.class() == Some(4) {
                 Verdict::defer()
             } else {
                 Verdict::Fail { problem: None }
@@ -772,11 +750,16 @@ mod tests {
 
     #[test]
     fn enhanced_codes() {
-        assert_eq!(enhanced("5.7.3 Authentication unsuccessful"), Some("5.7.3"));
-        assert_eq!(enhanced("5.7.139 x"), Some("5.7.139"));
-        assert_eq!(enhanced("Authentication unsuccessful"), None);
-        assert_eq!(enhanced("3.1.1 x"), None);
-        assert_eq!(enhanced(""), None);
+        // The classifier reads the enhanced code from the one parser.
+        let e = |t: &str| UpstreamReply::from_parts(535, t).enhanced;
+        assert_eq!(
+            e("5.7.3 Authentication unsuccessful").as_deref(),
+            Some("5.7.3")
+        );
+        assert_eq!(e("5.7.139 x").as_deref(), Some("5.7.139"));
+        assert_eq!(e("Authentication unsuccessful"), None);
+        assert_eq!(e("3.1.1 x"), None);
+        assert_eq!(e(""), None);
     }
 
     #[test]

@@ -30,6 +30,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::classify::{Problem, Step};
+use crate::outcome::code;
 use crate::secret::Secret;
 
 /// Client timeouts (RFC 5321 §4.5.3.2), shortened where Exchange answers fast.
@@ -463,7 +464,7 @@ impl Session {
             self.conn.command(Line("AUTH XOAUTH2".into())),
         )
         .await?;
-        if first.code().to_string() != "334" {
+        if first.code().to_string() != code::AUTH_CONTINUE.to_string() {
             return Err(StepError::Broken {
                 step: Step::Auth,
                 what: format!("unexpected reply {} to AUTH XOAUTH2", first.code()),
@@ -476,14 +477,12 @@ impl Session {
         ));
         match within(Step::Auth, t, self.conn.command(Line(blob))).await {
             Ok(_) => Ok(()),
-            Err(StepError::Reply {
-                step, code: 334, ..
-            }) => {
+            Err(StepError::Reply { step, code, .. }) if code == code::AUTH_CONTINUE => {
                 // An error challenge (JSON); RFC 7628 says answer with an empty line.
                 let _ = within(step, t, self.conn.command(Line(String::new()))).await;
                 Err(StepError::Reply {
                     step,
-                    code: 535,
+                    code: code::AUTH_INVALID,
                     text: "5.7.3 Authentication unsuccessful (XOAUTH2 error challenge)".into(),
                 })
             }

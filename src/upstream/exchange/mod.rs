@@ -28,11 +28,12 @@ use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use self::classify::{Problem, Step, Verdict, classify};
+use self::classify::{Problem, Step, Verdict, classify_reply};
 use self::conn::{Endpoint, Session, StepError, Timeouts};
 use super::limits::{ConnLimit, ConnPermit, DailyRecipients, Pacer};
 use super::{Attempt, BoxFuture, RcptOutcome, Report, Upstream};
 use crate::config::exchange::{ExchangeConfig, SenderRewrite};
+use crate::outcome::{Diagnosis, UpstreamReply, Verdict as Decided};
 use crate::spool::Envelope;
 use crate::token::{Token, TokenHandle};
 
@@ -77,6 +78,7 @@ pub enum State {
     Held {
         until: Instant,
         reason: String,
+        problem: Option<Problem>,
     },
 }
 
@@ -110,6 +112,9 @@ struct Lease {
 struct Failure {
     verdict: Verdict,
     text: String,
+    /// The step that failed (`None`: before connecting, e.g. no token).
+    step: Option<Step>,
+    reply: UpstreamReply,
 }
 
 /// What Exchange limits per mailbox: concurrent connections (with the idle authenticated
@@ -317,8 +322,8 @@ impl Exchange {
     // ---- state ----
 
     /// Waits for permission to try. `Ok(true)` = this attempt is the probe of a paused
-    /// upstream; `Err((reason, retry_in))` = defer without trying.
-    async fn gate(&self) -> Result<bool, (String, Duration)> {
+    /// upstream; `Err((outcome, retry_in))` = defer without trying (paused or held).
+    async fn gate(&self) -> Result<bool, (RcptOutcome, Duration)> {
         let wait_limit = Instant::now() + Duration::from_secs(60);
         loop {
             let notified = self.state_changed.notified();
@@ -327,18 +332,26 @@ impl Exchange {
                 let now = Instant::now();
                 match &mut *st {
                     State::Ok => return Ok(false),
-                    State::Held { until, reason } => {
+                    State::Held {
+                        until,
+                        reason,
+                        problem,
+                    } => {
                         if now >= *until {
                             *st = State::Ok;
                             tracing::info!(upstream = %self.name, "upstream hold ended; sending again");
                             return Ok(false);
                         }
-                        return Err((reason.clone(), *until - now));
+                        let o =
+                            RcptOutcome::new(Decided::Held { until_ms: 0 }, reason.as_str().into())
+                                .with_problem(problem.as_ref().map(|p| self.diagnose(p)));
+                        return Err((o, *until - now));
                     }
                     State::Paused {
                         next_probe,
                         probing,
                         reason,
+                        problem,
                         ..
                     } => {
                         if !*probing && now >= *next_probe {
@@ -349,7 +362,12 @@ impl Exchange {
                             let wait = next_probe
                                 .saturating_duration_since(now)
                                 .max(Duration::from_secs(1));
-                            return Err((format!("upstream paused: {reason}"), wait));
+                            let o = RcptOutcome::new(
+                                Decided::Paused { until_ms: 0 },
+                                format!("upstream paused: {reason}").into(),
+                            )
+                            .with_problem(Some(self.diagnose(problem)));
+                            return Err((o, wait));
                         }
                     }
                 }
@@ -481,10 +499,44 @@ impl Exchange {
             );
         }
         if !matches!(&*st, State::Held { until: u, .. } if *u >= until) {
-            *st = State::Held { until, reason };
+            *st = State::Held {
+                until,
+                reason,
+                problem: problem.cloned(),
+            };
         }
         drop(st);
         self.state_changed.notify_waiters();
+    }
+
+    /// The typed diagnosis of `problem` for this upstream (mailbox and client id filled in).
+    fn diagnose(&self, problem: &Problem) -> Diagnosis {
+        problem.diagnose(&self.cfg.mailbox, &self.cfg.credentials.client_id)
+    }
+
+    /// The typed outcome of a failed step for one recipient.
+    fn outcome(&self, f: &Failure) -> RcptOutcome {
+        let (verdict, problem) = match &f.verdict {
+            Verdict::Ok => (Decided::Delivered, None),
+            Verdict::Fail { problem } => (Decided::Bounced, problem.as_ref()),
+            Verdict::Defer {
+                problem,
+                pause: true,
+                ..
+            } => (Decided::Paused { until_ms: 0 }, problem.as_ref()),
+            Verdict::Defer {
+                problem,
+                hold: Some(_),
+                ..
+            } => (Decided::Held { until_ms: 0 }, problem.as_ref()),
+            Verdict::Defer { problem, .. } => (Decided::Deferred { until_ms: 0 }, problem.as_ref()),
+            Verdict::RefreshAndRetry => (Decided::Deferred { until_ms: 0 }, None),
+        };
+        RcptOutcome {
+            step: f.step,
+            ..RcptOutcome::new(verdict, f.reply.clone())
+                .with_problem(problem.map(|p| self.diagnose(p)))
+        }
     }
 
     fn send_alert(&self, subject: String, body: String) {
@@ -633,6 +685,8 @@ impl Exchange {
                 fewer_connections: false,
             },
             text: format!("cannot get an OAuth token: {e}"),
+            step: None,
+            reply: format!("4.7.0 cannot get an OAuth token: {e}").into(),
         }
     }
 
@@ -647,6 +701,7 @@ impl Exchange {
             Err(Failure {
                 verdict: Verdict::RefreshAndRetry,
                 text,
+                ..
             }) => {
                 tracing::info!(upstream = %self.name, reply = %text, "token refused; fetching a new one and retrying once");
                 let fresh = self
@@ -693,9 +748,9 @@ impl Exchange {
         let n = attempt.recipients.len();
         let probe = match self.gate().await {
             Ok(p) => p,
-            Err((reason, wait)) => {
+            Err((outcome, wait)) => {
                 return Report {
-                    outcomes: vec![RcptOutcome::Deferred(reason); n],
+                    outcomes: vec![outcome; n],
                     retry_in: Some(wait),
                 };
             }
@@ -713,9 +768,9 @@ impl Exchange {
             if r.retry_in.is_some() {
                 retry_in = r.retry_in;
             }
-            if let Some(reason) = r.stop {
+            if let Some(rest) = r.stop {
                 for o in outcomes.iter_mut().filter(|o| o.is_none()) {
-                    *o = Some(RcptOutcome::Deferred(reason.clone()));
+                    *o = Some(rest.clone());
                 }
                 break;
             }
@@ -730,7 +785,7 @@ impl Exchange {
         Report {
             outcomes: outcomes
                 .into_iter()
-                .map(|o| o.unwrap_or_else(|| RcptOutcome::Deferred("not attempted".into())))
+                .map(|o| o.unwrap_or_else(|| RcptOutcome::deferred("not attempted".into())))
                 .collect(),
             retry_in,
         }
@@ -739,12 +794,9 @@ impl Exchange {
     /// One SMTP transaction for `chunk` (positions into `attempt.recipients`).
     async fn transaction(&self, attempt: &Attempt, env: &Envelope, chunk: &[usize]) -> TxResult {
         let mut r = TxResult::default();
-        let all_deferred = |r: &mut TxResult, text: &str| {
-            r.outcomes = chunk
-                .iter()
-                .map(|&k| (k, RcptOutcome::Deferred(text.to_string())))
-                .collect();
-            r.stop = Some(text.to_string());
+        let all_deferred = |r: &mut TxResult, o: RcptOutcome| {
+            r.outcomes = chunk.iter().map(|&k| (k, o.clone())).collect();
+            r.stop = Some(o);
         };
         let count = chunk.len() as u64;
         if let Err(wait) = self.mb.daily.reserve(count, SystemTime::now()) {
@@ -755,7 +807,10 @@ impl Exchange {
                 humantime::format_duration(Duration::from_secs(wait.as_secs()))
             );
             self.hold(wait, why.clone(), None);
-            all_deferred(&mut r, &format!("4.5.3 {why}"));
+            all_deferred(
+                &mut r,
+                RcptOutcome::new(Decided::Held { until_ms: 0 }, format!("4.5.3 {why}").into()),
+            );
             r.retry_in = Some(wait);
             return r;
         }
@@ -773,7 +828,7 @@ impl Exchange {
                 Err(f) => {
                     release(reserved);
                     r.retry_in = self.apply(&f.verdict, &f.text, &env.sender);
-                    all_deferred(&mut r, &f.text);
+                    all_deferred(&mut r, self.outcome(&f));
                     return r;
                 }
             };
@@ -789,7 +844,9 @@ impl Exchange {
                         release(reserved);
                         all_deferred(
                             &mut r,
-                            "4.4.5 pacing: limits.messages_per_minute reached; waiting for a send slot",
+                            RcptOutcome::deferred(
+                                "4.4.5 pacing: limits.messages_per_minute reached; waiting for a send slot".into(),
+                            ),
                         );
                         r.retry_in = Some(wait);
                         self.finish(lease, true).await;
@@ -801,7 +858,10 @@ impl Exchange {
                     _ = self.draining.cancelled() => {
                         // Shutting down: the message stays queued for the next start.
                         release(reserved);
-                        all_deferred(&mut r, "4.3.2 mailbridge is shutting down");
+                        all_deferred(
+                            &mut r,
+                            RcptOutcome::deferred("4.3.2 mailbridge is shutting down".into()),
+                        );
                         self.finish(lease, true).await;
                         return r;
                     }
@@ -823,12 +883,10 @@ impl Exchange {
                     release(reserved);
                     let f = failure(&e, true);
                     r.retry_in = self.apply(&f.verdict, &f.text, &env.sender);
-                    r.outcomes = chunk
-                        .iter()
-                        .map(|&k| (k, outcome(&f.verdict, &f.text)))
-                        .collect();
+                    let o = self.outcome(&f);
+                    r.outcomes = chunk.iter().map(|&k| (k, o.clone())).collect();
                     if is_upstream_wide(&f.verdict) {
-                        r.stop = Some(f.text.clone());
+                        r.stop = Some(o);
                     }
                     self.finish(lease, matches!(e, StepError::Reply { .. }))
                         .await;
@@ -847,16 +905,17 @@ impl Exchange {
                     if let Some(h) = self.apply(&f.verdict, &f.text, &env.sender) {
                         r.retry_in = Some(h);
                     }
-                    r.outcomes.push((k, outcome(&f.verdict, &f.text)));
+                    r.outcomes.push((k, self.outcome(&f)));
                 }
                 Err(e) => {
                     // The connection broke: nothing of this transaction was sent.
                     release(reserved);
-                    let text = e.to_string();
-                    r.outcomes = chunk
-                        .iter()
-                        .map(|&k| (k, RcptOutcome::Deferred(text.clone())))
-                        .collect();
+                    let o = RcptOutcome::deferred(UpstreamReply {
+                        text: e.to_string(),
+                        ..UpstreamReply::default()
+                    })
+                    .at(e.step());
+                    r.outcomes = chunk.iter().map(|&k| (k, o.clone())).collect();
                     self.finish(lease, false).await;
                     return r;
                 }
@@ -896,18 +955,20 @@ impl Exchange {
             Ok(Ok(x)) => x,
             Ok(Err(e)) => {
                 release(reserved);
-                let text = format!("4.3.0 cannot read the queued message: {e}");
+                let o = RcptOutcome::deferred(
+                    format!("4.3.0 cannot read the queued message: {e}").into(),
+                );
                 for &k in &accepted {
-                    r.outcomes.push((k, RcptOutcome::Deferred(text.clone())));
+                    r.outcomes.push((k, o.clone()));
                 }
                 self.finish(lease, true).await;
                 return r;
             }
             Err(e) => {
                 release(reserved);
-                let text = format!("4.3.0 internal error: {e}");
+                let o = RcptOutcome::deferred(format!("4.3.0 internal error: {e}").into());
                 for &k in &accepted {
-                    r.outcomes.push((k, RcptOutcome::Deferred(text.clone())));
+                    r.outcomes.push((k, o.clone()));
                 }
                 self.finish(lease, false).await;
                 return r;
@@ -917,8 +978,9 @@ impl Exchange {
         let len = attempt.stored.content_len + head.len() as u64;
         match lease.session.data(head, len, reader).await {
             Ok(reply) => {
+                let o = RcptOutcome::delivered(reply.as_str().into()).at(Step::Dot);
                 for &k in &accepted {
-                    r.outcomes.push((k, RcptOutcome::Delivered(reply.clone())));
+                    r.outcomes.push((k, o.clone()));
                 }
                 lease.session.used += 1;
                 self.give_back(lease);
@@ -929,11 +991,12 @@ impl Exchange {
                 if let Some(h) = self.apply(&f.verdict, &f.text, &env.sender) {
                     r.retry_in = Some(h);
                 }
+                let o = self.outcome(&f);
                 for &k in &accepted {
-                    r.outcomes.push((k, outcome(&f.verdict, &f.text)));
+                    r.outcomes.push((k, o.clone()));
                 }
                 if is_upstream_wide(&f.verdict) {
-                    r.stop = Some(f.text.clone());
+                    r.stop = Some(o);
                 }
                 self.finish(lease, true).await;
             }
@@ -952,8 +1015,9 @@ impl Exchange {
                     release(reserved);
                     format!("4.4.2 {e}")
                 };
+                let o = RcptOutcome::deferred(text.into()).at(e.step());
                 for &k in &accepted {
-                    r.outcomes.push((k, RcptOutcome::Deferred(text.clone())));
+                    r.outcomes.push((k, o.clone()));
                 }
                 self.finish(lease, false).await;
             }
@@ -1030,8 +1094,8 @@ impl Noted {
 struct TxResult {
     outcomes: Vec<(usize, RcptOutcome)>,
     retry_in: Option<Duration>,
-    /// Set when the rest of the message's recipients should not be tried now.
-    stop: Option<String>,
+    /// Set when the rest of the message's recipients should not be tried now: their outcome.
+    stop: Option<RcptOutcome>,
     /// Connected and authenticated (the upstream itself works).
     reached_upstream: bool,
 }
@@ -1048,21 +1112,18 @@ fn is_upstream_wide(v: &Verdict) -> bool {
     )
 }
 
-fn outcome(v: &Verdict, text: &str) -> RcptOutcome {
-    match v {
-        Verdict::Fail { .. } => RcptOutcome::Failed(text.to_string()),
-        Verdict::Ok => RcptOutcome::Delivered(text.to_string()),
-        _ => RcptOutcome::Deferred(text.to_string()),
-    }
-}
-
 /// Turns a step error into a verdict with the text shown to the sender and the log.
 fn failure(e: &StepError, retried_auth: bool) -> Failure {
     match e {
-        StepError::Reply { step, code, text } => Failure {
-            verdict: classify(*step, *code, text, retried_auth),
-            text: format!("{code} {text}"),
-        },
+        StepError::Reply { step, code, text } => {
+            let reply = UpstreamReply::from_parts(*code, text);
+            Failure {
+                verdict: classify_reply(*step, &reply, retried_auth),
+                text: format!("{code} {text}"),
+                step: Some(*step),
+                reply,
+            }
+        }
         StepError::Broken {
             problem,
             what,
@@ -1075,6 +1136,8 @@ fn failure(e: &StepError, retried_auth: bool) -> Failure {
                 fewer_connections: false,
             },
             text: format!("4.4.2 {what} (at {})", step.name()),
+            step: Some(*step),
+            reply: format!("4.4.2 {what} (at {})", step.name()).into(),
         },
     }
 }
