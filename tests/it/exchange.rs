@@ -473,6 +473,93 @@ async fn one_recipient_refused_the_others_delivered_and_reported() {
     assert!(dsn.contains("Status: 5.1.10"), "{dsn}");
 }
 
+/// The delivery log (issue 9 §2): one "delivery" line per recipient outcome, with the
+/// queue id, client, sender, recipient, upstream, verdict, reply, attempt and delay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_log_has_one_line_per_recipient_outcome() {
+    let s = Setup::new(Duration::from_secs(3600)).await;
+    s.ex.add_rule(
+        Rule::reply(
+            Stage::Rcpt,
+            "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found",
+        )
+        .when("nobody@"),
+    );
+    s.ex.add_rule(Rule::reply(Stage::Rcpt, "451 4.4.3 Try again later").when("later@"));
+    let relay = s.relay(&limits(3, 6000), "").start();
+    assert_eq!(
+        send(
+            relay.addr(),
+            "scanner@contoso.com",
+            &[
+                "a@fabrikam.com",
+                "nobody@fabrikam.com",
+                "later@fabrikam.com"
+            ],
+            message("scanner@contoso.com", "log")
+        )
+        .await,
+        250
+    );
+    let lines = |rcpt: &str| -> Vec<serde_json::Value> {
+        relay
+            .logs()
+            .into_iter()
+            .filter(|v| v["message"] == "delivery" && v["recipient"] == rcpt)
+            .collect()
+    };
+    assert!(
+        wait_until(LONG, || ["a@", "nobody@", "later@"]
+            .iter()
+            .all(|r| !lines(&format!("{r}fabrikam.com")).is_empty()))
+        .await,
+        "{}",
+        relay.transcript()
+    );
+    let a = &lines("a@fabrikam.com")[0];
+    let queue_id = a["queue_id"].as_str().unwrap().to_string();
+    assert_eq!(queue_id.len(), 32, "{a}");
+    assert_eq!(a["verdict"], "delivered", "{a}");
+    assert_eq!(a["client"], "127.0.0.1", "{a}");
+    assert_eq!(a["sender"], "scanner@contoso.com", "{a}");
+    assert_eq!(a["upstream"], "contoso", "{a}");
+    assert_eq!(a["code"], 250, "{a}");
+    assert_eq!(a["attempt"], 1, "{a}");
+    assert!(a["delay_s"].as_f64().is_some_and(|d| d >= 0.0), "{a}");
+    let nobody = &lines("nobody@fabrikam.com")[0];
+    assert_eq!(nobody["queue_id"], queue_id.as_str(), "{nobody}");
+    assert_eq!(nobody["verdict"], "bounced", "{nobody}");
+    assert_eq!(nobody["step"], "RCPT TO", "{nobody}");
+    assert_eq!(nobody["code"], 550, "{nobody}");
+    assert_eq!(nobody["enhanced"], "5.1.10", "{nobody}");
+    assert!(
+        nobody["reply"]
+            .as_str()
+            .is_some_and(|t| t.contains("RecipientNotFound")),
+        "{nobody}"
+    );
+    let later = &lines("later@fabrikam.com")[0];
+    assert_eq!(later["verdict"], "deferred", "{later}");
+    assert_eq!(later["code"], 451, "{later}");
+    assert_eq!(later["enhanced"], "4.4.3", "{later}");
+    assert!(
+        later["next_attempt"]
+            .as_str()
+            .is_some_and(|t| t.ends_with("GMT")),
+        "{later}"
+    );
+    // Final outcomes are logged once; the deferred recipient once per attempt (queue.retry
+    // is 1 s here, so there may be more by now), each with its attempt number.
+    for r in ["a@fabrikam.com", "nobody@fabrikam.com"] {
+        assert_eq!(lines(r).len(), 1, "{r}: {}", relay.transcript());
+    }
+    let attempts: Vec<u64> = lines("later@fabrikam.com")
+        .iter()
+        .map(|v| v["attempt"].as_u64().unwrap())
+        .collect();
+    assert_eq!(attempts, (1..=attempts.len() as u64).collect::<Vec<_>>());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_pick_the_upstream_by_sender() {
     let s = Setup::new(Duration::from_secs(3600)).await;
