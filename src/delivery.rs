@@ -489,7 +489,8 @@ fn explain<'a>(mut problems: impl Iterator<Item = &'a Diagnosis>) -> String {
 /// The delivery log: one line per recipient and attempt, with everything needed to answer
 /// "did the scan of 10:42 go out?" from the journal (`journalctl -u mailbridge | grep
 /// 'recipient=a@example.com'`) without opening the spool. Fields are documented in
-/// docs/ARCHITECTURE.md (Logging). Addresses come from the envelope; the reply text is the
+/// docs/ARCHITECTURE.md (Logging). Text fields are recorded with Display so the text format
+/// prints `recipient=a@example.com`, unquoted, for grep. Addresses come from the envelope; the reply text is the
 /// upstream's, which never holds a secret of ours.
 fn delivery_log(env: &Envelope, i: usize, o: &Outcome) {
     let recipient = env.recipients.get(i).map_or("", |r| r.address.as_str());
@@ -505,16 +506,16 @@ fn delivery_log(env: &Envelope, i: usize, o: &Outcome) {
     tracing::info!(
         queue_id = %env.id,
         client = %env.client_ip,
-        auth_user = env.auth_user.as_deref().unwrap_or(""),
+        auth_user = %env.auth_user.as_deref().unwrap_or(""),
         sender = %env.sender,
-        recipient,
+        recipient = %recipient,
         upstream = %o.upstream,
-        verdict = o.verdict.name(),
-        step = o.step.map(|s| s.name()).unwrap_or(""),
+        verdict = %o.verdict.name(),
+        step = %o.step.map(|s| s.name()).unwrap_or(""),
         code = o.reply.code,
-        enhanced = o.reply.enhanced.as_deref().unwrap_or(""),
+        enhanced = %o.reply.enhanced.as_deref().unwrap_or(""),
         reply = %o.reply.text,
-        problem = o.problem_key(),
+        problem = %o.problem_key(),
         attempt = o.attempt,
         delay_s,
         next_attempt,
