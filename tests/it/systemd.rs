@@ -174,3 +174,179 @@ fn notify_watchdog_pings_when_watchdog_usec_is_set() {
     sigterm(&child.0);
     notify.wait_for("STOPPING=1", SHORT, &mut child.0);
 }
+
+/// A credentials directory as `LoadCredential=` makes it: files mode 0440 (systemd with ACLs:
+/// root-owned, the group bits showing the ACL mask) or 0400 (owned by the service user).
+fn credentials_dir(dir: &Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let creds = dir.join("credentials");
+    std::fs::create_dir(&creds).unwrap();
+    let hash =
+        mailbridge::inbound::auth::hash_password(&mailbridge::secret::Secret::new("scanner-pw"))
+            .unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["relay.test".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    // Entra app certificates are RSA.
+    let entra_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+    let entra_cert = rcgen::CertificateParams::new(vec!["mailbridge".to_string()])
+        .unwrap()
+        .self_signed(&entra_key)
+        .unwrap();
+    for (name, data, mode) in [
+        ("scanner.hash", format!("{hash}\n"), 0o440),
+        ("lan.key", key.serialize_pem(), 0o440),
+        ("lan.pem", cert.pem(), 0o444),
+        ("entra.key", entra_key.serialize_pem(), 0o440),
+        ("entra.pem", entra_cert.pem(), 0o444),
+        ("entra.secret", "s3cret-value\n".to_string(), 0o400),
+    ] {
+        let p = creds.join(name);
+        std::fs::write(&p, data).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o500)).unwrap();
+    creds
+}
+
+const CREDENTIAL_KEYS: &str = r#"tls:
+  cert_file: "${CREDENTIALS_DIRECTORY}/lan.pem"
+  key_file: "${CREDENTIALS_DIRECTORY}/lan.key"
+users:
+  - username: scanner01
+    password_hash_file: "${CREDENTIALS_DIRECTORY}/scanner.hash"
+    allowed_senders: ["*"]
+"#;
+
+/// `LoadCredential=`: `password_hash_file` and the LAN `tls.key_file` name files in
+/// `${CREDENTIALS_DIRECTORY}`, with systemd's modes (0440/0400). The daemon starts, uses the
+/// certificate from there, and AUTH PLAIN checks against the hash from there.
+#[test]
+fn credentials_directory_in_file_paths_is_expanded_and_its_modes_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = credentials_dir(dir.path());
+    let mut cfg = RelayConfig::new(dir.path());
+    cfg.listener_tls = vec!["starttls"];
+    cfg.extra = CREDENTIAL_KEYS.to_string();
+    let mut notify = NotifySocket::bind(dir.path());
+    // allow_plaintext_auth for the test's plain TCP client (its own listener option).
+    cfg.write();
+    let yaml = std::fs::read_to_string(cfg.path()).unwrap().replace(
+        "    tls: starttls\n",
+        "    tls: starttls\n    allow_plaintext_auth: true\n",
+    );
+    std::fs::write(cfg.path(), yaml).unwrap();
+    let mut cmd = mailbridge_cmd();
+    cmd.arg("serve")
+        .arg("-c")
+        .arg(cfg.path())
+        .env("CREDENTIALS_DIRECTORY", &creds)
+        .env("NOTIFY_SOCKET", &notify.path)
+        .stdout(std::fs::File::create(dir.path().join("serve.stdout")).unwrap())
+        .stderr(std::fs::File::create(dir.path().join("serve.stderr")).unwrap());
+    let mut child = Reap(cmd.spawn().expect("start mailbridge"));
+    let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        notify.wait_for("READY=1", SHORT, &mut child.0)
+    }));
+    let output = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
+    let ready = match started {
+        Ok(r) => r,
+        Err(_) => panic!(
+            "did not start:\n{}\n{}",
+            output("serve.stdout"),
+            output("serve.stderr")
+        ),
+    };
+    let addr: std::net::SocketAddr = ready
+        .lines()
+        .find_map(|l| l.strip_prefix("STATUS=listening on "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let logs = output("serve.stdout");
+    let cert = creds.join("lan.pem").display().to_string();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("TLS certificate loaded") && l.contains(&cert)),
+        "certificate not loaded from {cert}:\n{logs}"
+    );
+
+    let plain = |user: &str, pw: &str| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{pw}"))
+    };
+    let mut smtp = Smtp::connect(addr).unwrap();
+    smtp.expect_reply(220).unwrap();
+    smtp.expect("EHLO client.test", 250).unwrap();
+    let wrong = smtp
+        .cmd(&format!("AUTH PLAIN {}", plain("scanner01", "wrong")))
+        .unwrap();
+    assert_eq!(wrong.code, 535, "{wrong:?}");
+    let ok = smtp
+        .cmd(&format!("AUTH PLAIN {}", plain("scanner01", "scanner-pw")))
+        .unwrap();
+    assert_eq!(ok.code, 235, "{ok:?}");
+}
+
+/// `check-config` as systemd runs it (ExecStartPre, with CREDENTIALS_DIRECTORY set): the
+/// Exchange `client_secret_file` and `certificate.key_file` may be credentials too. Without
+/// the variable, every key that uses it is an error that names the key and the fix; a
+/// credential file others may read is still refused.
+#[test]
+fn credentials_directory_check_config_and_errors() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let creds = credentials_dir(dir.path());
+    let mut cfg = RelayConfig::new(dir.path());
+    cfg.listener_tls = vec!["starttls"];
+    cfg.extra = CREDENTIAL_KEYS.to_string();
+    cfg.upstreams = Some(
+        "  - name: contoso\n    type: exchange-online\n    mailbox: relay@contoso.com\n    tenant_id: contoso.com\n    client_id: 11111111-1111-1111-1111-111111111111\n    client_secret_file: \"${CREDENTIALS_DIRECTORY}/entra.secret\"\n  - name: fabrikam\n    type: exchange-online\n    mailbox: relay@fabrikam.com\n    tenant_id: fabrikam.com\n    client_id: 22222222-2222-2222-2222-222222222222\n    certificate:\n      cert_file: \"${CREDENTIALS_DIRECTORY}/entra.pem\"\n      key_file: \"${CREDENTIALS_DIRECTORY}/entra.key\"\n"
+            .to_string(),
+    );
+    cfg.write();
+    let check = |name: &str, creds: Option<&Path>| {
+        let mut cmd = mailbridge_cmd();
+        cmd.arg("check-config").arg("-c").arg(cfg.path());
+        if let Some(c) = creds {
+            cmd.env("CREDENTIALS_DIRECTORY", c);
+        }
+        let out = crate::daemon::run_with_timeout(&mut cmd, dir.path(), name, SHORT);
+        (out.status.code(), format!("{}{}", out.stdout, out.stderr))
+    };
+
+    let (code, out) = check("with", Some(&creds));
+    assert_eq!(code, Some(0), "{out}");
+
+    let (code, out) = check("unset", None);
+    assert_eq!(code, Some(1), "{out}");
+    for key in [
+        "tls.cert_file:",
+        "tls.key_file:",
+        "users[0].password_hash_file:",
+        "upstreams[0].client_secret_file:",
+        "upstreams[1].certificate.cert_file:",
+        "upstreams[1].certificate.key_file:",
+    ] {
+        assert!(
+            out.lines()
+                .any(|l| l.contains(key) && l.contains("CREDENTIALS_DIRECTORY is not set")),
+            "no {key} error about the unset variable in:\n{out}"
+        );
+    }
+    assert!(!out.contains("s3cret-value"), "{out}");
+
+    // Others may read it: refused even in the credentials directory.
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let secret = creds.join("entra.secret");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o444)).unwrap();
+    let (code, out) = check("world-readable", Some(&creds));
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("upstreams[0].client_secret_file:") && out.contains("mode 444"),
+        "{out}"
+    );
+    assert!(!out.contains("s3cret-value"), "{out}");
+}
