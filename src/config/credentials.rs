@@ -37,7 +37,7 @@ pub fn expand(key: &str, value: &str, dir: Option<&Path>) -> Result<PathBuf, Str
             "{key}: {VAR} is not a UTF-8 path, so {value} cannot be expanded"
         )),
         None => Err(format!(
-            "{key}: {value} uses {REFERENCE}, but {VAR} is not set: systemd sets it for a unit with LoadCredential= (see systemd/mailbridge.service.d/credentials.conf.example); outside such a unit give the file's full path instead"
+            "{key}: {value} uses {REFERENCE}, but {VAR} is not set: systemd sets it for the service when the unit has LoadCredential= (see docs/configuration.md, \"Secrets through systemd credentials\"); to run a command by hand, set it to the directory the credentials are loaded from, e.g. {VAR}=/etc/mailbridge/credentials mailbridge check-config"
         )),
     }
 }
