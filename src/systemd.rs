@@ -11,7 +11,10 @@ use sd_notify::NotifyState;
 /// keep serving even if systemd's socket is gone (systemd then times the start out itself).
 fn send(states: &[NotifyState]) {
     if let Err(e) = sd_notify::notify(states) {
-        tracing::warn!(error = %e, "cannot notify systemd (NOTIFY_SOCKET)");
+        tracing::warn!(
+            error = %e,
+            "cannot notify systemd through NOTIFY_SOCKET: under Type=notify it then fails the start after TimeoutStartSec= (or restarts the service after WatchdogSec=); check that RestrictAddressFamilies= keeps AF_UNIX and NotifyAccess= is not none"
+        );
     }
 }
 

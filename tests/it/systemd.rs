@@ -288,6 +288,9 @@ fn credentials_directory_in_file_paths_is_expanded_and_its_modes_pass() {
         .cmd(&format!("AUTH PLAIN {}", plain("scanner01", "scanner-pw")))
         .unwrap();
     assert_eq!(ok.code, 235, "{ok:?}");
+    // Writable again, so that the temp dir can be removed when not running as root.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o700)).unwrap();
 }
 
 /// `check-config` as systemd runs it (ExecStartPre, with CREDENTIALS_DIRECTORY set): the
