@@ -33,13 +33,14 @@ conf=$confdir/relay.yaml
 docdir=/usr/local/share/doc/mailbridge
 dropin_src=systemd/mailbridge.service.d/port-25.conf
 dropin=/etc/systemd/system/mailbridge.service.d/port-25.conf
+credentials_src=systemd/mailbridge.service.d/credentials.conf.example
 
 [ "$(id -u)" -eq 0 ] || die "run as root: sudo sh deploy/install.sh"
 if [ ! -f "$bin_src" ] || [ ! -x "$bin_src" ]; then
     die "$bin_src not found: build it first with 'cargo build --release --locked'"
 fi
 for f in systemd/mailbridge.service systemd/mailbridge.sysusers.conf \
-    systemd/mailbridge.tmpfiles.conf "$dropin_src" relay.example.yaml; do
+    systemd/mailbridge.tmpfiles.conf "$dropin_src" "$credentials_src" relay.example.yaml; do
     [ -f "$repo/$f" ] || die "$repo/$f is missing"
 done
 command -v systemctl >/dev/null 2>&1 || die "systemd (systemctl) is required"
@@ -86,10 +87,11 @@ fi
 
 # 5. Documentation, for the unit's Documentation= line, and the port-25
 #    drop-in as an example to copy (it is not activated here: it grants a
-#    capability, which only the administrator should decide).
+#    capability, which only the administrator should decide), and the
+#    LoadCredential= example drop-in.
 install -d -m 0755 "$docdir"
 install -m 0644 "$repo/README.md" "$repo/relay.example.yaml" \
-    "$repo/$dropin_src" "$docdir/"
+    "$repo/$dropin_src" "$repo/$credentials_src" "$docdir/"
 for f in "$repo"/docs/*.md; do
     if [ -f "$f" ]; then
         install -m 0644 "$f" "$docdir/"

@@ -26,6 +26,10 @@ pub struct Daemon {
     pub addrs: Vec<std::net::SocketAddr>,
     stop: CancellationToken,
     done: tokio::task::JoinHandle<()>,
+    /// Cancelled when the scheduler loop or an accept loop ends (returns or panics): before
+    /// shutdown that means the daemon no longer works, which [`Daemon::health`] reports.
+    scheduler_ended: CancellationToken,
+    listener_ended: CancellationToken,
 }
 
 impl Daemon {
@@ -134,6 +138,7 @@ impl Daemon {
         let counter = Arc::new(listener::ConnCounter::default());
         let mut addrs = Vec::new();
         let mut accept_loops = Vec::new();
+        let listener_ended = CancellationToken::new();
         for (l, lcfg) in bound {
             let addr = l.local_addr()?;
             addrs.push(addr);
@@ -163,14 +168,23 @@ impl Daemon {
                 stop: stop.clone(),
                 hard_stop: hard_stop.clone(),
             });
-            accept_loops.push(tokio::spawn(listener::serve(
-                l,
-                ctx,
-                counter.clone(),
-                sessions.clone(),
-            )));
+            let accept = listener::serve(l, ctx, counter.clone(), sessions.clone());
+            // Dropped when the loop ends, even by a panic: the watchdog sees it.
+            let ended = listener_ended.clone().drop_guard();
+            accept_loops.push(tokio::spawn(async move {
+                let _ended = ended;
+                accept.await
+            }));
         }
-        let sched_task = tokio::spawn(scheduler.run(queue_stop.clone(), workers.clone()));
+        let scheduler_ended = CancellationToken::new();
+        let sched_task = {
+            let ended = scheduler_ended.clone().drop_guard();
+            let run = scheduler.run(queue_stop.clone(), workers.clone());
+            tokio::spawn(async move {
+                let _ended = ended;
+                run.await
+            })
+        };
 
         let stop2 = stop.clone();
         let done = tokio::spawn(async move {
@@ -209,7 +223,32 @@ impl Daemon {
             drop(spool);
             tracing::info!("stopped");
         });
-        Ok(Daemon { addrs, stop, done })
+        Ok(Daemon {
+            addrs,
+            stop,
+            done,
+            scheduler_ended,
+            listener_ended,
+        })
+    }
+
+    /// For the systemd watchdog: whether the parts that must run as long as the daemon does
+    /// still run. `Err` says which one stopped. Always `Ok` once shutdown has begun.
+    pub fn health(&self) -> impl Fn() -> Result<(), String> + Send + Sync + 'static {
+        let stop = self.stop.clone();
+        let scheduler = self.scheduler_ended.clone();
+        let listener = self.listener_ended.clone();
+        move || {
+            if stop.is_cancelled() {
+                Ok(())
+            } else if scheduler.is_cancelled() {
+                Err("the delivery scheduler stopped: queued mail is not being delivered".into())
+            } else if listener.is_cancelled() {
+                Err("a listener stopped accepting connections".into())
+            } else {
+                Ok(())
+            }
+        }
     }
 
     /// Begins the ordered shutdown and waits for it to finish.
@@ -322,6 +361,12 @@ pub async fn serve(config: Config, demo_hint: bool) -> anyhow::Result<()> {
     // Installed before the listeners open, so a SIGTERM at any moment is an ordered stop.
     let signals = Signals::install()?;
     let daemon = Daemon::start(config).await?;
+    // Type=notify: start-up is over only now, with the spool recovered and every listener
+    // bound and accepting (sd_notify(3)).
+    let listening: Vec<String> = daemon.addrs.iter().map(|a| a.to_string()).collect();
+    crate::systemd::ready(&format!("listening on {}", listening.join(", ")));
+    let watchdog = crate::systemd::watchdog_interval()
+        .map(|every| tokio::spawn(crate::systemd::run_watchdog(every, daemon.health())));
     if demo_hint {
         let addr = daemon.addrs[0];
         println!(
@@ -329,6 +374,11 @@ pub async fn serve(config: Config, demo_hint: bool) -> anyhow::Result<()> {
         );
     }
     signals.wait().await;
+    // systemd stops the watchdog with STOPPING=1; the grace periods run under TimeoutStopSec.
+    crate::systemd::stopping();
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     daemon.shutdown().await;
     Ok(())
 }

@@ -25,7 +25,8 @@
 //! - [`upstream`]: the `Upstream` trait and its implementations.
 //! - [`token`]: OAuth client-credentials tokens for Exchange Online (not wired in yet).
 //! - [`secret`]: the redacting type every password, hash and token lives in.
-//! - [`daemon`]: wiring, signals, ordered shutdown. [`cli`]: commands and exit codes.
+//! - [`daemon`]: wiring, signals, ordered shutdown. [`systemd`]: READY/STOPPING/WATCHDOG.
+//!   [`cli`]: commands and exit codes.
 
 pub mod cli;
 pub mod config;
@@ -39,5 +40,6 @@ pub mod scheduler;
 pub mod secret;
 pub mod smtp;
 pub mod spool;
+pub mod systemd;
 pub mod token;
 pub mod upstream;

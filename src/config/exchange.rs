@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use super::raw::RawExchange;
-use super::read_secret_file;
+use super::{credentials, read_secret_file};
 use crate::secret::Secret;
 use crate::token::{ClientCredentials, ClientSecret};
 
@@ -116,6 +116,7 @@ pub(super) fn validate(
     key: &str,
     raw: RawExchange,
     hostname: &str,
+    creds: Option<&Path>,
 ) -> ExchangeConfig {
     let mut required = |field: &str, v: Option<String>, example: &str| -> String {
         match v {
@@ -167,34 +168,45 @@ pub(super) fn validate(
                 "client_secret".to_string(),
             ))
         }
-        (None, Some(f), None) => match read_secret_file(Path::new(&f)) {
-            Ok(s) if s.trim().is_empty() => {
-                errs.push(format!("{key}.client_secret_file: {f} is empty"));
-                None
+        (None, Some(f), None) => {
+            let file_key = format!("{key}.client_secret_file");
+            match credentials::expand(&file_key, &f, creds).and_then(|p| {
+                read_secret_file(&p, creds)
+                    .map(|s| (p, s))
+                    .map_err(|e| format!("{file_key}: {e}"))
+            }) {
+                Ok((p, s)) if s.trim().is_empty() => {
+                    errs.push(format!("{file_key}: {} is empty", p.display()));
+                    None
+                }
+                Ok((p, s)) => Some((
+                    ClientSecret::Secret(Secret::new(s.trim().to_string())),
+                    format!("client_secret_file {}", p.display()),
+                )),
+                Err(e) => {
+                    errs.push(e);
+                    None
+                }
             }
-            Ok(s) => Some((
-                ClientSecret::Secret(Secret::new(s.trim().to_string())),
-                format!("client_secret_file {f}"),
-            )),
-            Err(e) => {
-                errs.push(format!("{key}.client_secret_file: {e}"));
-                None
-            }
-        },
+        }
         (None, None, Some(c)) => {
-            let cert = std::fs::read(&c.cert_file).map_err(|e| {
-                errs.push(format!(
-                    "{key}.certificate.cert_file: cannot read {}: {e}",
-                    c.cert_file
-                ))
-            });
-            let k = read_secret_file(Path::new(&c.key_file)).map_err(|e| {
-                errs.push(format!("{key}.certificate.key_file: {e}"));
-            });
-            match (cert, k) {
-                (Ok(cert), Ok(k)) => {
+            let cert_key = format!("{key}.certificate.cert_file");
+            let cert_path = credentials::expand(&cert_key, &c.cert_file, creds);
+            let cert = cert_path
+                .clone()
+                .and_then(|p| {
+                    std::fs::read(&p)
+                        .map_err(|e| format!("{cert_key}: cannot read {}: {e}", p.display()))
+                })
+                .map_err(|e| errs.push(e));
+            let key_key = format!("{key}.certificate.key_file");
+            let k = credentials::expand(&key_key, &c.key_file, creds)
+                .and_then(|p| read_secret_file(&p, creds).map_err(|e| format!("{key_key}: {e}")))
+                .map_err(|e| errs.push(e));
+            match (cert, k, cert_path) {
+                (Ok(cert), Ok(k), Ok(cert_path)) => {
                     match ClientSecret::certificate_from_pem(&cert, k.as_bytes()) {
-                        Ok(cs) => Some((cs, format!("certificate {}", c.cert_file))),
+                        Ok(cs) => Some((cs, format!("certificate {}", cert_path.display()))),
                         Err(e) => {
                             errs.push(format!("{key}.certificate: {e}"));
                             None
@@ -239,7 +251,11 @@ pub(super) fn validate(
     if scope.trim().is_empty() {
         errs.push(format!("{key}.scope: must not be empty"));
     }
-    let ca_file = raw.ca_file.map(PathBuf::from);
+    let ca_file = raw.ca_file.and_then(|f| {
+        credentials::expand(&format!("{key}.ca_file"), &f, creds)
+            .map_err(|e| errs.push(e))
+            .ok()
+    });
     if let Some(f) = &ca_file
         && let Err(e) = std::fs::metadata(f)
     {

@@ -2,6 +2,7 @@
 //! then validate it into a typed [`Config`]. Validation reports every error at once, each with
 //! its key path, so `mailbridge check-config` shows the whole list in one run.
 
+pub mod credentials;
 pub mod exchange;
 pub mod raw;
 
@@ -358,6 +359,11 @@ pub fn load_with_env(
             path.display()
         )]));
     }
+    // `${CREDENTIALS_DIRECTORY}` in *_file paths: from the same environment.
+    let creds = match &env {
+        Some(map) => credentials::dir_from(map.get(credentials::VAR).map(Into::into)),
+        None => credentials::dir_from_env(),
+    };
     let built = config::Config::builder()
         .add_source(config::File::from(path).format(config::FileFormat::Yaml))
         .add_source(
@@ -373,7 +379,7 @@ pub fn load_with_env(
         .try_deserialize()
         .map_err(|e| ConfigErrors(vec![format!("{}: {e}", path.display())]))?;
     let exposed = inline_secrets_readable_by_others(path);
-    match validate(raw) {
+    match validate_with(raw, creds.as_deref()) {
         Ok(c) if exposed.is_empty() => Ok(c),
         Ok(_) => Err(ConfigErrors(exposed)),
         Err(mut e) => {
@@ -469,6 +475,11 @@ pub fn system_hostname() -> String {
 
 /// Turns the raw file into a typed configuration, collecting every error.
 pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
+    validate_with(raw, credentials::dir_from_env().as_deref())
+}
+
+/// [`validate`] with `${CREDENTIALS_DIRECTORY}` in `*_file` paths standing for `creds`.
+pub fn validate_with(raw: RawConfig, creds: Option<&Path>) -> Result<Config, ConfigErrors> {
     let mut errs = Vec::new();
 
     let hostname = raw.hostname.unwrap_or_else(system_hostname);
@@ -617,7 +628,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     );
     let user_upstreams: Vec<Option<String>> =
         raw.users.iter().map(|u| u.upstream.clone()).collect();
-    let users = users(&mut errs, raw.users);
+    let users = users(&mut errs, raw.users, creds);
     let key_type = match raw.tls.key_type.as_deref() {
         None | Some("rsa") => KeyType::Rsa,
         Some("ecdsa") => KeyType::Ecdsa,
@@ -629,11 +640,15 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         }
     };
     let mut tls = match (raw.tls.cert_file, raw.tls.key_file) {
-        (Some(c), Some(k)) => TlsConfig {
-            cert_file: Some(PathBuf::from(c)),
-            key_file: Some(PathBuf::from(k)),
-            ..TlsConfig::default()
-        },
+        (Some(c), Some(k)) => {
+            let c = credentials::expand("tls.cert_file", &c, creds).map_err(|e| errs.push(e));
+            let k = credentials::expand("tls.key_file", &k, creds).map_err(|e| errs.push(e));
+            TlsConfig {
+                cert_file: c.ok(),
+                key_file: k.ok(),
+                ..TlsConfig::default()
+            }
+        }
         (None, None) => TlsConfig::default(),
         (Some(_), None) => {
             errs.push("tls.key_file: required with tls.cert_file".into());
@@ -765,7 +780,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
                     errs.push(format!("upstreams[{i}].name: must not be empty"));
                 }
                 let name = x.name.clone();
-                let cfg = exchange::validate(&mut errs, &format!("upstreams[{i}]"), *x, &hostname);
+                let cfg =
+                    exchange::validate(&mut errs, &format!("upstreams[{i}]"), *x, &hostname, creds);
                 upstreams.push(UpstreamConfig {
                     name,
                     kind: UpstreamKind::ExchangeOnline(Box::new(cfg)),
@@ -935,7 +951,7 @@ fn sender_patterns(errs: &mut Vec<String>, key: &str, list: &[String]) -> Vec<Se
     out
 }
 
-fn users(errs: &mut Vec<String>, raw: Vec<raw::RawUser>) -> Vec<User> {
+fn users(errs: &mut Vec<String>, raw: Vec<raw::RawUser>, creds: Option<&Path>) -> Vec<User> {
     let mut out: Vec<User> = Vec::new();
     for (i, u) in raw.into_iter().enumerate() {
         let key = format!("users[{i}]");
@@ -949,13 +965,22 @@ fn users(errs: &mut Vec<String>, raw: Vec<raw::RawUser>) -> Vec<User> {
         }
         let hash = match (u.password_hash, u.password_hash_file) {
             (Some(h), None) => Some(h),
-            (None, Some(f)) => match read_secret_file(Path::new(&f)) {
-                Ok(h) => Some(h),
-                Err(e) => {
-                    errs.push(format!("{key}.password_hash_file: {e}"));
-                    None
+            (None, Some(f)) => {
+                let file_key = format!("{key}.password_hash_file");
+                match credentials::expand(&file_key, &f, creds) {
+                    Ok(path) => match read_secret_file(&path, creds) {
+                        Ok(h) => Some(h),
+                        Err(e) => {
+                            errs.push(format!("{file_key}: {e}"));
+                            None
+                        }
+                    },
+                    Err(e) => {
+                        errs.push(e);
+                        None
+                    }
                 }
-            },
+            }
             (Some(_), Some(_)) => {
                 errs.push(format!(
                     "{key}: set password_hash or password_hash_file, not both"
@@ -995,13 +1020,14 @@ fn users(errs: &mut Vec<String>, raw: Vec<raw::RawUser>) -> Vec<User> {
 }
 
 /// Reads a file holding a secret, refusing one that group or others may read
-/// (behaviour.md C36). The error never contains the file's content.
-pub fn read_secret_file(path: &Path) -> Result<String, String> {
+/// (behaviour.md C36; group read is allowed inside the credentials directory `creds`, see
+/// [`credentials::mode_allowed`]). The error never contains the file's content.
+pub fn read_secret_file(path: &Path, creds: Option<&Path>) -> Result<String, String> {
     use std::os::unix::fs::PermissionsExt;
     let meta =
         std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let mode = meta.permissions().mode();
-    if mode & 0o077 != 0 {
+    if !credentials::mode_allowed(path, mode, creds) {
         return Err(format!(
             "{} is readable by group or others (mode {:o}); run: chmod 600 {}",
             path.display(),

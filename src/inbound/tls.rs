@@ -141,7 +141,9 @@ fn load_key(path: &Path) -> Result<PKey<Private>, TlsError> {
         .map_err(|e| err(e.to_string()))?
         .permissions()
         .mode();
-    if mode & 0o077 != 0 {
+    // Group read is fine in systemd's credentials directory (LoadCredential=, mode 0440).
+    let creds = crate::config::credentials::dir_from_env();
+    if !crate::config::credentials::mode_allowed(path, mode, creds.as_deref()) {
         return Err(err(format!(
             "readable by group or others (mode {:o}); run: chmod 600 {}",
             mode & 0o777,

@@ -69,7 +69,8 @@ pub fn files(dir: &Path) -> Vec<String> {
 }
 
 /// A `mailbridge` command with nothing from the environment that would change its
-/// configuration (`MAILBRIDGE*` overrides, `RUST_LOG`).
+/// configuration (`MAILBRIDGE*` overrides, `RUST_LOG`, `CREDENTIALS_DIRECTORY`) or make it talk
+/// to a service manager the test suite itself runs under (`NOTIFY_SOCKET`, `WATCHDOG_*`).
 pub fn mailbridge_cmd() -> Command {
     let mut c = Command::new(BIN);
     for (k, _) in std::env::vars_os() {
@@ -78,6 +79,14 @@ pub fn mailbridge_cmd() -> Command {
         {
             c.env_remove(k);
         }
+    }
+    for k in [
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+        "CREDENTIALS_DIRECTORY",
+    ] {
+        c.env_remove(k);
     }
     c.stdin(Stdio::null());
     c

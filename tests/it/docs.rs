@@ -122,3 +122,143 @@ fn port_25_capability_is_a_drop_in_not_a_unit_edit() {
         );
     }
 }
+
+/// `systemd-analyze`, or `None` (outside CI) when it is not installed. In CI (.ci/run installs
+/// Debian's `systemd` package) a missing tool is a failure.
+fn systemd_analyze() -> Option<std::process::Command> {
+    let found = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            !crate::daemon::in_ci(),
+            "systemd-analyze is missing (apt-get install systemd)"
+        );
+        eprintln!("skipped: systemd-analyze is not installed");
+        return None;
+    }
+    Some(std::process::Command::new("systemd-analyze"))
+}
+
+/// The unit as installed, in a temp dir, with ExecStart=/ExecStartPre= pointing at the binary
+/// just built (systemd-analyze checks that the command exists), and `drop_ins` in its
+/// `mailbridge.service.d/`.
+fn unit_copy(dir: &Path, drop_ins: &[(&str, &str)]) -> PathBuf {
+    let unit = read("systemd/mailbridge.service").replace(
+        "/usr/local/bin/mailbridge",
+        env!("CARGO_BIN_EXE_mailbridge"),
+    );
+    let path = dir.join("mailbridge.service");
+    std::fs::write(&path, unit).unwrap();
+    let d = dir.join("mailbridge.service.d");
+    std::fs::create_dir_all(&d).unwrap();
+    for (src, name) in drop_ins {
+        std::fs::write(d.join(name), read(src)).unwrap();
+    }
+    path
+}
+
+/// `systemd-analyze verify` accepts the unit with both drop-ins, without a single warning
+/// (it exits 0 on unknown keys and unparsable values, so its output must be empty too).
+#[test]
+fn unit_and_drop_ins_pass_systemd_analyze_verify() {
+    let Some(mut cmd) = systemd_analyze() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let unit = unit_copy(
+        dir.path(),
+        &[
+            ("systemd/mailbridge.service.d/port-25.conf", "port-25.conf"),
+            (
+                "systemd/mailbridge.service.d/credentials.conf.example",
+                "credentials.conf",
+            ),
+        ],
+    );
+    let out = cmd
+        .args(["verify", "--man=no"])
+        .arg(&unit)
+        .output()
+        .unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && all.trim().is_empty(),
+        "systemd-analyze verify ({}):\n{all}",
+        out.status
+    );
+}
+
+/// Issue 9 §5: Type=notify with a watchdog, /run/mailbridge, no core dumps, task and memory
+/// limits, and no ExecReload= while SIGHUP does not reload (it would stop the daemon).
+#[test]
+fn unit_is_notify_with_runtime_directory_and_limits() {
+    let unit = read("systemd/mailbridge.service");
+    let d = directives(&unit);
+    for want in [
+        "Type=notify",
+        "RuntimeDirectory=mailbridge",
+        "LimitCORE=0",
+        "WatchdogSec=60s",
+        // Without it glibc keeps freed argon2 buffers and MemoryMax= is reached.
+        "Environment=GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1048576",
+    ] {
+        assert!(d.contains(&want), "the unit lacks {want}");
+    }
+    for key in ["TasksMax=", "MemoryMax="] {
+        assert!(
+            d.iter().any(|l| l.starts_with(key) && l.len() > key.len()),
+            "the unit sets no {key}"
+        );
+    }
+    assert!(
+        !d.iter().any(|l| l.starts_with("ExecReload=")),
+        "ExecReload= before the daemon reloads on SIGHUP"
+    );
+}
+
+/// `systemd-analyze security` rates the unit (without drop-ins) at 1.4 or better, and the
+/// figure in docs/configuration.md is the one it prints now.
+#[test]
+fn unit_security_exposure_is_at_most_1_4_and_documented() {
+    let Some(mut cmd) = systemd_analyze() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let unit = unit_copy(dir.path(), &[]);
+    let out = cmd
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(&unit)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let level = stdout
+        .lines()
+        .find_map(|l| {
+            l.split_once("Overall exposure level for mailbridge.service: ")?
+                .1
+                .split_whitespace()
+                .next()
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no exposure level in:\n{stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    let score: f64 = level.parse().unwrap();
+    assert!(
+        score <= 1.4,
+        "exposure level {score} (at most 1.4):\n{stdout}"
+    );
+    let docs = read("docs/configuration.md");
+    assert!(
+        docs.contains(&format!("exposure level {level}")),
+        "docs/configuration.md does not record the exposure level {level}"
+    );
+}

@@ -16,5 +16,6 @@ mod interop;
 mod interop_auth;
 mod interop_tls;
 mod session;
+mod systemd;
 mod tls;
 mod tls_matrix;
