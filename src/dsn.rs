@@ -14,7 +14,7 @@
 use std::io::{self, Read};
 use std::time::{Duration, UNIX_EPOCH};
 
-use crate::outcome::UpstreamReply;
+use crate::outcome::{UpstreamReply, split_lines};
 use crate::smtp::headers::rfc5322_date;
 
 /// What happened to a recipient (RFC 3464 §2.3.3; `delivered`, `relayed` and `expanded` are never
@@ -407,19 +407,6 @@ fn byte_cut(line: &[u8], room: usize) -> usize {
 
 // ---------------------------------------------------------------------------------------------
 // Values and lines.
-
-/// Lines split at CRLF, LF or a lone CR.
-fn split_lines(s: &str) -> Vec<&str> {
-    let mut out = Vec::new();
-    let mut rest = s;
-    while let Some(p) = rest.find(['\r', '\n']) {
-        out.push(&rest[..p]);
-        let skip = if rest[p..].starts_with("\r\n") { 2 } else { 1 };
-        rest = &rest[p + skip..];
-    }
-    out.push(rest);
-    out
-}
 
 /// One header-safe line: every control character (CR and LF included) becomes a space.
 fn clean_line(s: &str) -> String {

@@ -118,7 +118,7 @@ fn split_enhanced(text: &str) -> (Option<&str>, &str) {
 }
 
 /// Lines split at CRLF, LF or a lone CR.
-fn split_lines(s: &str) -> Vec<&str> {
+pub(crate) fn split_lines(s: &str) -> Vec<&str> {
     let mut out = Vec::new();
     let mut rest = s;
     while let Some(p) = rest.find(['\r', '\n']) {
