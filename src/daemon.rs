@@ -30,6 +30,7 @@ pub struct Daemon {
     /// shutdown that means the daemon no longer works, which [`Daemon::health`] reports.
     scheduler_ended: CancellationToken,
     listener_ended: CancellationToken,
+    ops: Arc<crate::ops::Ops>,
 }
 
 impl Daemon {
@@ -66,13 +67,17 @@ impl Daemon {
         let router: crate::delivery::Router = Arc::new(move |env: &crate::spool::Envelope| {
             routing.route(&env.sender, env.auth_user.as_deref())
         });
-        let delivery = Arc::new(Delivery::with_upstreams(
-            spool.clone(),
-            upstreams,
-            router,
-            config.queue.clone(),
-            &config.hostname,
-        ));
+        let ops = Arc::new(crate::ops::Ops::new(Some(config.state_dir.clone())));
+        let delivery = Arc::new(
+            Delivery::with_upstreams(
+                spool.clone(),
+                upstreams,
+                router,
+                config.queue.clone(),
+                &config.hostname,
+            )
+            .with_ops(ops.clone()),
+        );
         let max_delay = config
             .queue
             .retry
@@ -163,6 +168,7 @@ impl Daemon {
                 listener: lcfg,
                 auth: authenticator.clone(),
                 auth_failures: auth_failures.clone(),
+                ops: ops.clone(),
                 spool: spool.clone(),
                 scheduler: handle.clone(),
                 stop: stop.clone(),
@@ -229,7 +235,13 @@ impl Daemon {
             done,
             scheduler_ended,
             listener_ended,
+            ops,
         })
+    }
+
+    /// Metrics, sender inventory, recent outcomes.
+    pub fn ops(&self) -> &Arc<crate::ops::Ops> {
+        &self.ops
     }
 
     /// For the systemd watchdog: whether the parts that must run as long as the daemon does

@@ -26,6 +26,7 @@ pub struct Delivery {
     queue: QueueConfig,
     hostname: String,
     scheduler: OnceLock<SchedulerHandle>,
+    ops: Arc<crate::ops::Ops>,
 }
 
 /// Runs blocking spool work off the async threads.
@@ -61,7 +62,23 @@ impl Delivery {
             queue,
             hostname: hostname.to_string(),
             scheduler: OnceLock::new(),
+            ops: Arc::new(crate::ops::Ops::default()),
         }
+    }
+
+    /// Reports outcomes to `ops` (metrics, recent outcomes) instead of a private hub.
+    pub fn with_ops(mut self, ops: Arc<crate::ops::Ops>) -> Delivery {
+        self.ops = ops;
+        self
+    }
+
+    pub fn ops(&self) -> &Arc<crate::ops::Ops> {
+        &self.ops
+    }
+
+    /// The upstreams, in configuration order.
+    pub fn upstreams(&self) -> &[Arc<dyn Upstream>] {
+        &self.upstreams
     }
 
     /// Where reports (DSNs, alerts) are announced once queued.
@@ -131,6 +148,7 @@ impl Delivery {
             };
             for &i in &pending {
                 delivery_log(&stored.envelope, i, &expired);
+                self.ops.delivery(&stored.envelope, i, &expired);
                 stored.state.recipients[i].status = RcptStatus::Failed;
                 stored.state.recipients[i].reply = Some(reason.clone());
                 stored.state.set_outcome(i, expired.clone());
@@ -187,6 +205,7 @@ impl Delivery {
             outcome.at_ms = ended;
             outcome.attempt = stored.state.attempts;
             delivery_log(&stored.envelope, i, &outcome);
+            self.ops.delivery(&stored.envelope, i, &outcome);
             let r = &mut stored.state.recipients[i];
             // The reply string stays for files read by an older mailbridge.
             let reply = outcome.reply.to_string();

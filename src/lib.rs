@@ -28,6 +28,7 @@
 //! - [`daemon`]: wiring, signals, ordered shutdown. [`systemd`]: READY/STOPPING/WATCHDOG.
 //!   [`cli`]: commands and exit codes.
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -35,6 +36,7 @@ pub mod delivery;
 pub mod dsn;
 pub mod inbound;
 pub mod logging;
+pub mod ops;
 pub mod outcome;
 pub mod scheduler;
 pub mod secret;

@@ -36,6 +36,39 @@ pub struct Config {
     /// `Received:` carries `(Authenticated sender: USER)` (off by default: the header goes to
     /// every recipient, and device account names are nobody's business outside).
     pub received_auth_user: bool,
+    pub admin: AdminConfig,
+}
+
+/// The default `admin.socket` (systemd's `RuntimeDirectory=mailbridge`).
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/mailbridge/admin.sock";
+
+/// `admin:`: where operators reach the running daemon.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// The admin socket; `None` when turned off (`admin.socket: ""`).
+    pub socket: Option<PathBuf>,
+    /// /metrics, /healthz and the status page; `None` = off (the default).
+    pub http_address: Option<std::net::SocketAddr>,
+    /// Networks that may use `http_address` besides loopback.
+    pub http_allow_networks: Vec<IpNet>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> AdminConfig {
+        AdminConfig {
+            socket: Some(PathBuf::from(DEFAULT_ADMIN_SOCKET)),
+            http_address: None,
+            http_allow_networks: Vec::new(),
+        }
+    }
+}
+
+impl AdminConfig {
+    /// Whether `ip` may use the HTTP endpoint: loopback always, else `http_allow_networks`.
+    pub fn http_allows(&self, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        ip.is_loopback() || self.http_allow_networks.iter().any(|n| n.contains(&ip))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -872,6 +905,44 @@ pub fn validate_with(raw: RawConfig, creds: Option<&Path>) -> Result<Config, Con
         }
     };
 
+    let admin = {
+        let a = &raw.admin;
+        let socket = match a.socket.as_deref() {
+            None => Some(PathBuf::from(DEFAULT_ADMIN_SOCKET)),
+            Some("") => None,
+            Some(p) => Some(PathBuf::from(p)),
+        };
+        let http_allow_networks = networks(
+            &mut errs,
+            "admin.http_allow_networks",
+            &a.http_allow_networks,
+        );
+        let http_address = match a.http_address.as_deref() {
+            None | Some("") => None,
+            Some(s) => match s.parse::<std::net::SocketAddr>() {
+                Ok(addr) => {
+                    if !canonical_ip(addr.ip()).is_loopback() && http_allow_networks.is_empty() {
+                        errs.push(format!(
+                            "admin.http_address: {addr} is reachable from other hosts: list the networks that may read metrics and the status page in admin.http_allow_networks (loopback needs no entry), or bind 127.0.0.1"
+                        ));
+                    }
+                    Some(addr)
+                }
+                Err(_) => {
+                    errs.push(format!(
+                        "admin.http_address: invalid address {s:?} (expected host:port, e.g. 127.0.0.1:9925)"
+                    ));
+                    None
+                }
+            },
+        };
+        AdminConfig {
+            socket,
+            http_address,
+            http_allow_networks,
+        }
+    };
+
     if !errs.is_empty() {
         return Err(ConfigErrors(errs));
     }
@@ -911,6 +982,7 @@ pub fn validate_with(raw: RawConfig, creds: Option<&Path>) -> Result<Config, Con
         log: LogConfig { level, format },
         routes,
         received_auth_user: raw.received_auth_user.unwrap_or(false),
+        admin,
     })
 }
 
@@ -1127,6 +1199,7 @@ pub fn demo(dir: &Path) -> Config {
     .expect("the built-in demo configuration is valid");
     cfg.spool.path = dir.join("spool");
     cfg.state_dir = dir.join("state");
+    cfg.admin.socket = Some(dir.join("admin.sock"));
     cfg
 }
 

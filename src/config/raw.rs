@@ -24,6 +24,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub log: RawLog,
     #[serde(default)]
+    pub admin: RawAdmin,
+    #[serde(default)]
     pub tls: RawTls,
     /// Where mailbridge keeps state that is not mail (the generated TLS certificate).
     pub state_dir: Option<String>,
@@ -237,4 +239,19 @@ pub struct RawQueue {
 pub struct RawLog {
     pub level: Option<String>,
     pub format: Option<String>,
+}
+
+/// `admin:`: the admin socket (CLI commands) and the optional HTTP endpoint (metrics, health,
+/// status page).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// Unix socket for `mailbridge queue|status|senders|reload` (default
+    /// /run/mailbridge/admin.sock; an empty string turns it off).
+    pub socket: Option<String>,
+    /// `host:port` for /metrics, /healthz and the status page (default: off).
+    pub http_address: Option<String>,
+    /// Who may read it besides loopback; required for a non-loopback `http_address`.
+    #[serde(default)]
+    pub http_allow_networks: Vec<String>,
 }

@@ -32,4 +32,6 @@ pub struct SessionCtx {
     pub auth: Arc<auth::Authenticator>,
     /// Slows down and blocks addresses that keep failing AUTH (shared by all listeners).
     pub auth_failures: Arc<auth::FailureLimiter>,
+    /// Metrics, sender inventory (shared by all listeners and the delivery workers).
+    pub ops: Arc<crate::ops::Ops>,
 }

@@ -59,4 +59,14 @@ pub trait Upstream: Send + Sync {
 
     /// Tries to deliver; returns one outcome per entry of `attempt.recipients`, in order.
     fn deliver(&self, attempt: Attempt) -> BoxFuture<'_, Report>;
+
+    /// State and counters for `mailbridge status`, metrics and the status page.
+    fn status(&self) -> crate::ops::model::UpstreamStatus {
+        crate::ops::model::UpstreamStatus {
+            name: self.name().to_string(),
+            kind: "unknown".into(),
+            state: "ok".into(),
+            ..Default::default()
+        }
+    }
 }

@@ -69,6 +69,15 @@ impl Upstream for Outbox {
         &self.name
     }
 
+    fn status(&self) -> crate::ops::model::UpstreamStatus {
+        crate::ops::model::UpstreamStatus {
+            name: self.name.clone(),
+            kind: "outbox".into(),
+            state: "ok".into(),
+            ..Default::default()
+        }
+    }
+
     fn deliver(&self, attempt: Attempt) -> BoxFuture<'_, Report> {
         Box::pin(async move {
             let n = attempt.recipients.len();

@@ -61,6 +61,7 @@ impl Harness {
             tls,
             auth: Arc::new(mailbridge::inbound::auth::Authenticator::new(&users)),
             auth_failures: Arc::new(mailbridge::inbound::auth::FailureLimiter::new()),
+            ops: Arc::new(mailbridge::ops::Ops::default()),
         });
         Harness { dir, ctx, spool }
     }

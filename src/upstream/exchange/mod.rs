@@ -1186,6 +1186,22 @@ impl Upstream for Exchange {
     fn deliver(&self, attempt: Attempt) -> BoxFuture<'_, Report> {
         Box::pin(self.deliver_all(attempt))
     }
+
+    fn status(&self) -> crate::ops::model::UpstreamStatus {
+        let st = Exchange::status(self);
+        crate::ops::model::UpstreamStatus {
+            name: self.name.clone(),
+            kind: "exchange-online".into(),
+            state: st.state.into(),
+            problem: st.problem,
+            meaning: st.meaning,
+            remedy: st.remedy,
+            connections_max: Some(self.cfg.limits.connections as u64),
+            messages_per_minute: Some(self.cfg.limits.messages_per_minute as u64),
+            recipients_per_day: Some(self.cfg.limits.recipients_per_day),
+            ..Default::default()
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,5 @@
+//! The operator's side of a running daemon: the admin socket (JSON lines, [`proto`]) that the
+//! CLI commands talk to, and its client.
+
+pub mod client;
+pub mod proto;
