@@ -31,6 +31,7 @@ pub struct Daemon {
     scheduler_ended: CancellationToken,
     listener_ended: CancellationToken,
     ops: Arc<crate::ops::Ops>,
+    control: Arc<crate::ops::control::Control>,
 }
 
 impl Daemon {
@@ -183,6 +184,34 @@ impl Daemon {
             }));
         }
         let scheduler_ended = CancellationToken::new();
+        let control = Arc::new(crate::ops::control::Control {
+            ops: ops.clone(),
+            spool: spool.clone(),
+            scheduler: handle.clone(),
+            delivery: delivery.clone(),
+            listeners: config
+                .listeners
+                .iter()
+                .zip(&addrs)
+                .map(|(l, a)| crate::ops::model::ListenerStatus {
+                    address: a.to_string(),
+                    tls: match l.tls {
+                        crate::config::TlsMode::None => "none",
+                        crate::config::TlsMode::StartTls => "starttls",
+                        crate::config::TlsMode::Implicit => "implicit",
+                    }
+                    .into(),
+                    tls_profile: (l.tls != crate::config::TlsMode::None)
+                        .then(|| l.tls_profile.name().to_string()),
+                    require_auth: l.require_auth,
+                })
+                .collect(),
+            health: health_fn(
+                stop.clone(),
+                scheduler_ended.clone(),
+                listener_ended.clone(),
+            ),
+        });
         let sched_task = {
             let ended = scheduler_ended.clone().drop_guard();
             let run = scheduler.run(queue_stop.clone(), workers.clone());
@@ -236,6 +265,7 @@ impl Daemon {
             scheduler_ended,
             listener_ended,
             ops,
+            control,
         })
     }
 
@@ -244,23 +274,20 @@ impl Daemon {
         &self.ops
     }
 
+    /// The queue, status and commands, as the admin socket and the HTTP endpoint use them.
+    pub fn control(&self) -> &Arc<crate::ops::control::Control> {
+        &self.control
+    }
+
     /// For the systemd watchdog: whether the parts that must run as long as the daemon does
     /// still run. `Err` says which one stopped. Always `Ok` once shutdown has begun.
     pub fn health(&self) -> impl Fn() -> Result<(), String> + Send + Sync + 'static {
-        let stop = self.stop.clone();
-        let scheduler = self.scheduler_ended.clone();
-        let listener = self.listener_ended.clone();
-        move || {
-            if stop.is_cancelled() {
-                Ok(())
-            } else if scheduler.is_cancelled() {
-                Err("the delivery scheduler stopped: queued mail is not being delivered".into())
-            } else if listener.is_cancelled() {
-                Err("a listener stopped accepting connections".into())
-            } else {
-                Ok(())
-            }
-        }
+        let f = health_fn(
+            self.stop.clone(),
+            self.scheduler_ended.clone(),
+            self.listener_ended.clone(),
+        );
+        move || f()
     }
 
     /// Begins the ordered shutdown and waits for it to finish.
@@ -268,6 +295,24 @@ impl Daemon {
         self.stop.cancel();
         let _ = self.done.await;
     }
+}
+
+fn health_fn(
+    stop: CancellationToken,
+    scheduler: CancellationToken,
+    listener: CancellationToken,
+) -> crate::ops::control::HealthFn {
+    Arc::new(move || {
+        if stop.is_cancelled() {
+            Ok(())
+        } else if scheduler.is_cancelled() {
+            Err("the delivery scheduler stopped: queued mail is not being delivered".into())
+        } else if listener.is_cancelled() {
+            Err("a listener stopped accepting connections".into())
+        } else {
+            Ok(())
+        }
+    })
 }
 
 /// One [`Upstream`] per configured upstream; Exchange upstreams share one token refresher per

@@ -7,6 +7,7 @@
 //! Hooks are cheap (atomics, one short lock) and never fail: the data path must not slow
 //! down or stop because of them.
 
+pub mod control;
 pub mod metrics;
 pub mod model;
 pub mod senders;
