@@ -24,6 +24,8 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
 /// A running daemon, for `serve` and for tests that start one in-process.
 pub struct Daemon {
     pub addrs: Vec<std::net::SocketAddr>,
+    /// Where `/metrics`, `/healthz` and the status page are served (`admin.http_address`).
+    pub http_addr: Option<std::net::SocketAddr>,
     stop: CancellationToken,
     done: tokio::task::JoinHandle<()>,
     /// Cancelled when the scheduler loop or an accept loop ends (returns or panics): before
@@ -63,12 +65,12 @@ impl Daemon {
         let (alert_tx, mut alert_rx) = tokio::sync::mpsc::unbounded_channel();
         // Cancelled when the queue stops: attempts waiting for a send slot end at once.
         let queue_stop = CancellationToken::new();
-        let upstreams = build_upstreams(&config, &background, &queue_stop, alert_tx)?;
+        let ops = Arc::new(crate::ops::Ops::new(Some(config.state_dir.clone())));
+        let upstreams = build_upstreams(&config, &background, &queue_stop, alert_tx, &ops)?;
         let routing = config.clone();
         let router: crate::delivery::Router = Arc::new(move |env: &crate::spool::Envelope| {
             routing.route(&env.sender, env.auth_user.as_deref())
         });
-        let ops = Arc::new(crate::ops::Ops::new(Some(config.state_dir.clone())));
         let delivery = Arc::new(
             Delivery::with_upstreams(
                 spool.clone(),
@@ -212,6 +214,24 @@ impl Daemon {
                 listener_ended.clone(),
             ),
         });
+        // /metrics, /healthz and the status page (admin.http_address; off by default).
+        let http = match config.admin.http_address {
+            Some(addr) => {
+                let admin = config.admin.clone();
+                let allow: crate::admin::http::AllowFn = Arc::new(move |ip| admin.http_allows(ip));
+                Some(
+                    crate::admin::http::HttpServer::start(
+                        addr,
+                        allow,
+                        control.clone(),
+                        stop.clone(),
+                    )
+                    .await?,
+                )
+            }
+            None => None,
+        };
+        let http_addr = http.as_ref().map(|h| h.local_addr());
         let sched_task = {
             let ended = scheduler_ended.clone().drop_guard();
             let run = scheduler.run(queue_stop.clone(), workers.clone());
@@ -225,6 +245,9 @@ impl Daemon {
         let done = tokio::spawn(async move {
             stop2.cancelled().await;
             tracing::info!("shutting down: no new connections, idle sessions get 421");
+            if let Some(h) = http {
+                h.wait().await;
+            }
             for a in accept_loops {
                 let _ = a.await;
             }
@@ -260,6 +283,7 @@ impl Daemon {
         });
         Ok(Daemon {
             addrs,
+            http_addr,
             stop,
             done,
             scheduler_ended,
@@ -322,9 +346,12 @@ fn build_upstreams(
     background: &CancellationToken,
     draining: &CancellationToken,
     alerts: tokio::sync::mpsc::UnboundedSender<crate::upstream::exchange::Alert>,
+    ops: &Arc<crate::ops::Ops>,
 ) -> anyhow::Result<Vec<Arc<dyn Upstream>>> {
     let mut out: Vec<Arc<dyn Upstream>> = Vec::new();
     let mut refreshers: Vec<((String, String, String), crate::token::TokenHandle)> = Vec::new();
+    // The upstreams each refresher serves (the `upstream` label of its token metrics).
+    let mut served: Vec<Vec<String>> = Vec::new();
     type MailboxKey = (String, u16, String);
     let mut mailboxes: Vec<(MailboxKey, Arc<crate::upstream::exchange::Mailbox>, String)> =
         Vec::new();
@@ -344,8 +371,11 @@ fn build_upstreams(
             UpstreamKind::ExchangeOnline(x) => {
                 let c = &x.credentials;
                 let key = (c.token_url.clone(), c.client_id.clone(), c.scope.clone());
-                let tokens = match refreshers.iter().find(|(k, _)| *k == key) {
-                    Some((_, h)) => h.clone(),
+                let tokens = match refreshers.iter().position(|(k, _)| *k == key) {
+                    Some(i) => {
+                        served[i].push(up.name.clone());
+                        refreshers[i].1.clone()
+                    }
                     None => {
                         let ca = match &x.ca_file {
                             Some(f) => Some(std::fs::read(f).with_context(|| {
@@ -357,6 +387,7 @@ fn build_upstreams(
                             .map_err(|e| anyhow::anyhow!("upstream {}: {e}", up.name))?;
                         let h = crate::token::Refresher::spawn(http, c.clone(), background.clone());
                         refreshers.push((key, h.clone()));
+                        served.push(vec![up.name.clone()]);
                         h
                     }
                 };
@@ -409,6 +440,16 @@ fn build_upstreams(
                 out.push(ex);
             }
         }
+    }
+    for ((_, handle), names) in refreshers.iter().zip(&served) {
+        let (ok, error) = ops.metrics.token_request_counters(&names.join(","));
+        handle.on_request(Arc::new(move |good| {
+            if good {
+                ok.inc();
+            } else {
+                error.inc();
+            }
+        }));
     }
     Ok(out)
 }

@@ -128,6 +128,7 @@ pub async fn serve(
         // Outsiders are refused first, so they never take a slot that a printer needs.
         if !ctx.config.access.may_connect(ip) {
             tracing::warn!(client = %ip, "connection from a network in neither access.allow_networks nor access.auth_networks refused");
+            ctx.ops.message_rejected("network_denied");
             sessions.spawn(refuse(stream, reply::RELAY_DENIED));
             continue;
         }
@@ -146,10 +147,12 @@ pub async fn serve(
                     // The reserve may be what refused it: say so, or the admin sees free slots.
                     tracing::warn!(client = %ip, reason = %r.text, reserved_connections = slot_limits.reserved, "connection refused (a client outside access.allow_networks may not use the slots limits.reserved_connections keeps for allow_networks)");
                 }
+                ctx.ops.message_rejected("too_many_connections");
                 sessions.spawn(refuse(stream, r));
                 continue;
             }
         };
+        ctx.ops.session_opened();
         let ctx = ctx.clone();
         sessions.spawn(async move {
             let local = stream.local_addr().ok();

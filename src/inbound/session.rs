@@ -706,30 +706,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let access = &self.ctx.config.access;
         if self.auth.is_none() && (self.ctx.listener.require_auth || !access.allows(self.client_ip))
         {
+            self.ctx.ops.message_rejected("auth_required");
             self.reply(&reply::AUTH_REQUIRED);
             return self.error();
         }
         let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
         if let Some(r) = address_problem(&from.address, line, smtputf8) {
+            self.ctx.ops.message_rejected("address");
             self.reply(&r);
             return self.error();
         }
         if !crate::config::sender_allowed(self.sender_patterns(), &from.address) {
             tracing::warn!(client = %self.client_ip, from = %from.address, "sender not in access.allowed_senders");
+            self.ctx.ops.message_rejected("sender_not_allowed");
             self.reply(&reply::SENDER_NOT_ALLOWED);
             return self.error();
         }
         if from.flags & MAIL_BODY_BINARYMIME != 0 {
+            self.ctx.ops.message_rejected("binarymime");
             self.reply(&reply::BINARYMIME_UNSUPPORTED);
             return self.error();
         }
         let max = self.ctx.config.limits.max_message_size;
         if from.size as u64 > max {
+            self.ctx.ops.message_rejected("size");
             self.reply(&reply::SIZE_EXCEEDED);
             return self.error();
         }
         if !self.ctx.spool.has_room(from.size as u64) {
             tracing::error!(spool = %self.ctx.spool.root().display(), "spool file system is full: refusing mail with 452");
+            self.ctx.ops.message_rejected("storage_full");
             self.reply(&reply::STORAGE_FULL);
             return Next::Continue;
         }
@@ -758,15 +764,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return self.error();
         };
         let problem = if to.address.is_empty() {
-            Some(reply::RECIPIENT_NEEDS_DOMAIN)
+            Some((reply::RECIPIENT_NEEDS_DOMAIN, "address"))
         } else if tx.recipients.len() >= max {
             // RFC 5321 §4.5.3.1.8: 452 and the client sends the rest in another transaction.
-            Some(reply::TOO_MANY_RECIPIENTS)
+            Some((reply::TOO_MANY_RECIPIENTS, "too_many_recipients"))
         } else {
-            address_problem(&to.address, line, tx.smtputf8)
+            address_problem(&to.address, line, tx.smtputf8).map(|r| (r, "address"))
         };
         match problem {
-            Some(r) => {
+            Some((r, reason)) => {
+                self.ctx.ops.message_rejected(reason);
                 tx.rcpt_refused = true;
                 let temporary = r.code < 500;
                 self.reply(&r);
@@ -843,7 +850,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // Issue 8 §3.2/§3.7: the whole header section is scanned (incrementally) and its
         // From parsed; a refused message is not written to the spool at all.
         let mut scan = headers::HeaderScan::new(cfg.limits.max_header_size);
-        let mut head_refusal: Option<Reply> = None;
+        let mut head_refusal: Option<(Reply, &'static str)> = None;
         let mut out = Vec::with_capacity(READ_CHUNK + 1024);
         let deadline = Instant::now() + cfg.limits.data_timeout;
         // RFC 3848 / RFC 6531 "with" keywords: S for TLS, A for AUTH.
@@ -899,11 +906,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     HeadState::TooBig => {
                         head = None;
                         tracing::warn!(client = %self.client_ip, max = cfg.limits.max_header_size, "header section over limits.max_header_size: refusing the message");
-                        head_refusal = Some(reply::header_too_big(cfg.limits.max_header_size));
+                        head_refusal = Some((
+                            reply::header_too_big(cfg.limits.max_header_size),
+                            "header_size",
+                        ));
                     }
                     HeadState::Done { end, present } => {
                         let h = head.take().unwrap_or_default();
-                        head_refusal = self.header_from_refusal(&h[..end], scan.from_fields());
+                        head_refusal = self
+                            .header_from_refusal(&h[..end], scan.from_fields())
+                            .map(|r| (r, "header_from"));
                         if head_refusal.is_none() {
                             incoming.write(&trace(present)).await;
                             incoming.write(&h).await;
@@ -928,20 +940,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
 
+        // From here to the 250: `mailbridge_accept_duration_seconds`.
+        let dot = Instant::now();
         let flags = decoder.flags;
         let refusal = if flags.oversize {
-            Some(reply::SIZE_EXCEEDED)
+            Some((reply::SIZE_EXCEEDED, "size"))
         } else if flags.nul {
-            Some(reply::NUL_IN_DATA)
+            Some((reply::NUL_IN_DATA, "nul"))
         } else if flags.long_line {
-            Some(reply::LINE_OVER_998)
+            Some((reply::LINE_OVER_998, "long_line"))
         } else if flags.bare_lf && self.ctx.listener.bare_lf == BareLf::Reject {
-            Some(reply::BARE_LF)
+            Some((reply::BARE_LF, "bare_lf"))
         } else {
             head_refusal
         };
-        if let Some(r) = refusal {
+        if let Some((r, reason)) = refusal {
             drop(incoming);
+            self.ctx.ops.message_rejected(reason);
             tracing::info!(client = %self.client_ip, from = %envelope.sender, reason = %r.text, "message refused");
             self.reply(&r);
             return Next::Continue;
@@ -960,9 +975,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.ctx.scheduler.queued(queued);
                 self.junk = 0;
                 self.reply(&reply::queued(&id));
+                self.ctx.ops.message_accepted(
+                    &crate::ops::ClientInfo {
+                        ip: self.client_ip,
+                        helo: &envelope.helo,
+                        auth_user: envelope.auth_user.as_deref(),
+                        auth_mechanism: None,
+                        tls: None,
+                        sender: &envelope.sender,
+                    },
+                    dot.elapsed(),
+                );
             }
             Err(e) => {
                 tracing::error!(client = %self.client_ip, error = %e, "cannot write the message to the spool: refusing with 452");
+                self.ctx.ops.message_rejected("storage_full");
                 self.reply(&reply::STORAGE_FULL);
             }
         }

@@ -33,7 +33,12 @@ struct Inner {
     next_generation: AtomicU64,
     /// Wakes the refresher when someone else stored a new token.
     stored: Notify,
+    /// Told the result (`true`: a token came) of every token request (metrics).
+    on_request: std::sync::OnceLock<RequestHook>,
 }
+
+/// See [`TokenHandle::on_request`].
+pub type RequestHook = Arc<dyn Fn(bool) + Send + Sync>;
 
 #[derive(Default)]
 struct Flight {
@@ -65,7 +70,20 @@ impl TokenHandle {
                 flight: Mutex::new(Flight::default()),
                 next_generation: AtomicU64::new(1),
                 stored: Notify::new(),
+                on_request: std::sync::OnceLock::new(),
             }),
+        }
+    }
+
+    /// Sets the hook told the result of every token request from now on (the first call
+    /// wins). It must be cheap: it runs on the refresh path.
+    pub fn on_request(&self, hook: RequestHook) {
+        let _ = self.inner.on_request.set(hook);
+    }
+
+    fn report(&self, ok: bool) {
+        if let Some(hook) = self.inner.on_request.get() {
+            hook(ok);
         }
     }
 
@@ -126,7 +144,9 @@ impl TokenHandle {
 
     async fn fetch_and_store(&self, flight: &mut Flight) -> Result<Arc<Token>, Arc<TokenError>> {
         let creds = &self.inner.creds;
-        match fetch(&self.inner.http, creds).await {
+        let result = fetch(&self.inner.http, creds).await;
+        self.report(result.is_ok());
+        match result {
             Ok(mut token) => {
                 token.generation = self.inner.next_generation.fetch_add(1, Ordering::Relaxed);
                 let token = Arc::new(token);
