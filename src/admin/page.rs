@@ -103,7 +103,7 @@ fn relative(ms: u64, now_ms: u64) -> String {
 fn tls_class(s: &SenderRecord) -> &'static str {
     match s.tls_version.as_deref() {
         None => "plaintext",
-        Some(v) if matches!(v, "TLSv1" | "TLSv1.0" | "TLSv1.1" | "SSLv3") => "legacy",
+        Some("TLSv1" | "TLSv1.0" | "TLSv1.1" | "SSLv3") => "legacy",
         Some(_) => "ok",
     }
 }
