@@ -350,8 +350,22 @@ fn build_upstreams(
 ) -> anyhow::Result<Vec<Arc<dyn Upstream>>> {
     let mut out: Vec<Arc<dyn Upstream>> = Vec::new();
     let mut refreshers: Vec<((String, String, String), crate::token::TokenHandle)> = Vec::new();
-    // The upstreams each refresher serves (the `upstream` label of its token metrics).
-    let mut served: Vec<Vec<String>> = Vec::new();
+    // The upstreams each refresher serves: the `upstream` label of its token metrics.
+    let token_key = |c: &crate::token::ClientCredentials| {
+        (c.token_url.clone(), c.client_id.clone(), c.scope.clone())
+    };
+    let served = |key: &(String, String, String)| {
+        let names: Vec<&str> = config
+            .upstreams
+            .iter()
+            .filter(|u| match &u.kind {
+                UpstreamKind::ExchangeOnline(x) => token_key(&x.credentials) == *key,
+                _ => false,
+            })
+            .map(|u| u.name.as_str())
+            .collect();
+        names.join(",")
+    };
     type MailboxKey = (String, u16, String);
     let mut mailboxes: Vec<(MailboxKey, Arc<crate::upstream::exchange::Mailbox>, String)> =
         Vec::new();
@@ -370,12 +384,9 @@ fn build_upstreams(
             }
             UpstreamKind::ExchangeOnline(x) => {
                 let c = &x.credentials;
-                let key = (c.token_url.clone(), c.client_id.clone(), c.scope.clone());
-                let tokens = match refreshers.iter().position(|(k, _)| *k == key) {
-                    Some(i) => {
-                        served[i].push(up.name.clone());
-                        refreshers[i].1.clone()
-                    }
+                let key = token_key(c);
+                let tokens = match refreshers.iter().find(|(k, _)| *k == key) {
+                    Some((_, h)) => h.clone(),
                     None => {
                         let ca = match &x.ca_file {
                             Some(f) => Some(std::fs::read(f).with_context(|| {
@@ -385,9 +396,21 @@ fn build_upstreams(
                         };
                         let http = crate::token::http_client_with_roots(ca.as_deref())
                             .map_err(|e| anyhow::anyhow!("upstream {}: {e}", up.name))?;
-                        let h = crate::token::Refresher::spawn(http, c.clone(), background.clone());
+                        let (ok, error) = ops.metrics.token_request_counters(&served(&key));
+                        let hook: crate::token::RequestHook = Arc::new(move |good| {
+                            if good {
+                                ok.inc();
+                            } else {
+                                error.inc();
+                            }
+                        });
+                        let h = crate::token::Refresher::spawn_observed(
+                            http,
+                            c.clone(),
+                            background.clone(),
+                            hook,
+                        );
                         refreshers.push((key, h.clone()));
-                        served.push(vec![up.name.clone()]);
                         h
                     }
                 };
@@ -440,16 +463,6 @@ fn build_upstreams(
                 out.push(ex);
             }
         }
-    }
-    for ((_, handle), names) in refreshers.iter().zip(&served) {
-        let (ok, error) = ops.metrics.token_request_counters(&names.join(","));
-        handle.on_request(Arc::new(move |good| {
-            if good {
-                ok.inc();
-            } else {
-                error.inc();
-            }
-        }));
     }
     Ok(out)
 }

@@ -265,6 +265,20 @@ impl Refresher {
         tokio::spawn(run(handle.clone(), shutdown, policy));
         handle
     }
+
+    /// [`Refresher::spawn`] with a hook told the result of every token request, the first
+    /// one included ([`TokenHandle::on_request`]).
+    pub fn spawn_observed(
+        http: reqwest::Client,
+        creds: ClientCredentials,
+        shutdown: CancellationToken,
+        hook: RequestHook,
+    ) -> TokenHandle {
+        let handle = TokenHandle::new(http, creds);
+        handle.on_request(hook);
+        tokio::spawn(run(handle.clone(), shutdown, RefreshPolicy::default()));
+        handle
+    }
 }
 
 async fn run(handle: TokenHandle, shutdown: CancellationToken, policy: RefreshPolicy) {

@@ -12,6 +12,7 @@ pub mod fake_exchange;
 #[path = "../support/fake_token.rs"]
 pub mod fake_token;
 mod fakes;
+mod http;
 mod interop;
 mod interop_auth;
 mod interop_tls;
