@@ -4,6 +4,9 @@
 #
 #   scripts/bench.sh                 # 20,000 messages of 4 KB over 10 sessions
 #   MSGS=2000 scripts/bench.sh       # a quicker run
+#   METRICS=1 scripts/bench.sh       # with admin.http_address on, /metrics and the status
+#                                    # page scraped every 0.5 s during the run
+#   BIN=path/to/mailbridge SKIP_BIG=1 scripts/bench.sh   # a given binary, no 100 MB part
 #
 # Prints: accepted msg/s (until smtp-source got its last 250), end-to-end msg/s (until the
 # last .eml appeared in the outbox), idle RSS, peak RSS, and the peak RSS growth caused by one
@@ -27,15 +30,21 @@ cd "$(dirname "$0")/.."
 SMTP_SOURCE=$(command -v smtp-source || echo /usr/sbin/smtp-source)
 [ -x "$SMTP_SOURCE" ] || { echo "smtp-source not found: apt-get install postfix" >&2; exit 1; }
 
-cargo build --release --locked --quiet
-BIN=target/release/mailbridge
+METRICS=${METRICS:-0}
+SKIP_BIG=${SKIP_BIG:-0}
+if [ -z "${BIN:-}" ]; then
+    cargo build --release --locked --quiet
+    BIN=target/release/mailbridge
+fi
 
 WORK=$(mktemp -d "${BENCH_DIR:-/var/tmp}/mailbridge-bench.XXXXXX")
 OUTBOX_BASE=${OUTBOX_BASE:-/dev/shm}
 [ -d "$OUTBOX_BASE" ] || OUTBOX_BASE=$WORK
 OUTBOX=$(mktemp -d "$OUTBOX_BASE/mailbridge-bench-outbox.XXXXXX")
 PID=
+SCRAPER=
 cleanup() {
+    [ -n "$SCRAPER" ] && kill "$SCRAPER" 2>/dev/null && wait "$SCRAPER" 2>/dev/null || true
     [ -n "$PID" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null || true
     rm -rf "$WORK" "$OUTBOX"
 }
@@ -47,7 +56,14 @@ now() { date +%s.%N; }
 
 start_daemon() { # $1 = max_message_size
     PORT=$(free_port)
+    HTTP_PORT=$(free_port)
     rm -rf "$WORK/spool" "$OUTBOX"; mkdir -p "$OUTBOX"
+    ADMIN="admin:
+  socket: $WORK/admin.sock"
+    if [ "$METRICS" = 1 ]; then
+        ADMIN="$ADMIN
+  http_address: 127.0.0.1:$HTTP_PORT"
+    fi
     cat > "$WORK/relay.yaml" <<YAML
 listeners:
   - address: "127.0.0.1:$PORT"
@@ -64,6 +80,7 @@ upstreams:
     path: $OUTBOX
 log:
   level: warn
+$ADMIN
 YAML
     "$BIN" serve -c "$WORK/relay.yaml" > "$WORK/daemon.log" 2>&1 &
     PID=$!
@@ -82,6 +99,15 @@ count_outbox() { find "$OUTBOX" -maxdepth 1 -name '*.eml' | wc -l; }
 start_daemon 35MiB
 sleep 1
 IDLE_RSS=$(rss_kb "$PID" VmRSS)
+if [ "$METRICS" = 1 ]; then
+    # What a Prometheus server and an open status page tab do, much more often.
+    (while :; do
+        curl -fsS -o /dev/null "http://127.0.0.1:$HTTP_PORT/metrics"
+        curl -fsS -o /dev/null "http://127.0.0.1:$HTTP_PORT/"
+        sleep 0.5
+    done) &
+    SCRAPER=$!
+fi
 T0=$(now)
 "$SMTP_SOURCE" -d -s "$SESSIONS" -m "$MSGS" -l "$SIZE" -f bench@example.com -t sink@example.com "127.0.0.1:$PORT"
 T1=$(now)
@@ -92,9 +118,23 @@ while [ "$(count_outbox)" -lt "$MSGS" ]; do
 done
 T2=$(now)
 PEAK_RSS=$(rss_kb "$PID" VmHWM)
+if [ -n "$SCRAPER" ]; then
+    kill "$SCRAPER"; wait "$SCRAPER" 2>/dev/null || true; SCRAPER=
+    curl -fsS "http://127.0.0.1:$HTTP_PORT/metrics" | grep -E '^mailbridge_(messages_accepted_total|sessions_total) '
+fi
 ACCEPTED=$(python3 -c "print(f'{$MSGS/($T1-$T0):.0f}')")
 E2E=$(python3 -c "print(f'{$MSGS/($T2-$T0):.0f}')")
 stop_daemon
+
+if [ "$SKIP_BIG" = 1 ]; then
+    echo
+    echo "messages: $MSGS x $SIZE bytes over $SESSIONS sessions (smtp-source -d), metrics: $METRICS"
+    echo "accepted:      $ACCEPTED msg/s"
+    echo "end-to-end:    $E2E msg/s"
+    echo "idle RSS:      $((IDLE_RSS / 1024)) MB ($IDLE_RSS kB)"
+    echo "peak RSS:      $((PEAK_RSS / 1024)) MB ($PEAK_RSS kB)"
+    exit 0
+fi
 
 # --- one large message ------------------------------------------------------------------
 start_daemon 200MiB
@@ -119,7 +159,7 @@ AFTER=$(rss_kb "$PID" VmHWM)
 stop_daemon
 
 echo
-echo "messages: $MSGS x $SIZE bytes over $SESSIONS sessions (smtp-source -d)"
+echo "messages: $MSGS x $SIZE bytes over $SESSIONS sessions (smtp-source -d), metrics: $METRICS"
 echo "spool: $WORK ($(stat -f -c %T "$WORK")), outbox: $OUTBOX ($(stat -f -c %T "$OUTBOX"))"
 echo "accepted:      $ACCEPTED msg/s"
 echo "end-to-end:    $E2E msg/s"
