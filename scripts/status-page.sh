@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 
 OUT=${OUT:-docs/status-page.png}
 WIDTH=${WIDTH:-1280}
-HEIGHT=${HEIGHT:-1500}
+HEIGHT=${HEIGHT:-1300}
 CHROMIUM=$(command -v chromium || command -v chromium-browser || true)
 [ -n "$CHROMIUM" ] || { echo "chromium not found: apt-get install chromium" >&2; exit 1; }
 
@@ -59,6 +59,10 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 PY
 TOKEN_PID=$!
+for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$TOKEN_PORT") 2>/dev/null && break
+    sleep 0.1
+done
 
 umask 077
 echo "not-the-real-secret" > "$WORK/client.secret"

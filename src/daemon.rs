@@ -245,9 +245,6 @@ impl Daemon {
         let done = tokio::spawn(async move {
             stop2.cancelled().await;
             tracing::info!("shutting down: no new connections, idle sessions get 421");
-            if let Some(h) = http {
-                h.wait().await;
-            }
             for a in accept_loops {
                 let _ = a.await;
             }
@@ -278,6 +275,10 @@ impl Daemon {
             background.cancel();
             // Let the reapers close idle upstream connections and save counters.
             tokio::time::sleep(Duration::from_millis(200)).await;
+            // The HTTP endpoint stopped with `stop` (open connections get a moment).
+            if let Some(h) = http {
+                h.wait().await;
+            }
             drop(spool);
             tracing::info!("stopped");
         });

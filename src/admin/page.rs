@@ -155,7 +155,7 @@ fn verdict(m: &PageModel) -> (&'static str, String, Vec<String>) {
     }
     if !bad.is_empty() {
         bad.extend(warn);
-        ("bad", "Mail is not flowing".into(), bad)
+        ("bad", "Mail is stuck: action needed".into(), bad)
     } else if !warn.is_empty() {
         ("warn", "Needs attention".into(), warn)
     } else {
@@ -179,8 +179,10 @@ section{background:#fff;border:1px solid var(--line);border-radius:8px;padding:1
 section h2{margin:0 0 8px;font-size:16px}
 table{border-collapse:collapse;width:100%}
 th,td{text-align:left;padding:5px 8px;border-bottom:1px solid var(--line);vertical-align:top}
+th,td.mono,.badge,.nowrap{white-space:nowrap}
+td.reply{white-space:normal;overflow-wrap:anywhere;min-width:18em}
 th{font-weight:600;color:var(--muted);font-size:12px;text-transform:uppercase;letter-spacing:.03em}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 code,.mono{font-family:ui-monospace,"DejaVu Sans Mono",monospace;font-size:12.5px}
 .badge{display:inline-block;border-radius:10px;padding:1px 9px;font-size:12px;font-weight:600;color:#fff}
 .b-ok{background:var(--ok)} .b-warn{background:var(--warn)} .b-bad{background:var(--bad)} .b-muted{background:var(--muted)}
@@ -200,6 +202,14 @@ fn state_badge(state: &str) -> String {
         _ => "b-muted",
     };
     format!("<span class=\"badge {class}\">{}</span>", esc(state))
+}
+
+/// `s` cut to about `max` characters, with an ellipsis.
+fn clip(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
 }
 
 fn opt_num(n: Option<u64>) -> String {
@@ -371,9 +381,9 @@ pub fn render(m: &PageModel) -> String {
     h.push_str("</tbody></table></section>");
 
     // Recent outcomes.
-    h.push_str("<section id=\"recent\"><h2>Last delivery outcomes</h2><table><thead><tr><th>When</th><th>Queue id</th><th>Sender</th><th>Recipient</th><th>Upstream</th><th>Verdict</th><th>Reply</th><th>Attempt</th></tr></thead><tbody>");
+    h.push_str("<section id=\"recent\"><h2>Last delivery outcomes</h2><table><thead><tr><th>When</th><th>Queue id</th><th>Recipient and sender</th><th>Upstream</th><th>Verdict</th><th>Reply</th><th>Try</th></tr></thead><tbody>");
     if m.recent.is_empty() {
-        h.push_str("<tr><td colspan=\"8\" class=\"empty\">no deliveries since the start</td></tr>");
+        h.push_str("<tr><td colspan=\"7\" class=\"empty\">no deliveries since the start</td></tr>");
     }
     for r in m.recent.iter().take(crate::ops::RECENT_MAX) {
         let reply = match (r.code, &r.enhanced) {
@@ -383,15 +393,19 @@ pub fn render(m: &PageModel) -> String {
         };
         let _ = write!(
             h,
-            "<tr data-verdict=\"{verdict}\"><td>{when}</td><td class=\"mono\">{id}</td><td class=\"mono\">{sender}</td><td class=\"mono\">{rcpt}</td><td>{up}</td><td>{badge}</td><td class=\"mono\">{reply}</td><td class=\"num\">{attempt}</td></tr>",
+            "<tr data-verdict=\"{verdict}\"><td class=\"nowrap\">{when}</td><td class=\"mono\">{id}</td><td class=\"mono\">{rcpt}<br><span class=\"muted\">from {sender}</span></td><td>{up}</td><td>{badge}</td><td class=\"mono reply\">{reply}</td><td class=\"num\">{attempt}</td></tr>",
             verdict = esc(&r.verdict),
             when = relative(r.at_ms, m.now_ms),
             id = esc(&r.queue_id),
-            sender = esc(&r.sender),
+            sender = if r.sender.is_empty() {
+                "&lt;&gt;".into()
+            } else {
+                esc(&r.sender)
+            },
             rcpt = esc(&r.recipient),
             up = esc(&r.upstream),
             badge = state_badge(&r.verdict),
-            reply = esc(&reply),
+            reply = esc(&clip(&reply, 160)),
             attempt = r.attempt,
         );
     }
