@@ -5,6 +5,7 @@ mod auth_cli;
 mod common;
 mod daemon;
 mod docs;
+mod doctor;
 mod durability;
 mod exchange;
 #[path = "../support/fake_exchange.rs"]

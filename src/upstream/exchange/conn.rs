@@ -824,7 +824,9 @@ mod tests {
         assert_eq!(info.version, "TLS 1.3");
         assert_eq!(info.cipher, "TLS13_AES_256_GCM_SHA384");
         // TLS 1.2 without extensions.
-        let info = parse_server_hello(&server_hello(0xc02f, None)).unwrap().unwrap();
+        let info = parse_server_hello(&server_hello(0xc02f, None))
+            .unwrap()
+            .unwrap();
         assert_eq!(info.version, "TLS 1.2");
         assert_eq!(info.cipher, "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256");
         // Not all there yet; not a handshake at all.
