@@ -421,7 +421,10 @@ async fn check_upstream(
         let p = Problem::NoXoauth2;
         r.fail_problem(
             "EHLO",
-            format!("{} (after STARTTLS)", session.server_info()),
+            format!(
+                "AUTH XOAUTH2 is not offered after STARTTLS (EHLO: {})",
+                session.server_info()
+            ),
             &p,
             x,
         );
@@ -491,11 +494,7 @@ async fn check_token(r: &mut Report, x: &ExchangeConfig) -> Option<Token> {
     let token = match crate::token::fetch(&http, &x.credentials).await {
         Ok(t) => t,
         Err(e) => {
-            let what = match e.aadsts() {
-                Some(code) => format!("AADSTS{code}: {} ({e})", e.meaning()),
-                None => e.to_string(),
-            };
-            r.fail("token", what, Some(e.meaning()), Some(e.remedy()));
+            r.fail("token", &e, Some(e.meaning()), Some(e.remedy()));
             r.skip("claims", "not run: no token");
             return None;
         }
@@ -605,12 +604,8 @@ fn open_failed(r: &mut Report, x: &ExchangeConfig, e: &StepError, slot: &str, op
                         x.host
                     )),
                     Some(&format!(
-                        "exempt {} from TLS inspection on the proxy/firewall, or set `ca_file` on the upstream to the inspecting proxy's CA certificate (PEM). {}",
-                        x.host,
-                        problem
-                            .as_ref()
-                            .map(|p| p.remedy(&x.mailbox, &x.credentials.client_id))
-                            .unwrap_or_default()
+                        "exempt {} from TLS inspection on the proxy or firewall, or set `ca_file` on the upstream to the inspecting proxy's CA certificate (PEM)",
+                        x.host
                     )),
                 );
             } else {
@@ -656,11 +651,13 @@ async fn wait_for_slot(
         .await;
         let data = match asked {
             Ok(Ok(d)) => d,
-            Ok(Err(e)) => {
+            Ok(Err(crate::admin::client::ClientError::Connect { .. })) => {
                 return Ok(format!(
-                    "the daemon was not reachable, so no connection of it is taken: {e}"
+                    "no daemon answers on {}: no connections to share",
+                    socket.display()
                 ));
             }
+            Ok(Err(e)) => return Ok(format!("the daemon did not answer ({e}); going ahead")),
             Err(_) => return Ok("the daemon was not asked".into()),
         };
         let Ok(status) = serde_json::from_value::<crate::ops::model::StatusReport>(data) else {
@@ -677,8 +674,8 @@ async fn wait_for_slot(
         }
         if start.elapsed() + SLOT_POLL > wait {
             return Err(format!(
-                "the running daemon uses all {max} connections of this mailbox (waited {}); a further one could be refused by Exchange Online (432 4.3.2) and slow the daemon down: try again later",
-                humantime::format_duration(Duration::from_secs(start.elapsed().as_secs()))
+                "the running daemon uses all {max} connections of this mailbox (waited up to {}); one more could be refused by Exchange Online (432 4.3.2) and slow the daemon down: try again later, or with a longer --slot-wait",
+                humantime::format_duration(wait)
             ));
         }
         tokio::time::sleep(SLOT_POLL).await;

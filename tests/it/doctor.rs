@@ -171,7 +171,7 @@ async fn all_pass() {
     assert_step(&out, "-", "send test");
     assert_said(&out, "TLS 1.3");
     assert_said(&out, "roles SMTP.SendAsApp");
-    assert_said(&out, "the daemon was not reachable");
+    assert_said(&out, "no daemon answers on");
     assert_said(&out, "result: all checks passed");
     // One AUTH with a token the fake issued, nothing sent, and the probe file is gone.
     let auths = s.ex.auths();
@@ -357,6 +357,7 @@ async fn no_xoauth2_offered() {
     s.ex.set_auth_offer("AUTH LOGIN");
     let out = s.doctor(&s.config(Upstream::default()), &[]).await;
     assert_fails_at(&out, "EHLO");
+    assert_said(&out, "AUTH XOAUTH2 is not offered after STARTTLS");
     assert_said(&out, "does not offer AUTH XOAUTH2");
     assert_step(&out, "✓", "STARTTLS");
     assert_step(&out, "-", "AUTH XOAUTH2");
