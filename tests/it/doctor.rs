@@ -515,3 +515,55 @@ async fn waits_for_the_daemon_to_free_a_connection() {
     assert_eq!(asked.load(Ordering::SeqCst), 2);
     assert_eq!(s.ex.auths().len(), 1);
 }
+
+/// A read-only tmpfs mounted for the life of the value.
+struct ReadOnlyMount(PathBuf);
+
+impl ReadOnlyMount {
+    /// `None` (the test is skipped) where mounting is not permitted, except in CI.
+    fn at(dir: &Path) -> Option<ReadOnlyMount> {
+        let options = std::ffi::CString::new("size=1m,mode=0755").unwrap();
+        match rustix::mount::mount(
+            "tmpfs",
+            dir,
+            "tmpfs",
+            rustix::mount::MountFlags::RDONLY,
+            options.as_c_str(),
+        ) {
+            Ok(()) => Some(ReadOnlyMount(dir.to_path_buf())),
+            Err(e) if crate::daemon::in_ci() => panic!("cannot mount a tmpfs: {e}"),
+            Err(e) => {
+                eprintln!(
+                    "skipping: cannot mount a read-only tmpfs here ({e}); run as root with CAP_SYS_ADMIN"
+                );
+                None
+            }
+        }
+    }
+}
+
+impl Drop for ReadOnlyMount {
+    fn drop(&mut self) {
+        use rustix::mount::{UnmountFlags, unmount};
+        if unmount(&self.0, UnmountFlags::empty()).is_err() {
+            let _ = unmount(&self.0, UnmountFlags::DETACH);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_on_a_read_only_mount() {
+    let s = Setup::new().await;
+    let spool = s.dir.path().join("ro-spool");
+    std::fs::create_dir(&spool).unwrap();
+    let Some(_mount) = ReadOnlyMount::at(&spool) else {
+        return;
+    };
+    let mut rc = s.config(Upstream::default());
+    rc.spool = spool;
+    let out = s.doctor(&rc, &[]).await;
+    assert_fails_at(&out, "spool");
+    assert_said(&out, "creating a file failed");
+    assert_said(&out, "the file system is mounted read-only");
+    assert_said(&out, "ReadWritePaths=");
+}
