@@ -250,13 +250,26 @@ fn check_spool(r: &mut Report, root: &Path) {
         }
     };
     match probe(&dir) {
-        Ok(()) => r.pass(
-            "spool",
-            format!(
-                "{}: a probe file was created, written, fsynced and removed{note}",
-                dir.display()
-            ),
-        ),
+        Ok(uid) => {
+            // Writable for us does not mean writable for the daemon's user (root writes
+            // anywhere): say so when the directory belongs to someone else.
+            use std::os::unix::fs::MetadataExt;
+            let owner = std::fs::metadata(&dir).map(|m| m.uid()).unwrap_or(uid);
+            let whose = if owner != uid {
+                format!(
+                    "; tested as uid {uid}, the directory belongs to uid {owner}: run `sudo -u <that user> mailbridge doctor` to test the daemon's own access"
+                )
+            } else {
+                String::new()
+            };
+            r.pass(
+                "spool",
+                format!(
+                    "{}: a probe file was created, written, fsynced and removed{note}{whose}",
+                    dir.display()
+                ),
+            )
+        }
         Err((what, e)) => {
             let (cause, remedy) = match e.kind() {
                 std::io::ErrorKind::PermissionDenied => (
@@ -298,9 +311,10 @@ fn check_spool(r: &mut Report, root: &Path) {
 }
 
 /// Create, write, fsync, fsync the directory, remove (and fsync the directory again).
-fn probe(dir: &Path) -> Result<(), (&'static str, std::io::Error)> {
+/// Returns the owner of the probe file: the user doctor runs as.
+fn probe(dir: &Path) -> Result<u32, (&'static str, std::io::Error)> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let nanos = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
@@ -312,19 +326,25 @@ fn probe(dir: &Path) -> Result<(), (&'static str, std::io::Error)> {
         .open(&path)
         .map_err(|e| ("creating a file", e))?;
     let res = (|| {
+        let uid = f
+            .metadata()
+            .map_err(|e| ("reading the file's owner", e))?
+            .uid();
         f.write_all(&[b'x'; 4096]).map_err(|e| ("writing", e))?;
         f.sync_all().map_err(|e| ("fsync of the file", e))?;
         std::fs::File::open(dir)
             .and_then(|d| d.sync_all())
-            .map_err(|e| ("fsync of the directory", e))
+            .map_err(|e| ("fsync of the directory", e))?;
+        Ok(uid)
     })();
     drop(f);
     let removed = std::fs::remove_file(&path).map_err(|e| ("removing the probe file", e));
-    res?;
+    let uid = res?;
     removed?;
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(|e| ("fsync of the directory", e))
+        .map_err(|e| ("fsync of the directory", e))?;
+    Ok(uid)
 }
 
 async fn check_upstream(
@@ -509,6 +529,15 @@ async fn check_token(r: &mut Report, x: &ExchangeConfig) -> Option<Token> {
             token.lifetime.as_secs()
         ),
     );
+    // A certificate close to expiry works today and fails on its date.
+    if let crate::token::ClientSecret::Certificate(c) = &x.credentials.secret {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        if let Some(w) = c.expiry_warning(now) {
+            println!("{}{:16}warning: {w}", r.indent, "");
+        }
+    }
     match crate::token::claims::decode(token.value.expose()) {
         Ok(c) => {
             let now = SystemTime::now()
@@ -725,8 +754,10 @@ mod tests {
     #[test]
     fn the_probe_leaves_nothing_behind() {
         let dir = tempfile::tempdir().unwrap();
-        probe(dir.path()).unwrap();
+        let uid = probe(dir.path()).unwrap();
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(uid, std::fs::metadata(dir.path()).unwrap().uid());
         let missing = dir.path().join("missing");
         assert_eq!(probe(&missing).unwrap_err().0, "creating a file");
     }
