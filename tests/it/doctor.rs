@@ -567,3 +567,75 @@ async fn spool_on_a_read_only_mount() {
     assert_said(&out, "the file system is mounted read-only");
     assert_said(&out, "ReadWritePaths=");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greeting_432_when_the_mailbox_has_no_connection_left() {
+    // Other programs (not the daemon) use the mailbox's connections: Exchange refuses at once.
+    let s = Setup::new().await;
+    s.ex.set_max_connections(0);
+    let out = s.doctor(&s.config(Upstream::default()), &[]).await;
+    assert_fails_at(&out, "greeting");
+    assert_said(&out, "432 4.3.2");
+    assert_said(&out, "limits.connections");
+    assert_step(&out, "✓", "TCP");
+    assert_step(&out, "-", "AUTH XOAUTH2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beside_a_running_daemon() {
+    use crate::daemon::{LONG, Smtp};
+    let s = Setup::new().await;
+    let mut rc = s.config(Upstream::default());
+    rc.queue_extra = "  postmaster: postmaster@contoso.com\n".into();
+    let relay = rc.start();
+    let addr = relay.addr();
+    let send = move |subject: &'static str| {
+        tokio::task::spawn_blocking(move || {
+            let mut c = Smtp::greet_ehlo(addr).unwrap();
+            let content = format!(
+                "From: <scanner@contoso.com>\r\nTo: <a@fabrikam.com>\r\nSubject: {subject}\r\n\r\nscan\r\n"
+            );
+            let reply = c
+                .send_message(
+                    "scanner@contoso.com",
+                    &["a@fabrikam.com"],
+                    content.as_bytes(),
+                )
+                .unwrap();
+            let _ = c.cmd("QUIT");
+            reply.code
+        })
+    };
+    assert_eq!(send("before").await.unwrap(), 250);
+    assert!(
+        s.ex.wait_for_received(1, LONG).await,
+        "{}",
+        relay.transcript()
+    );
+    // The daemon's spool exists now: the probe goes into its tmp/ and leaves nothing.
+    let out = s
+        .doctor(&rc, &["--send-test", "postmaster@contoso.com"])
+        .await;
+    assert_eq!(code(&out), 0, "{}\n{}", show(&out), relay.transcript());
+    let line = step(&out, "✓", "spool").unwrap();
+    assert!(line.contains("spool/tmp"), "{line}");
+    // The daemon goes on delivering, and nothing of doctor's is left in its spool.
+    assert_eq!(send("after").await.unwrap(), 250);
+    assert!(
+        s.ex.wait_for_received(3, LONG).await,
+        "{}",
+        relay.transcript()
+    );
+    let subjects: Vec<String> =
+        s.ex.received()
+            .iter()
+            .map(|m| {
+                let d = String::from_utf8_lossy(&m.data).into_owned();
+                d.lines()
+                    .find_map(|l| l.strip_prefix("Subject: ").map(str::to_string))
+                    .unwrap_or_default()
+            })
+            .collect();
+    assert_eq!(subjects, ["before", "mailbridge doctor test", "after"]);
+    assert!(crate::daemon::files(&s.dir.path().join("spool/tmp")).is_empty());
+}
