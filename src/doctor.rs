@@ -166,7 +166,21 @@ pub fn run(opts: Options) -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    r.pass("config", format!("{} is valid", path.display()));
+    // The LAN certificate is loaded as `check-config` loads it (a generated self-signed one is
+    // the daemon's business: not made here).
+    let lan_tls = match (&cfg.tls.cert_file, &cfg.tls.key_file) {
+        (Some(_), Some(_)) => crate::inbound::tls::acceptor(&cfg).err(),
+        _ => None,
+    };
+    match lan_tls {
+        None => r.pass("config", format!("{} is valid", path.display())),
+        Some(e) => r.fail(
+            "config",
+            format!("{}: {e}", path.display()),
+            Some("the LAN certificate or key (tls.cert_file, tls.key_file) cannot be used; the daemon would not start"),
+            Some("point tls.cert_file and tls.key_file at a readable PEM certificate chain and its private key"),
+        ),
+    }
     check_spool(&mut r, &cfg.spool.path);
 
     let rt = match tokio::runtime::Builder::new_current_thread()

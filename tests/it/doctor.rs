@@ -639,3 +639,23 @@ async fn beside_a_running_daemon() {
     assert_eq!(subjects, ["before", "mailbridge doctor test", "after"]);
     assert!(crate::daemon::files(&s.dir.path().join("spool/tmp")).is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_lan_certificate() {
+    let s = Setup::new().await;
+    let mut rc = s.config(Upstream::default());
+    let cert = s.dir.path().join("lan.pem");
+    let key = s.dir.path().join("lan.key");
+    std::fs::write(&cert, "not a certificate\n").unwrap();
+    std::fs::write(&key, "not a key\n").unwrap();
+    rc.extra.push_str(&format!(
+        "tls:\n  cert_file: {:?}\n  key_file: {:?}\n",
+        cert.display().to_string(),
+        key.display().to_string()
+    ));
+    let out = s.doctor(&rc, &[]).await;
+    assert_fails_at(&out, "config");
+    assert_said(&out, "tls.cert_file");
+    // The rest is still checked.
+    assert_step(&out, "✓", "AUTH XOAUTH2");
+}
