@@ -637,22 +637,11 @@ fn open_failed(r: &mut Report, x: &ExchangeConfig, e: &StepError, slot: &str, op
     );
     match (step, e) {
         (Step::StartTls, StepError::Broken { what, problem, .. }) => {
-            let lower = what.to_ascii_lowercase();
-            if matches!(problem, Some(Problem::Tls(_))) && lower.contains("certificate") {
-                r.fail(
-                    "STARTTLS",
-                    e,
-                    Some(&format!(
-                        "the certificate {} presented does not verify: most likely TLS inspection (a proxy or firewall re-signing the traffic with its own CA)",
-                        x.host
-                    )),
-                    Some(&format!(
-                        "exempt {} from TLS inspection on the proxy or firewall, or set `ca_file` on the upstream to the inspecting proxy's CA certificate (PEM)",
-                        x.host
-                    )),
-                );
-            } else {
-                r.fail_step("STARTTLS", e, x);
+            match (problem, certificate_problem(what, &x.host)) {
+                (Some(Problem::Tls(_)), Some((cause, remedy))) => {
+                    r.fail("STARTTLS", e, Some(&cause), Some(&remedy));
+                }
+                _ => r.fail_step("STARTTLS", e, x),
             }
             r.skip("EHLO", "not run: no TLS");
             r.skip(
@@ -668,6 +657,40 @@ fn open_failed(r: &mut Report, x: &ExchangeConfig, e: &StepError, slot: &str, op
         }
     }
     skip_send(r, opts, "not run");
+}
+
+/// The cause and remedy of a server certificate that does not verify (`what`: the TLS
+/// error), or `None` when the TLS error is about something else.
+fn certificate_problem(what: &str, host: &str) -> Option<(String, String)> {
+    let lower = what.to_ascii_lowercase();
+    if !lower.contains("certificate") {
+        return None;
+    }
+    Some(if lower.contains("notvalidforname") {
+        (
+            format!(
+                "the certificate presented is not valid for the name {host}: `host` is wrong, or something else answers on that address"
+            ),
+            format!(
+                "set `host` to the name Exchange Online answers as ({}), not an IP address or an alias",
+                crate::config::exchange::DEFAULT_HOST
+            ),
+        )
+    } else if lower.contains("expired") || lower.contains("notvalidyet") {
+        (
+            "the certificate presented is expired or not yet valid: the system clock is wrong, or a proxy in between serves an outdated certificate".to_string(),
+            "check the system clock (timedatectl; NTP), then look for a TLS-inspecting proxy or firewall on the path".to_string(),
+        )
+    } else {
+        (
+            format!(
+                "the certificate {host} presented does not verify: most likely TLS inspection (a proxy or firewall re-signing the traffic with its own CA)"
+            ),
+            format!(
+                "exempt {host} from TLS inspection on the proxy or firewall, or set `ca_file` on the upstream to the inspecting proxy's CA certificate (PEM)"
+            ),
+        )
+    })
 }
 
 /// Asks the daemon (admin socket) whether the upstream has a connection free; waits up to
@@ -764,6 +787,28 @@ async fn send_test(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn certificate_errors_are_told_apart() {
+        let h = "smtp.office365.com";
+        let cause = |what: &str| certificate_problem(what, h).map(|(c, _)| c);
+        assert!(
+            cause("invalid peer certificate: UnknownIssuer")
+                .unwrap()
+                .contains("TLS inspection")
+        );
+        assert!(
+            cause("invalid peer certificate: NotValidForName")
+                .unwrap()
+                .contains("not valid for the name")
+        );
+        assert!(
+            cause("invalid peer certificate: Expired")
+                .unwrap()
+                .contains("system clock")
+        );
+        assert_eq!(cause("received fatal alert: ProtocolVersion"), None);
+    }
 
     #[test]
     fn the_probe_leaves_nothing_behind() {
