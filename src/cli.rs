@@ -54,6 +54,7 @@ pub enum Command {
     /// tick or a cross, the cause and the remedy. Safe beside a running daemon. Exit 0 only if
     /// every step passed.
     Doctor {
+        /// Configuration file (default: $MAILBRIDGE_CONFIG, else /etc/mailbridge/relay.yaml).
         #[arg(short, long, value_name = "PATH")]
         config: Option<PathBuf>,
         /// Also send one real message from the mailbox to ADDRESS.
