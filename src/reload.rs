@@ -378,7 +378,7 @@ impl Reloader {
                     errors.len()
                 );
                 for e in &errors {
-                    tracing::error!(config = %path.display(), "reload error: {e}");
+                    tracing::error!(config = %path.display(), error = %e, "reload error");
                 }
                 return Err(errors);
             }
@@ -442,7 +442,7 @@ impl Reloader {
             config = %path.display(),
             changes = %summary,
             needs_restart = restart.len(),
-            "configuration reloaded: {summary}"
+            "configuration reloaded"
         );
         changes.extend(restart);
         Ok(changes)
