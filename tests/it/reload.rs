@@ -519,3 +519,118 @@ async fn reload_hook_returns_the_changes_or_every_error() {
     assert_eq!(now.queue.workers, 4, "workers keep their running value");
     daemon.shutdown().await;
 }
+
+/// Upstream credentials: a reload that leaves the upstream alone keeps its object (no new
+/// token request); a new client id and secret rebuild it, and the next token request
+/// carries them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_applies_new_upstream_credentials_and_keeps_an_unchanged_upstream() {
+    use crate::fake_exchange::FakeExchange;
+    use crate::fake_token::FakeToken;
+    use std::os::unix::fs::PermissionsExt;
+    const OLD_ID: &str = "11111111-1111-1111-1111-111111111111";
+    const NEW_ID: &str = "22222222-2222-2222-2222-222222222222";
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let token = FakeToken::start(Duration::from_secs(3600)).await;
+    let ex = FakeExchange::start(token.issued(), "relay@contoso.com").await;
+    ex.write_ca(dir.path());
+    let secret = dir.path().join("client.secret");
+    let write_secret = |v: &str| {
+        std::fs::write(&secret, format!("{v}\n")).unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    };
+    let upstream = |client_id: &str| {
+        format!(
+            "  - name: contoso\n    type: exchange-online\n    mailbox: relay@contoso.com\n    tenant_id: contoso.com\n    client_id: {client_id}\n    client_secret_file: {:?}\n    host: localhost\n    port: {}\n    token_url: {:?}\n    ca_file: {:?}\n",
+            secret.display().to_string(),
+            ex.addr().port(),
+            token.url(),
+            dir.path().join("ca.pem").display().to_string(),
+        )
+    };
+    write_secret("old-secret-value");
+    token.set_secret(Some("old-secret-value"));
+    token.set_client_id(Some(OLD_ID));
+    let mut cfg = RelayConfig::new(dir.path());
+    cfg.extra = "access:\n  allow_networks: [\"127.0.0.0/8\"]\n".into();
+    cfg.upstreams = Some(upstream(OLD_ID));
+    let relay = tokio::task::block_in_place(|| cfg.start());
+    let send = |subject: &'static str| {
+        let addr = relay.addr();
+        tokio::task::spawn_blocking(move || {
+            let mut c = session(addr);
+            c.send_message(
+                "scanner@contoso.com",
+                &["a@fabrikam.com"],
+                &message(subject),
+            )
+            .unwrap()
+            .code
+        })
+    };
+    assert_eq!(send("one").await.unwrap(), 250);
+    assert!(
+        ex.wait_for_received(1, LONG).await,
+        "{}",
+        relay.transcript()
+    );
+    let requests = token.requests();
+    assert!(requests >= 1);
+
+    // Reload with the upstream unchanged: same object, same token.
+    cfg.extra =
+        "access:\n  allow_networks: [\"127.0.0.0/8\"]\nlimits:\n  max_recipients: 9\n".into();
+    cfg.write();
+    let lines = tokio::task::block_in_place(|| reload(&relay));
+    assert_eq!(count_ok(&lines), 1, "{}", relay.transcript());
+    assert_eq!(send("two").await.unwrap(), 250);
+    assert!(
+        ex.wait_for_received(2, LONG).await,
+        "{}",
+        relay.transcript()
+    );
+    assert_eq!(
+        token.requests(),
+        requests,
+        "unchanged upstream: no new token"
+    );
+
+    // Rotate: the endpoint now knows only the new client id and secret.
+    write_secret("new-secret-value");
+    token.set_secret(Some("new-secret-value"));
+    token.set_client_id(Some(NEW_ID));
+    cfg.upstreams = Some(upstream(NEW_ID));
+    cfg.write();
+    let lines = tokio::task::block_in_place(|| reload(&relay));
+    let done = lines
+        .iter()
+        .find(|v| v["message"] == "configuration reloaded")
+        .unwrap_or_else(|| panic!("{}", relay.transcript()));
+    assert!(
+        done["changes"]
+            .as_str()
+            .unwrap()
+            .contains("upstream contoso changed"),
+        "{done}"
+    );
+    assert_eq!(send("three").await.unwrap(), 250);
+    assert!(
+        ex.wait_for_received(3, LONG).await,
+        "{}",
+        relay.transcript()
+    );
+    let form = token.last_form();
+    assert!(
+        form.iter().any(|(k, v)| k == "client_id" && v == NEW_ID),
+        "{form:?}"
+    );
+    assert!(
+        form.iter()
+            .any(|(k, v)| k == "client_secret" && v == "new-secret-value"),
+        "the next token request carries the new secret"
+    );
+    // The secrets never reach the log.
+    let log = relay.transcript();
+    assert!(!log.contains("new-secret-value") && !log.contains("old-secret-value"));
+}
