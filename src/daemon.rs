@@ -382,8 +382,13 @@ pub async fn serve(
         );
     }
     while signals.next().await == Signal::Reload {
-        // Errors are logged by the reload itself (and returned to `mailbridge reload`).
-        let _ = daemon.control().reload().await;
+        // A reload logs its own outcome (and returns it to `mailbridge reload`); the demo's
+        // refusal is logged here.
+        if let Err(e) = daemon.control().reload().await
+            && config_path.is_none()
+        {
+            tracing::warn!("SIGHUP ignored: {}", e.join("; "));
+        }
     }
     // systemd stops the watchdog with STOPPING=1; the grace periods run under TimeoutStopSec.
     crate::systemd::stopping();

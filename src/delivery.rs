@@ -1062,4 +1062,57 @@ mod tests {
         assert!((10_000..11_500).contains(&retries[0]), "{retries:?}");
         assert!((40_000..42_000).contains(&retries[1]), "{retries:?}");
     }
+
+    /// A reload's routing applies from the next attempt on; a message pinned to an
+    /// upstream the reload removed (a report) is not lost: it goes through the router.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn new_routing_applies_to_the_next_attempt_and_pinned_to_removed_is_routed() {
+        use crate::upstream::outbox::Outbox;
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("spool")).unwrap();
+        let outbox = |name: &str| -> Arc<dyn Upstream> {
+            Arc::new(Outbox::new(name, &dir.path().join(name)).unwrap())
+        };
+        let d = Delivery::new(
+            spool.clone(),
+            outbox("a"),
+            queue_cfg(&[60], Duration::from_secs(3600), 1),
+        );
+        let q = enqueue(&spool, &["x@y"], now_ms()).await;
+        assert_eq!(d.attempt(&q.id).await, None);
+        assert!(dir.path().join(format!("a/{}.eml", q.id)).exists());
+
+        // Reload: "a" is gone; routes send everything to the second upstream, "c".
+        d.set_routing(Routing {
+            upstreams: vec![outbox("b"), outbox("c")],
+            router: Arc::new(|_| 1),
+            queue: queue_cfg(&[60], Duration::from_secs(3600), 1),
+            hostname: "relay.test".into(),
+        });
+        assert_eq!(d.upstreams().len(), 2);
+        let q = enqueue(&spool, &["x@y"], now_ms()).await;
+        assert_eq!(d.attempt(&q.id).await, None);
+        assert!(dir.path().join(format!("c/{}.eml", q.id)).exists());
+
+        let env = Envelope {
+            id: new_id(),
+            sender: String::new(),
+            recipients: vec![Recipient {
+                address: "postmaster@y".into(),
+            }],
+            client_ip: "127.0.0.1".parse().unwrap(),
+            helo: "t".into(),
+            auth_user: None,
+            arrival_ms: now_ms(),
+            body: None,
+            smtputf8: false,
+            upstream: Some("a".into()),
+            report: true,
+        };
+        let mut inc = spool.begin(&env);
+        inc.write(b"Subject: report\r\n\r\nx\r\n").await;
+        let q = inc.commit().await.unwrap();
+        assert_eq!(d.attempt(&q.id).await, None, "delivered, not stuck");
+        assert!(dir.path().join(format!("c/{}.eml", q.id)).exists());
+    }
 }

@@ -507,3 +507,77 @@ impl Reloader {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &Path, upstreams: &[(&str, &str)]) -> Config {
+        let mut y = format!(
+            "hostname: relay.test\nstate_dir: {d}/state\nspool:\n  path: {d}/spool\nupstreams:\n",
+            d = dir.display()
+        );
+        for (name, path) in upstreams {
+            y.push_str(&format!(
+                "  - name: {name}\n    type: outbox\n    path: {}/{path}\n",
+                dir.display()
+            ));
+        }
+        crate::config::from_yaml_str(&y).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unchanged_upstreams_are_kept_and_replaced_ones_stop_once_idle() {
+        let dir = tempfile::tempdir().unwrap();
+        let (alerts, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let deps = UpstreamDeps {
+            background: CancellationToken::new(),
+            draining: CancellationToken::new(),
+            alerts,
+        };
+        let a = config(dir.path(), &[("local", "out"), ("other", "o1")]);
+        let first = build_upstreams(&a, &[], &deps).unwrap();
+        let b = config(
+            dir.path(),
+            &[("local", "out"), ("other", "o2"), ("third", "o3")],
+        );
+        let second = build_upstreams(&b, &first, &deps).unwrap();
+        assert_eq!(second.len(), 3);
+        assert!(
+            Arc::ptr_eq(&first[0].upstream, &second[0].upstream),
+            "unchanged: kept"
+        );
+        assert!(
+            !Arc::ptr_eq(&first[1].upstream, &second[1].upstream),
+            "changed: rebuilt"
+        );
+
+        // An attempt still holds the replaced upstream.
+        let in_flight = first[1].upstream.clone();
+        let stop = first[1].stop.clone();
+        let kept_stop = first[0].stop.clone();
+        let retired: Vec<_> = first
+            .into_iter()
+            .filter(|o| !second.iter().any(|n| Arc::ptr_eq(&n.upstream, &o.upstream)))
+            .collect();
+        assert_eq!(retired.len(), 1);
+        retire(retired, deps.background.clone());
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(!stop.is_cancelled(), "not while an attempt uses it");
+        drop(in_flight);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(stop.is_cancelled(), "stopped once idle");
+        assert!(!kept_stop.is_cancelled());
+
+        // A failing build (an outbox that cannot be created) starts nothing.
+        std::fs::write(dir.path().join("file"), b"x").unwrap();
+        let c = config(dir.path(), &[("local", "out"), ("new", "file/sub")]);
+        let errors = build_upstreams(&c, &second, &deps).err().unwrap();
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0].starts_with("upstream new: cannot create outbox directory"),
+            "{errors:?}"
+        );
+        assert!(!second[0].stop.is_cancelled());
+    }
+}

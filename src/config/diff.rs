@@ -263,7 +263,7 @@ mod tests {
     fn listener_address_spool_and_workers_need_a_restart_and_keep_running_values() {
         let old = cfg("listeners:\n  - address: 127.0.0.1:2525\nqueue:\n  workers: 4\n");
         let new = cfg(
-            "listeners:\n  - address: 127.0.0.1:2526\n    require_auth: true\nqueue:\n  workers: 8\naccess:\n  allow_networks: [10.0.0.0/8]\n",
+            "listeners:\n  - address: 127.0.0.1:2526\n    allow_plaintext_auth: true\nqueue:\n  workers: 8\naccess:\n  allow_networks: [10.0.0.0/8]\n",
         );
         let r = needs_restart(&old, &new);
         assert_eq!(r.len(), 2, "{r:?}");
@@ -276,7 +276,7 @@ mod tests {
         let eff = effective(&old, new);
         assert_eq!(eff.listeners[0].address.port(), 2525);
         assert!(
-            eff.listeners[0].require_auth,
+            eff.listeners[0].allow_plaintext_auth,
             "live listener settings apply"
         );
         assert_eq!(eff.queue.workers, 4);
