@@ -33,6 +33,11 @@ use crate::upstream::{Upstream, outbox::Outbox};
 /// last upstream holding it is gone.
 #[derive(Clone)]
 struct SharedRefresher {
+    /// Token URL, client id and scope: upstreams built together share one refresher per key
+    /// (the first one's secret and `ca_file` apply).
+    key: (String, String, String),
+    /// [`diff::credentials_fingerprint`] of the upstream that created it: a reload reuses
+    /// it only for the very same credentials.
     fingerprint: [u8; 32],
     handle: crate::token::TokenHandle,
     _stop: Arc<DropGuard>,
@@ -152,12 +157,18 @@ fn build_one(
         UpstreamKind::ExchangeOnline(x) => {
             let c = &x.credentials;
             let creds_fp = diff::credentials_fingerprint(c, x.ca_file.as_deref());
-            let refresher = match built
+            let key = (c.token_url.clone(), c.client_id.clone(), c.scope.clone());
+            let shared = built
                 .iter()
-                .chain(previous)
                 .filter_map(|e| e.refresher.as_ref())
-                .find(|r| r.fingerprint == creds_fp)
-            {
+                .find(|r| r.key == key)
+                .or_else(|| {
+                    previous
+                        .iter()
+                        .filter_map(|e| e.refresher.as_ref())
+                        .find(|r| r.fingerprint == creds_fp)
+                });
+            let refresher = match shared {
                 Some(r) => r.clone(),
                 None => {
                     let ca = match &x.ca_file {
@@ -175,6 +186,7 @@ fn build_one(
                     let token = deps.background.child_token();
                     let handle = crate::token::Refresher::spawn(http, c.clone(), token.clone());
                     SharedRefresher {
+                        key,
                         fingerprint: creds_fp,
                         handle,
                         _stop: Arc::new(token.drop_guard()),
