@@ -134,10 +134,12 @@ pub fn main() -> ExitCode {
             slot_wait,
         }),
         Command::Serve { config: path, demo } => {
+            let mut source = None;
             let cfg = if demo {
                 config::demo(std::path::Path::new("mailbridge-demo"))
             } else {
                 let path = config::resolve_path(path.as_deref());
+                source = Some(path.clone());
                 match config::load(&path) {
                     Ok(c) => c,
                     Err(e) => {
@@ -157,7 +159,7 @@ pub fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            let res = rt.block_on(crate::daemon::serve(cfg, demo));
+            let res = rt.block_on(crate::daemon::serve(cfg, demo, source));
             // Blocking file operations still running (a hung file system) must not keep the
             // process alive past the ordered shutdown.
             rt.shutdown_timeout(std::time::Duration::from_secs(2));

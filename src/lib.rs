@@ -39,6 +39,7 @@ pub mod inbound;
 pub mod logging;
 pub mod ops;
 pub mod outcome;
+pub mod reload;
 pub mod scheduler;
 pub mod secret;
 pub mod smtp;
