@@ -5,6 +5,7 @@ mod auth_cli;
 mod common;
 mod daemon;
 mod docs;
+mod doctor;
 mod durability;
 mod exchange;
 #[path = "../support/fake_exchange.rs"]
@@ -16,6 +17,7 @@ mod http;
 mod interop;
 mod interop_auth;
 mod interop_tls;
+mod reload;
 mod session;
 mod systemd;
 mod tls;
