@@ -149,6 +149,13 @@ pub struct State {
     /// and the message may reach the upstream twice.
     #[serde(default)]
     pub in_flight: bool,
+    /// Held by an operator (`mailbridge queue hold`): never attempted until released.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub held: bool,
+    /// When an operator last moved it from `failed/` back into the queue
+    /// (`mailbridge queue requeue`): `queue.max_age` counts from then, not from arrival.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requeued_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     /// The distinct typed outcomes the fields below refer to (see the module comment).
@@ -171,6 +178,8 @@ impl State {
             attempts: 0,
             next_attempt_ms: envelope.arrival_ms,
             in_flight: false,
+            held: false,
+            requeued_ms: None,
             last_error: None,
             outcomes: Vec::new(),
             last_outcome: None,
