@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+pub use admin::valid_id;
 pub use format::{Envelope, RcptState, RcptStatus, Recipient, State};
 
 /// Content up to this size stays in memory until commit; beyond it is written to `tmp/` as it
