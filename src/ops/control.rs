@@ -206,10 +206,7 @@ impl Control {
                 .collect::<Vec<_>>())
         })
         .await?;
-        Ok(loaded
-            .iter()
-            .map(|s| self.entry(s, &[], true))
-            .collect())
+        Ok(loaded.iter().map(|s| self.entry(s, &[], true)).collect())
     }
 
     /// Makes `id` (or every queued message that is not held) due now; returns how many.
@@ -283,15 +280,13 @@ impl Control {
         check_id(id)?;
         let spool = self.spool.clone();
         let owned = id.to_string();
-        let queued = blocking(move || spool.requeue(&owned))
-            .await
-            .map_err(|e| {
-                if e.starts_with("not found") {
-                    format!("no message {id} in failed/ (see `mailbridge queue failed`)")
-                } else {
-                    e
-                }
-            })?;
+        let queued = blocking(move || spool.requeue(&owned)).await.map_err(|e| {
+            if e.starts_with("not found") {
+                format!("no message {id} in failed/ (see `mailbridge queue failed`)")
+            } else {
+                e
+            }
+        })?;
         self.scheduler.queued(queued);
         tracing::info!(queue_id = %id, "operator: message moved from failed/ back into the queue");
         Ok(())

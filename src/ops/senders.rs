@@ -29,7 +29,13 @@ pub const MAX_SENDERS: usize = 20;
 pub const FLUSH_EVERY: Duration = Duration::from_secs(30);
 
 /// (ip, auth user, helo, tls version, auth mechanism)
-type Key = (String, Option<String>, String, Option<String>, Option<String>);
+type Key = (
+    String,
+    Option<String>,
+    String,
+    Option<String>,
+    Option<String>,
+);
 
 fn key_of(r: &SenderRecord) -> Key {
     (
