@@ -1,5 +1,6 @@
 //! The one integration test binary (ripgrep's habit): a module per area.
 
+mod admin_cli;
 mod auth;
 mod auth_cli;
 mod common;
