@@ -16,6 +16,7 @@ mod fakes;
 mod interop;
 mod interop_auth;
 mod interop_tls;
+mod senders;
 mod session;
 mod systemd;
 mod tls;
