@@ -471,3 +471,172 @@ fn panic_text(e: tokio::task::JoinError) -> String {
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "panic".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+    use crate::config::QueueConfig;
+    use crate::spool::{Envelope, Recipient, Spool, new_id};
+    use crate::upstream::{Attempt, BoxFuture, RcptOutcome, Report, Upstream};
+
+    /// Holds every attempt until the test lets it go; notes any id attempted twice at once.
+    struct Gate {
+        running: Mutex<HashMap<String, usize>>,
+        calls: Mutex<Vec<String>>,
+        double: AtomicBool,
+        go: tokio::sync::Semaphore,
+        started: Notify,
+    }
+
+    impl Upstream for Gate {
+        fn name(&self) -> &str {
+            "gate"
+        }
+        fn deliver(&self, attempt: Attempt) -> BoxFuture<'_, Report> {
+            Box::pin(async move {
+                let id = attempt.stored.envelope.id.clone();
+                {
+                    let mut r = self.running.lock().unwrap();
+                    let n = r.entry(id.clone()).or_default();
+                    *n += 1;
+                    if *n > 1 {
+                        self.double.store(true, Ordering::SeqCst);
+                    }
+                    self.calls.lock().unwrap().push(id.clone());
+                }
+                self.started.notify_waiters();
+                self.go.acquire().await.unwrap().forget();
+                *self.running.lock().unwrap().get_mut(&id).unwrap() -= 1;
+                vec![RcptOutcome::deferred("451 4.3.0 later".into()); attempt.recipients.len()]
+                    .into()
+            })
+        }
+    }
+
+    impl Gate {
+        fn new() -> Gate {
+            Gate {
+                running: Mutex::default(),
+                calls: Mutex::default(),
+                double: AtomicBool::new(false),
+                go: tokio::sync::Semaphore::new(0),
+                started: Notify::new(),
+            }
+        }
+
+        fn calls(&self, id: &str) -> usize {
+            self.calls
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|c| *c == id)
+                .count()
+        }
+    }
+
+    async fn enqueue(spool: &Spool) -> Queued {
+        let env = Envelope {
+            id: new_id(),
+            sender: "s@example.com".into(),
+            recipients: vec![Recipient {
+                address: "a@example.com".into(),
+            }],
+            client_ip: "127.0.0.1".parse().unwrap(),
+            helo: "t".into(),
+            auth_user: None,
+            arrival_ms: now_ms(),
+            body: None,
+            smtputf8: false,
+            upstream: None,
+            report: false,
+        };
+        let mut inc = spool.begin(&env);
+        inc.write(b"Subject: t\r\n\r\nhi\r\n").await;
+        inc.commit().await.unwrap()
+    }
+
+    async fn until(mut f: impl FnMut() -> bool) {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while !f() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("condition within 20 s");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_message_is_never_attempted_twice_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let gate = Arc::new(Gate::new());
+        let queue = QueueConfig {
+            retry: vec![Duration::from_secs(3600)],
+            max_age: Duration::from_secs(86_400),
+            workers: 4,
+            bounce: false,
+            postmaster: None,
+        };
+        let delivery = Arc::new(Delivery::new(spool.clone(), gate.clone(), queue));
+        let (sched, handle) = Scheduler::new(delivery, 4, Duration::from_secs(3600));
+        let stop = CancellationToken::new();
+        let workers = TaskTracker::new();
+        let run = tokio::spawn(sched.run(stop.clone(), workers.clone()));
+
+        let a = enqueue(&spool).await;
+        handle.queued(a.clone());
+        until(|| gate.calls(&a.id) == 1).await;
+        assert!(handle.entry(&a.id).unwrap().in_flight);
+
+        // Everything that could start it again while its attempt runs.
+        assert!(handle.retry(&a.id).unwrap_err().contains("running now"));
+        assert_eq!(handle.retry_all(), 0);
+        handle.queued(a.clone());
+        handle.queued(a.clone());
+        assert_eq!(
+            handle.claim(&a.id, Duration::ZERO).await.unwrap_err(),
+            ClaimError::InFlight(a.id.clone())
+        );
+        // A second message due now starts after those events were handled: had they
+        // started `a` again, it would have started first.
+        let b = enqueue(&spool).await;
+        handle.queued(b.clone());
+        until(|| gate.calls(&b.id) == 1).await;
+        assert_eq!(gate.calls(&a.id), 1);
+
+        // Both attempts end (deferred for an hour); a retry now starts `a` once more.
+        gate.go.add_permits(2);
+        until(|| handle.entry(&a.id).is_some_and(|e| !e.in_flight)).await;
+        until(|| handle.entry(&b.id).is_some_and(|e| !e.in_flight)).await;
+        handle.retry(&a.id).unwrap();
+        handle.retry(&a.id).unwrap_or_default();
+        until(|| gate.calls(&a.id) == 2).await;
+
+        // A claim waits for the running attempt, and holds off the scheduler meanwhile.
+        let claiming = {
+            let handle = handle.clone();
+            let id = a.id.clone();
+            tokio::spawn(async move { handle.claim(&id, Duration::from_secs(20)).await })
+        };
+        gate.go.add_permits(1);
+        let claim = claiming.await.unwrap().unwrap();
+        let e = handle.entry(&a.id).unwrap();
+        assert!(e.claimed && !e.in_flight);
+        assert!(handle.retry_all() == 1, "only b");
+        until(|| gate.calls(&b.id) == 2).await;
+        assert_eq!(gate.calls(&a.id), 2, "claimed: not started");
+        claim.kept(true, now_ms());
+        assert!(handle.entry(&a.id).unwrap().held);
+        assert_eq!(handle.summary().held, 1);
+
+        assert!(!gate.double.load(Ordering::SeqCst));
+        gate.go.add_permits(10);
+        stop.cancel();
+        run.await.unwrap();
+        workers.close();
+        workers.wait().await;
+    }
+}
