@@ -72,12 +72,30 @@ impl Control {
         for u in &upstreams {
             if u.state != "ok" {
                 attention.push(format!(
-                    "upstream {} is {}: {}",
+                    "upstream {} is {}: {}{}",
                     u.name,
                     u.state,
-                    u.meaning.as_deref().unwrap_or("")
+                    u.meaning.as_deref().unwrap_or(""),
+                    u.remedy
+                        .as_deref()
+                        .map(|r| format!(" (fix: {r})"))
+                        .unwrap_or_default()
                 ));
             }
+            if let Some(e) = u.token.as_ref().and_then(|t| t.last_error.as_deref()) {
+                attention.push(format!(
+                    "upstream {}: the last token request failed: {e}",
+                    u.name
+                ));
+            }
+        }
+        let queue = self.queue_summary().await;
+        if queue.failed > 0 {
+            attention.push(format!(
+                "{} message{} in failed/ (dead letters): see `mailbridge queue failed`, then `mailbridge queue requeue ID` or `mailbridge queue delete ID`",
+                queue.failed,
+                if queue.failed == 1 { "" } else { "s" }
+            ));
         }
         StatusReport {
             version: env!("CARGO_PKG_VERSION").into(),
@@ -90,7 +108,7 @@ impl Control {
             uptime_s: self.ops.uptime().as_secs(),
             listeners: self.listeners.clone(),
             upstreams,
-            queue: self.queue_summary().await,
+            queue,
             attention,
         }
     }
@@ -259,9 +277,23 @@ impl Control {
         Ok(())
     }
 
-    /// Removes a message without a bounce. Refused while an attempt for it runs.
+    /// Removes a message (queued, or a dead letter in failed/) without a bounce. Refused
+    /// while an attempt for it runs.
     pub async fn queue_delete(&self, id: &str) -> Result<(), String> {
         check_id(id)?;
+        if self.scheduler.entry(id).is_none() {
+            let spool = self.spool.clone();
+            let owned = id.to_string();
+            let deleted = blocking(move || spool.delete_failed(&owned)).await;
+            match deleted {
+                Ok(()) => {
+                    tracing::warn!(queue_id = %id, "operator: dead letter deleted from failed/");
+                    return Ok(());
+                }
+                Err(e) if e == "not found" => {}
+                Err(e) => return Err(e),
+            }
+        }
         let claim = self
             .scheduler
             .claim(id, Duration::ZERO)

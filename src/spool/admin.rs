@@ -177,6 +177,18 @@ impl Spool {
         sync_dir(&self.inner.queue).map_err(io_err(&self.inner.queue))
     }
 
+    /// Removes a dead letter from `failed/` for good, with its state. Durable. Blocking.
+    pub fn delete_failed(&self, id: &str) -> Result<(), SpoolError> {
+        let failed = &self.inner.failed;
+        let msg = failed.join(format!("{id}.msg"));
+        if !valid_id(id) {
+            return Err(not_found(&msg));
+        }
+        fs::remove_file(&msg).map_err(io_err(&msg))?;
+        let _ = fs::remove_file(failed.join(format!("{id}.state")));
+        sync_dir(failed).map_err(io_err(failed))
+    }
+
     /// Moves a message from `failed/` back into `queue/`: failed recipients become pending
     /// again, due now. Durable (files and both directories fsynced). Returns what the
     /// scheduler needs. Blocking.

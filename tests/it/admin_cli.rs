@@ -296,9 +296,10 @@ fn failed_lists_dead_letters_and_requeue_delivers_them_once() {
     let relay = start(&rc);
     break_outbox(&rc.outbox);
     let id = send(&relay, "printer@lan.test", &["x@ext.test"], "dead");
+    let other = send(&relay, "printer@lan.test", &["x@ext.test"], "dead2");
     let failed = rc.spool.join("failed");
     assert!(
-        wait_until(LONG, || failed.join(format!("{id}.msg")).exists()),
+        wait_until(LONG, || msg_files(&failed).len() == 2),
         "{}",
         relay.transcript()
     );
@@ -306,7 +307,7 @@ fn failed_lists_dead_letters_and_requeue_delivers_them_once() {
 
     let list = json(dir, &["queue", "failed"]);
     let list = list.as_array().unwrap();
-    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list.len(), 2, "{list:?}");
     assert_eq!(list[0]["id"], id.as_str());
     assert_eq!(list[0]["state"], "failed");
     assert_eq!(list[0]["recipients_pending"], 0);
@@ -320,7 +321,17 @@ fn failed_lists_dead_letters_and_requeue_delivers_them_once() {
     let shown = json(dir, &["queue", "show", &id]);
     assert_eq!(shown["entry"]["state"], "failed");
     assert_eq!(shown["recipients"][0]["status"], "failed");
-    assert_eq!(json(dir, &["status"])["queue"]["failed"], 1);
+    // Dead letters need a human: status says so and exits 1.
+    let f = cli(dir, &["status"]);
+    assert_eq!(code(&f), 1, "{}", f.stdout);
+    assert!(f.stdout.contains("2 messages in failed/"), "{}", f.stdout);
+    assert!(f.stdout.contains(", 2 failed"), "{}", f.stdout);
+
+    // A dead letter can be deleted for good.
+    let f = cli(dir, &["queue", "delete", &other, "--yes"]);
+    assert_eq!(code(&f), 0, "{}", f.stderr);
+    assert_eq!(msg_files(&failed), vec![format!("{id}.msg")]);
+    assert!(!failed.join(format!("{other}.state")).exists());
 
     // Requeue: back in queue/ (failed/ empty), delivered once.
     repair_outbox(&rc.outbox);
@@ -340,6 +351,8 @@ fn failed_lists_dead_letters_and_requeue_delivers_them_once() {
             .unwrap()
             .is_empty()
     );
+    assert_eq!(code(&cli(dir, &["status"])), 0);
+    assert!(!rc.outbox.join(format!("{other}.eml")).exists());
 }
 
 #[test]
@@ -467,6 +480,28 @@ mod paused {
         assert_eq!(s["upstreams"][0]["state"], "paused");
         assert_eq!(s["upstreams"][0]["problem"], "smtp_auth_disabled");
         assert!(!s["attention"].as_array().unwrap().is_empty());
+        let u = &s["upstreams"][0];
+        assert!(u["since_ms"].as_u64().is_some(), "{u}");
+        assert!(u["reply"].as_str().unwrap().contains("5.7.139"), "{u}");
+        assert!(u["next_probe_ms"].as_u64().is_some(), "{u}");
+        assert!(
+            u["token"]["expires_ms"].as_u64().unwrap() > u["since_ms"].as_u64().unwrap(),
+            "{u}"
+        );
+        assert_eq!(u["token"]["last_error"], Value::Null, "{u}");
+        assert!(
+            u["connections_in_use"].is_u64() && u["connections_max"].is_u64(),
+            "{u}"
+        );
+        assert!(u["messages_this_minute"].is_u64(), "{u}");
+        assert!(
+            u["recipients_day"].is_u64() && u["recipients_per_day"].is_u64(),
+            "{u}"
+        );
+        assert!(f.stdout.contains("reply: 535 5.7.139"), "{}", f.stdout);
+        assert!(f.stdout.contains("next probe "), "{}", f.stdout);
+        assert!(f.stdout.contains("token: expires in "), "{}", f.stdout);
+        assert!(f.stdout.contains("recipients in 24h "), "{}", f.stdout);
         let entry = l
             .as_array()
             .unwrap()
