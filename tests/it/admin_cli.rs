@@ -523,3 +523,60 @@ mod paused {
             .unwrap_or_else(|e| panic!("{args:?} --json printed no JSON ({e}):\n{}", f.stdout))
     }
 }
+
+#[test]
+fn a_stale_socket_is_replaced_and_a_missing_directory_only_warns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let rc = admin_config(dir);
+    // kill -9 leaves the socket file behind; the next start replaces it.
+    let mut relay = start(&rc);
+    relay.kill9();
+    assert!(socket(dir).exists());
+    let relay = start(&rc);
+    let f = cli(dir, &["status"]);
+    assert_eq!(code(&f), 0, "{}\n{}", f.stderr, relay.transcript());
+    drop(relay);
+
+    // No directory for the socket (run by hand, no /run/mailbridge): one warning with the
+    // remedy, and the relay works on.
+    let tmp2 = tempfile::tempdir().unwrap();
+    let mut rc2 = RelayConfig::new(tmp2.path());
+    let missing = tmp2.path().join("missing/admin.sock");
+    rc2.extra = format!("admin:\n  socket: {:?}\n", missing.display().to_string());
+    let relay = rc2.start();
+    let warned = |relay: &Relay| {
+        relay
+            .logs()
+            .into_iter()
+            .filter(|v| {
+                v["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("cannot open the admin socket"))
+            })
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        wait_until(SHORT, || !warned(&relay).is_empty()),
+        "{}",
+        relay.transcript()
+    );
+    let w = &warned(&relay)[0];
+    assert_eq!(w["level"], "WARN");
+    let m = w["message"].as_str().unwrap();
+    assert!(
+        m.contains("set admin.socket") && m.contains("RuntimeDirectory"),
+        "{m}"
+    );
+    let id = send(&relay, "printer@lan.test", &["x@ext.test"], "still-works");
+    relay.wait_delivered(&id);
+    assert_eq!(warned(&relay).len(), 1);
+    let f = run_with_timeout(
+        mailbridge_cmd().args(["status", "-c"]).arg(rc2.path()),
+        tmp2.path(),
+        "unreachable",
+        LONG,
+    );
+    assert_eq!(code(&f), 1);
+    assert!(f.stderr.contains("no such socket"), "{}", f.stderr);
+}
