@@ -530,7 +530,11 @@ fn upstream_lines(u: &UpstreamStatus, now: u64) -> String {
         s => {
             out.push_str(&s.to_uppercase());
             if let Some(since) = u.since_ms {
-                out.push_str(&format!(" since {}", when(since, now)));
+                out.push_str(&format!(
+                    " for {} (since {})",
+                    age(now.saturating_sub(since)),
+                    date(since)
+                ));
             }
             if let Some(m) = &u.meaning {
                 out.push_str(&format!(": {m}"));

@@ -72,14 +72,10 @@ impl Control {
         for u in &upstreams {
             if u.state != "ok" {
                 attention.push(format!(
-                    "upstream {} is {}: {}{}",
+                    "upstream {} is {}: {}",
                     u.name,
                     u.state,
-                    u.meaning.as_deref().unwrap_or(""),
-                    u.remedy
-                        .as_deref()
-                        .map(|r| format!(" (fix: {r})"))
-                        .unwrap_or_default()
+                    u.meaning.as_deref().unwrap_or("")
                 ));
             }
             if let Some(e) = u.token.as_ref().and_then(|t| t.last_error.as_deref()) {

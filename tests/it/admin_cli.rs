@@ -580,3 +580,48 @@ fn a_stale_socket_is_replaced_and_a_missing_directory_only_warns() {
     assert_eq!(code(&f), 1);
     assert!(f.stderr.contains("no such socket"), "{}", f.stderr);
 }
+
+#[test]
+fn the_admin_socket_refuses_junk_overlong_requests_and_too_many_clients() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::UnixStream;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let rc = admin_config(dir);
+    let _relay = start(&rc);
+    let mode = std::fs::metadata(socket(dir)).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o660);
+    let ask = |bytes: &[u8]| -> Value {
+        let mut s = UnixStream::connect(socket(dir)).unwrap();
+        s.set_read_timeout(Some(SHORT)).unwrap();
+        s.write_all(bytes).unwrap();
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    };
+    let r = ask(b"not json\n");
+    assert_eq!(r["ok"], false);
+    assert!(
+        r["error"].as_str().unwrap().contains("unknown request"),
+        "{r}"
+    );
+    let r = ask(b"{\"cmd\":\"format_disk\"}\n");
+    assert_eq!(r["ok"], false);
+    let mut long = vec![b'x'; 70 * 1024];
+    long.push(b'\n');
+    let r = ask(&long);
+    assert_eq!(r["error"], "request too long");
+    let r = ask(b"{\"cmd\":\"queue_list\"}\n");
+    assert_eq!(r, serde_json::json!({"ok": true, "data": []}));
+
+    // Four silent clients take every slot: the fifth is told to try again.
+    let idle: Vec<UnixStream> = (0..4)
+        .map(|_| UnixStream::connect(socket(dir)).unwrap())
+        .collect();
+    let r = ask(b"{\"cmd\":\"status\"}\n");
+    assert_eq!(r["ok"], false);
+    assert!(r["error"].as_str().unwrap().contains("busy"), "{r}");
+    drop(idle);
+    assert!(wait_until(SHORT, || ask(b"{\"cmd\":\"status\"}\n")["ok"] == true));
+}
