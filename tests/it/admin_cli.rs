@@ -417,7 +417,7 @@ fn the_socket_is_found_through_the_configuration_file() {
     assert_eq!(f.stdout.trim(), "[]");
 }
 
-mod paused {
+mod with_exchange {
     use super::*;
     use crate::fake_exchange::{FakeExchange, Rule, Stage};
     use crate::fake_token::FakeToken;
@@ -434,18 +434,7 @@ mod paused {
             Stage::Auth,
             "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant.",
         ));
-        let secret = dir.join("client.secret");
-        std::fs::write(&secret, "fake-secret-value\n").unwrap();
-        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .unwrap();
-        let mut rc = admin_config(&dir);
-        rc.upstreams = Some(format!(
-            "  - name: contoso\n    type: exchange-online\n    mailbox: relay@contoso.com\n    tenant_id: contoso.com\n    client_id: 11111111-1111-1111-1111-111111111111\n    client_secret_file: {:?}\n    host: localhost\n    port: {}\n    token_url: {:?}\n    ca_file: {:?}\n",
-            secret.display().to_string(),
-            ex.addr().port(),
-            token.url(),
-            dir.join("ca.pem").display().to_string(),
-        ));
+        let rc = exchange_config(&dir, &ex, &token);
         let (relay, id) = tokio::task::spawn_blocking(move || {
             let relay = start(&rc);
             let id = send(&relay, "scanner@contoso.com", &["a@fabrikam.com"], "t");
@@ -512,6 +501,65 @@ mod paused {
         assert_eq!(entry["state"], "paused", "{entry}");
         assert_eq!(entry["last_problem"], "smtp_auth_disabled", "{entry}");
         drop(relay);
+    }
+
+    /// A relay with its admin socket and one Exchange upstream pointing at the fakes.
+    fn exchange_config(dir: &Path, ex: &FakeExchange, token: &FakeToken) -> RelayConfig {
+        let secret = dir.join("client.secret");
+        std::fs::write(&secret, "fake-secret-value\n").unwrap();
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let mut rc = admin_config(dir);
+        rc.upstreams = Some(format!(
+            "  - name: contoso\n    type: exchange-online\n    mailbox: relay@contoso.com\n    tenant_id: contoso.com\n    client_id: 11111111-1111-1111-1111-111111111111\n    client_secret_file: {:?}\n    host: localhost\n    port: {}\n    token_url: {:?}\n    ca_file: {:?}\n",
+            secret.display().to_string(),
+            ex.addr().port(),
+            token.url(),
+            dir.join("ca.pem").display().to_string(),
+        ));
+        rc
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn delete_is_refused_while_an_attempt_runs() {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let token = FakeToken::start(Duration::from_secs(3600)).await;
+        let ex = FakeExchange::start(token.issued(), "relay@contoso.com").await;
+        ex.write_ca(&dir);
+        // The upstream never answers MAIL FROM: the attempt stays in flight.
+        ex.add_rule(Rule::hang_at(Stage::Mail));
+        let rc = exchange_config(&dir, &ex, &token);
+        tokio::task::spawn_blocking(move || {
+            let relay = start(&rc);
+            let id = send(&relay, "scanner@contoso.com", &["a@fabrikam.com"], "t");
+            assert!(
+                wait_until(LONG, || listed(&dir)
+                    .get(&id)
+                    .is_some_and(|e| e["state"] == "sending")),
+                "{:?}\n{}",
+                listed(&dir),
+                relay.transcript()
+            );
+            let f = cli(&dir, &["queue", "delete", &id, "--yes"]);
+            assert_eq!(code(&f), 1, "{}", f.stdout);
+            assert!(
+                f.stderr
+                    .contains(&format!("a delivery attempt for {id} is running now")),
+                "{}",
+                f.stderr
+            );
+            assert!(relay.queue_dir().join(format!("{id}.msg")).exists());
+            let f = cli(&dir, &["queue", "retry", &id]);
+            assert_eq!(code(&f), 1);
+            assert!(f.stderr.contains("running now"), "{}", f.stderr);
+            let s = json(&dir, &["status"]);
+            assert_eq!(s["upstreams"][0]["connections_in_use"], 1, "{s}");
+            assert_eq!(s["upstreams"][0]["state"], "ok", "{s}");
+        })
+        .await
+        .unwrap();
     }
 
     /// `--json` output whatever the exit code.
