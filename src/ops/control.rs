@@ -137,7 +137,7 @@ impl Control {
             let ids = spool.queue_ids()?;
             Ok(ids
                 .into_iter()
-                .filter_map(|id| spool.load(&id).ok())
+                .filter_map(|id| spool.peek(&id, false).ok())
                 .collect::<Vec<_>>())
         })
         .await?;
@@ -152,10 +152,10 @@ impl Control {
         check_id(id)?;
         let spool = self.spool.clone();
         let owned = id.to_string();
-        let (stored, failed) = blocking(move || match spool.load(&owned) {
+        let (stored, failed) = blocking(move || match spool.peek(&owned, false) {
             Ok(s) => Ok((s, false)),
             Err(SpoolError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                spool.load_failed(&owned).map(|s| (s, true))
+                spool.peek(&owned, true).map(|s| (s, true))
             }
             Err(e) => Err(e),
         })
@@ -216,7 +216,7 @@ impl Control {
             let ids = spool.failed_ids()?;
             Ok(ids
                 .into_iter()
-                .filter_map(|id| spool.load_failed(&id).ok())
+                .filter_map(|id| spool.peek(&id, true).ok())
                 .collect::<Vec<_>>())
         })
         .await?;

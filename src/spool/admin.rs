@@ -92,6 +92,49 @@ impl Spool {
         Ok(n)
     }
 
+    /// A queued message (or with `failed`, a dead letter) and its state for a listing: the
+    /// envelope, slot and state are read, the content is not (nor its checksum verified).
+    /// Nothing is moved, whatever is found. Blocking.
+    pub fn peek(&self, id: &str, failed: bool) -> Result<Stored, SpoolError> {
+        let dir = if failed {
+            &self.inner.failed
+        } else {
+            &self.inner.queue
+        };
+        let path = dir.join(format!("{id}.msg"));
+        if !valid_id(id) {
+            return Err(not_found(&path));
+        }
+        let file = File::open(&path).map_err(io_err(&path))?;
+        let (envelope, slot, range) = format::read_queue_head(file).map_err(|e| match e {
+            format::ReadError::Io(source) => SpoolError::Io {
+                path: path.clone(),
+                source,
+            },
+            format::ReadError::Invalid(reason) => SpoolError::Invalid {
+                path: path.clone(),
+                reason,
+            },
+        })?;
+        let mut state = fs::read(dir.join(format!("{id}.state")))
+            .ok()
+            .and_then(|b| format::decode_state(&b, envelope.recipients.len()).ok())
+            .unwrap_or_else(|| State::initial(&envelope));
+        if let Some(slot) = slot
+            && slot.attempts >= state.attempts
+        {
+            state.attempts = slot.attempts;
+            state.next_attempt_ms = slot.next_attempt_ms;
+            state.in_flight = slot.in_flight && !failed;
+        }
+        Ok(Stored {
+            envelope,
+            state,
+            content_offset: range.start,
+            content_len: range.end - range.start,
+        })
+    }
+
     /// Reads and validates a message in `failed/` with its final state. Blocking.
     pub fn load_failed(&self, id: &str) -> Result<Stored, SpoolError> {
         if !valid_id(id) {
@@ -246,5 +289,109 @@ impl Spool {
             attempts: stored.state.attempts,
             held: false,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::{Envelope, Recipient, new_id};
+
+    async fn queued(spool: &Spool) -> String {
+        let id = new_id();
+        let env = Envelope {
+            id: id.clone(),
+            sender: "s@example.com".into(),
+            recipients: vec![
+                Recipient {
+                    address: "a@example.com".into(),
+                },
+                Recipient {
+                    address: "b@example.com".into(),
+                },
+            ],
+            client_ip: "127.0.0.1".parse().unwrap(),
+            helo: "printer".into(),
+            auth_user: None,
+            arrival_ms: now_ms(),
+            body: None,
+            smtputf8: false,
+            upstream: None,
+            report: false,
+        };
+        let mut inc = spool.begin(&env);
+        inc.write(b"Subject: t\r\n\r\nhi\r\n").await;
+        inc.commit().await.unwrap();
+        id
+    }
+
+    #[tokio::test]
+    async fn held_flag_is_stored_and_survives_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let id = queued(&spool).await;
+        spool.set_held(&id, true, None).unwrap();
+        assert!(spool.load(&id).unwrap().state.held);
+        let r = spool.recover().unwrap();
+        assert!(r.queued[0].held);
+        let st = spool.set_held(&id, false, Some(42)).unwrap();
+        assert!(!st.held);
+        let loaded = spool.load(&id).unwrap().state;
+        assert!(!loaded.held);
+        assert_eq!(
+            loaded.next_attempt_ms, 42,
+            "the slot carries the new time too"
+        );
+        assert!(spool.set_held("../x", true, None).is_err());
+    }
+
+    #[tokio::test]
+    async fn requeue_brings_failed_recipients_back_and_delete_removes_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let id = queued(&spool).await;
+        let mut st = spool.load(&id).unwrap().state;
+        st.attempts = 7;
+        st.recipients[0].status = RcptStatus::Delivered;
+        st.recipients[1].status = RcptStatus::Failed;
+        st.held = true;
+        spool.move_to_failed(&id, &st).unwrap();
+        assert_eq!(spool.failed_ids().unwrap(), vec![id.clone()]);
+        assert_eq!(spool.failed_count().unwrap(), 1);
+        let peeked = spool.peek(&id, true).unwrap();
+        assert_eq!(peeked.state.recipients[1].status, RcptStatus::Failed);
+
+        let q = spool.requeue(&id).unwrap();
+        assert_eq!(q.attempts, 7);
+        assert!(!q.held);
+        assert!(spool.failed_ids().unwrap().is_empty());
+        assert!(!dir.path().join(format!("failed/{id}.state")).exists());
+        let back = spool.load(&id).unwrap().state;
+        assert_eq!(back.recipients[0].status, RcptStatus::Delivered);
+        assert_eq!(back.recipients[1].status, RcptStatus::Pending);
+        assert_eq!(back.attempts, 7);
+        assert!(!back.held && !back.in_flight);
+        assert!(back.requeued_ms.is_some());
+        assert!(back.next_attempt_ms <= now_ms());
+        assert_eq!(spool.recover().unwrap().queued.len(), 1);
+        assert!(spool.requeue(&id).is_err(), "no longer in failed/");
+
+        spool.delete(&id).unwrap();
+        assert!(spool.queue_ids().unwrap().is_empty());
+        assert_eq!(fs::read_dir(dir.path().join("queue")).unwrap().count(), 0);
+        assert!(spool.delete(&id).is_err());
+    }
+
+    #[tokio::test]
+    async fn peek_moves_nothing_even_when_the_state_is_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let id = queued(&spool).await;
+        let st_path = dir.path().join(format!("queue/{id}.state"));
+        fs::write(&st_path, b"MAILBRIDGE-STATE 1 00000000\n{}\n").unwrap();
+        let p = spool.peek(&id, false).unwrap();
+        assert_eq!(p.state.pending().count(), 2);
+        assert!(st_path.exists(), "left for the delivery to deal with");
+        assert_eq!(fs::read_dir(dir.path().join("corrupt")).unwrap().count(), 0);
     }
 }
