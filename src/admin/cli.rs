@@ -38,7 +38,7 @@ pub struct AdminArgs {
 pub enum QueueCmd {
     /// One line per queued message, oldest first (like mailq).
     List,
-    /// A message's envelope, recipients, attempts, and what is wrong with the fix.
+    /// A message's envelope, recipients and attempts; what is wrong and how to fix it.
     Show { id: String },
     /// Try a message (or with --all every queued message that is not held) now.
     #[command(group(clap::ArgGroup::new("which").required(true).args(["id", "all"])))]
@@ -51,7 +51,8 @@ pub enum QueueCmd {
     Hold { id: String },
     /// Release a held message: it is attempted now.
     Release { id: String },
-    /// Delete a queued message for good. No bounce is sent. Asks first on a terminal.
+    /// Delete a queued message (or a dead letter in failed/) for good. No bounce is sent.
+    /// Asks first on a terminal.
     Delete {
         id: String,
         /// Do not ask (needed when not on a terminal).
