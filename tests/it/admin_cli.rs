@@ -292,7 +292,9 @@ fn failed_lists_dead_letters_and_requeue_delivers_them_once() {
     let dir = tmp.path();
     let mut rc = admin_config(dir);
     rc.retry = "[1s]";
-    rc.queue_extra = "  max_age: 3s\n  bounce: false\n".into();
+    // Short enough to make dead letters quickly; a requeued message gets a new max_age
+    // from the requeue, which must leave it time to be delivered on a loaded machine.
+    rc.queue_extra = "  max_age: 6s\n  bounce: false\n".into();
     let relay = start(&rc);
     break_outbox(&rc.outbox);
     let id = send(&relay, "printer@lan.test", &["x@ext.test"], "dead");
