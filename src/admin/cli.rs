@@ -436,9 +436,9 @@ pub fn format_detail(d: &QueueDetail, now: u64) -> String {
     let e = &d.entry;
     let mut out = format!("Message {}\n", e.id);
     let next = match (e.state.as_str(), e.next_attempt_ms) {
-        ("held", _) => " (not attempted until released)".to_string(),
+        ("held", _) => "; not attempted until released".to_string(),
         ("failed", _) => String::new(),
-        (_, Some(n)) => format!(", next attempt {}", when(n, now)),
+        (_, Some(n)) => format!("; next attempt {}", when(n, now)),
         _ => String::new(),
     };
     out.push_str(&format!(
@@ -506,7 +506,11 @@ pub fn format_detail(d: &QueueDetail, now: u64) -> String {
     }
     match &d.diagnosis {
         Some(p) => {
-            out.push_str(&format!("Diagnosis: {} ({})\n", p.meaning, p.key));
+            if p.key == "unknown" {
+                out.push_str(&format!("Diagnosis: {}\n", p.meaning));
+            } else {
+                out.push_str(&format!("Diagnosis: {} ({})\n", p.meaning, p.key));
+            }
             out.push_str(&format!("Fix: {}\n", p.remedy));
         }
         None if e.state == "held" => {

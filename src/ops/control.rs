@@ -195,7 +195,15 @@ impl Control {
                 st.last_error.as_ref().map(|e| Diagnosis {
                     key: "unknown".into(),
                     meaning: e.clone(),
-                    remedy: "see the relay's log for this queue ID".into(),
+                    remedy: if failed {
+                        format!(
+                            "see the attempts above and `journalctl -u mailbridge | grep {id}`; once the cause is fixed, `mailbridge queue requeue {id}` sends it again"
+                        )
+                    } else {
+                        format!(
+                            "see the attempts above and `journalctl -u mailbridge | grep {id}`; it is retried on schedule, `mailbridge queue retry {id}` tries now"
+                        )
+                    },
                 })
             });
         Ok(QueueDetail {
@@ -380,7 +388,9 @@ impl Control {
             attempts: st.attempts.max(index.map_or(0, |e| e.attempts)),
             next_attempt_ms,
             upstream,
-            last_problem: last.map(|o| o.problem_key().to_string()),
+            last_problem: last
+                .map(|o| o.problem_key().to_string())
+                .filter(|k| !k.is_empty()),
         }
     }
 
