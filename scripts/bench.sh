@@ -53,6 +53,8 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 rss_kb() { awk -v k="$2" '$1==k":" {print $2}' "/proc/$1/status"; }
 now() { date +%s.%N; }
+# User + system CPU seconds of a process so far.
+cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat"; }
 
 start_daemon() { # $1 = max_message_size
     PORT=$(free_port)
@@ -118,6 +120,8 @@ while [ "$(count_outbox)" -lt "$MSGS" ]; do
 done
 T2=$(now)
 PEAK_RSS=$(rss_kb "$PID" VmHWM)
+CPU=$(cpu_s "$PID")
+CPU_US=$(python3 -c "print(f'{$CPU * 1e6 / $MSGS:.0f}')")
 if [ -n "$SCRAPER" ]; then
     kill "$SCRAPER"; wait "$SCRAPER" 2>/dev/null || true; SCRAPER=
     curl -fsS "http://127.0.0.1:$HTTP_PORT/metrics" | grep -E '^mailbridge_(messages_accepted_total|sessions_total) '
@@ -131,6 +135,7 @@ if [ "$SKIP_BIG" = 1 ]; then
     echo "messages: $MSGS x $SIZE bytes over $SESSIONS sessions (smtp-source -d), metrics: $METRICS"
     echo "accepted:      $ACCEPTED msg/s"
     echo "end-to-end:    $E2E msg/s"
+    echo "relay CPU:     $CPU s ($CPU_US us/msg, user+sys, start to last delivery)"
     echo "idle RSS:      $((IDLE_RSS / 1024)) MB ($IDLE_RSS kB)"
     echo "peak RSS:      $((PEAK_RSS / 1024)) MB ($PEAK_RSS kB)"
     exit 0
@@ -163,6 +168,7 @@ echo "messages: $MSGS x $SIZE bytes over $SESSIONS sessions (smtp-source -d), me
 echo "spool: $WORK ($(stat -f -c %T "$WORK")), outbox: $OUTBOX ($(stat -f -c %T "$OUTBOX"))"
 echo "accepted:      $ACCEPTED msg/s"
 echo "end-to-end:    $E2E msg/s"
+echo "relay CPU:     $CPU s ($CPU_US us/msg, user+sys, start to last delivery)"
 echo "idle RSS:      $((IDLE_RSS / 1024)) MB ($IDLE_RSS kB)"
 echo "peak RSS:      $((PEAK_RSS / 1024)) MB ($PEAK_RSS kB)"
 echo "${BIG_MB} MB message: peak RSS $BEFORE kB -> $AFTER kB (+$(( (AFTER - BEFORE) / 1024 )) MB)"

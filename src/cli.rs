@@ -67,11 +67,39 @@ pub enum Command {
         #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
         slot_wait: std::time::Duration,
     },
+    /// List, inspect and steer the running daemon's queue (through its admin socket).
+    Queue {
+        #[command(flatten)]
+        admin: crate::admin::cli::AdminArgs,
+        #[command(subcommand)]
+        cmd: crate::admin::cli::QueueCmd,
+    },
+    /// The running daemon's listeners, upstreams, queue, version and uptime. Exit 0 if all
+    /// is well, 1 if something needs attention.
+    Status {
+        #[command(flatten)]
+        admin: crate::admin::cli::AdminArgs,
+    },
+    /// Every client that sent through mailbridge: IP, AUTH user, HELO, TLS or plaintext,
+    /// the envelope senders used, message count, first and last seen.
+    Senders {
+        #[command(flatten)]
+        admin: crate::admin::cli::AdminArgs,
+    },
+    /// Make the running daemon re-read its configuration and certificates.
+    Reload {
+        #[command(flatten)]
+        admin: crate::admin::cli::AdminArgs,
+    },
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Queue { admin, cmd } => crate::admin::cli::queue(&admin, &cmd),
+        Command::Status { admin } => crate::admin::cli::status(&admin),
+        Command::Senders { admin } => crate::admin::cli::senders(&admin),
+        Command::Reload { admin } => crate::admin::cli::reload(&admin),
         Command::HashPassword => match hash_password() {
             Ok(hash) => {
                 println!("{hash}");

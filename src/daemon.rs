@@ -248,6 +248,22 @@ impl Daemon {
             None => None,
         };
         let http_addr = http.as_ref().map(|h| h.local_addr());
+        // The admin socket, once the listeners are bound; it outlives the ordered shutdown
+        // (status stays readable meanwhile) and its file is removed at the end.
+        let admin_stop = CancellationToken::new();
+        let admin_task = config.admin.socket.as_ref().and_then(|path| {
+            let l = crate::admin::socket::bind(path)?;
+            Some(tokio::spawn(crate::admin::socket::serve(
+                l,
+                path.clone(),
+                control.clone(),
+                admin_stop.clone(),
+            )))
+        });
+        let senders_task = tokio::spawn(crate::ops::senders::run_flusher(
+            ops.clone(),
+            admin_stop.clone(),
+        ));
         let sched_task = {
             let ended = scheduler_ended.clone().drop_guard();
             let run = scheduler.run(queue_stop.clone(), workers.clone());
@@ -296,6 +312,11 @@ impl Daemon {
                 h.wait().await;
             }
             drop(spool);
+            admin_stop.cancel();
+            let _ = senders_task.await;
+            if let Some(t) = admin_task {
+                let _ = t.await;
+            }
             tracing::info!("stopped");
         });
         Ok(Daemon {

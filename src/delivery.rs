@@ -151,7 +151,10 @@ impl Delivery {
         }
 
         let now = now_ms();
-        let age_ms = now.saturating_sub(stored.envelope.arrival_ms);
+        // A message requeued by an operator gets a new `queue.max_age` from then.
+        let age_ms = now.saturating_sub(
+            (stored.envelope.arrival_ms).max(stored.state.requeued_ms.unwrap_or(0)),
+        );
         if age_ms > r.queue.max_age.as_millis() as u64 {
             let last = stored.state.last_error.clone().unwrap_or_default();
             let reason = format!(

@@ -2,7 +2,9 @@
 //! CLI commands talk to, and its client; the HTTP endpoint ([`http`]: metrics, health, the
 //! status [`page`]).
 
+pub mod cli;
 pub mod client;
 pub mod http;
 pub mod page;
 pub mod proto;
+pub mod socket;

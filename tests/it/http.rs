@@ -421,17 +421,23 @@ admin:\n  socket: {sock:?}\n  http_address: 127.0.0.1:0\n",
     for t in token.issued().0.lock().unwrap().keys() {
         assert!(!dom.contains(t.as_str()));
     }
-    // The queued message in the oldest-messages table. (Control::queue_list is filled in
-    // with the admin socket; until it lists the queue, the table says it is empty.)
-    let listed = daemon.control().queue_list().await.unwrap();
+    // The queued message in the oldest-messages table, marked as waiting for the paused
+    // upstream.
     let oldest = element(&dom, "<table id=\"oldest\"").unwrap_or_else(|| panic!("{dom}"));
-    if listed.iter().any(|e| e.id == id) {
-        let row = element(oldest, &format!("<tr data-id=\"{id}\""))
-            .unwrap_or_else(|| panic!("{id} not in {oldest}"));
-        assert!(row.contains("scanner@example.com"), "{row}");
-    } else {
-        assert!(oldest.contains("the queue is empty"), "{oldest}");
-    }
+    let row = element(oldest, &format!("<tr data-id=\"{id}\""))
+        .unwrap_or_else(|| panic!("{id} not in {oldest}"));
+    assert!(row.contains("scanner@example.com"), "{row}");
+    assert!(row.contains("data-state=\"paused\""), "{row}");
+    assert_ne!(
+        attr(&dom, "<section id=\"queue\"", "data-messages").as_deref(),
+        Some("0")
+    );
+    // The sender inventory marks this plaintext client.
+    let client = element(&dom, "<tr data-tls=\"plaintext\"").unwrap_or_else(|| panic!("{dom}"));
+    assert!(
+        client.contains("127.0.0.1") && client.contains("scanner@example.com"),
+        "{client}"
+    );
 
     // The metrics agree: the token refresher asked once and got a token, the upstream is
     // paused.
@@ -448,6 +454,9 @@ admin:\n  socket: {sock:?}\n  http_address: 127.0.0.1:0\n",
         1.0,
         "{m}"
     );
+    assert!(sample(&m, "mailbridge_queue_messages") >= 1.0, "{m}");
+    let expiry = sample(&m, "mailbridge_token_expiry_seconds{upstream=\"contoso\"}");
+    assert!(expiry > 3000.0 && expiry <= 3600.0, "{m}");
     daemon.shutdown().await;
 }
 

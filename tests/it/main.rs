@@ -1,5 +1,6 @@
 //! The one integration test binary (ripgrep's habit): a module per area.
 
+mod admin_cli;
 mod auth;
 mod auth_cli;
 mod common;
@@ -18,6 +19,7 @@ mod interop;
 mod interop_auth;
 mod interop_tls;
 mod reload;
+mod senders;
 mod session;
 mod systemd;
 mod tls;
