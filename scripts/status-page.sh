@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 
 OUT=${OUT:-docs/status-page.png}
 WIDTH=${WIDTH:-1280}
-HEIGHT=${HEIGHT:-1300}
+HEIGHT=${HEIGHT:-1690}
 CHROMIUM=$(command -v chromium || command -v chromium-browser || true)
 [ -n "$CHROMIUM" ] || { echo "chromium not found: apt-get install chromium" >&2; exit 1; }
 
@@ -71,6 +71,7 @@ hostname: relay.contoso.example
 state_dir: $WORK/state
 listeners:
   - address: "127.0.0.1:$SMTP_PORT"
+    tls: starttls
 access:
   allow_networks: ["127.0.0.0/8"]
 spool:
@@ -112,12 +113,14 @@ done
 python3 - "$SMTP_PORT" <<'PY'
 import smtplib, sys
 port = int(sys.argv[1])
-def send(helo, sender, rcpts, subject):
+def send(helo, sender, rcpts, subject, tls=False):
     s = smtplib.SMTP("127.0.0.1", port, local_hostname=helo)
+    if tls:
+        s.starttls()  # the listener's self-signed certificate: not verified here
     s.sendmail(sender, rcpts, f"From: {sender}\r\nTo: {', '.join(rcpts)}\r\nSubject: {subject}\r\n\r\nscan attached\r\n".encode())
     s.quit()
-for i in range(6):
-    send("scanner-3rd-floor", "scanner@fabrikam.example", [f"user{i}@fabrikam.example"], f"Scan {i}")
+for i in range(3):
+    send("scanner-3rd-floor", "scanner@fabrikam.example", [f"user{i}@fabrikam.example"], f"Scan {i}", tls=True)
 send("mfp-reception", "printer@contoso.example", ["accounts@contoso.example", "ap@contoso.example"], "Invoice run")
 send("erp01", "erp@contoso.example", ["orders@contoso.example"], "Order confirmation 10442")
 try:

@@ -129,7 +129,9 @@ fn verdict(m: &PageModel) -> (&'static str, String, Vec<String>) {
                 u.meaning.as_deref().unwrap_or("see below")
             )),
         }
-        if let Some(t) = &u.token
+        // A paused upstream's line says it already.
+        if u.state == "ok"
+            && let Some(t) = &u.token
             && let Some(e) = &t.last_error
         {
             warn.push(format!("upstream {}: token refresh failed: {e}", u.name));
@@ -288,8 +290,17 @@ pub fn render(m: &PageModel) -> String {
         if let Some(meaning) = &u.meaning {
             let _ = write!(h, "<div class=\"meaning\">{}</div>", esc(meaning));
         }
-        if let Some(reply) = &u.reply {
-            let _ = write!(h, "<div class=\"mono muted\">{}</div>", esc(reply));
+        // The upstream's SMTP reply (a local error is the meaning already).
+        if let Some(reply) = u
+            .reply
+            .as_deref()
+            .filter(|r| r.len() >= 3 && r.as_bytes()[..3].iter().all(u8::is_ascii_digit))
+        {
+            let _ = write!(
+                h,
+                "<div class=\"mono muted\">{}</div>",
+                esc(&clip(reply, 200))
+            );
         }
         if let Some(remedy) = &u.remedy {
             let _ = write!(h, "<div class=\"remedy\">{}</div>", esc(remedy));
@@ -308,7 +319,14 @@ pub fn render(m: &PageModel) -> String {
                     None => h.push_str("<span class=\"muted\">no token yet</span>"),
                 }
                 if let Some(e) = &t.last_error {
-                    let _ = write!(h, "<div class=\"remedy\">{}</div>", esc(e));
+                    let _ = write!(
+                        h,
+                        "<div class=\"muted\">last refresh failed{}: {}</div>",
+                        t.last_error_ms
+                            .map(|at| format!(" {}", relative(at, m.now_ms)))
+                            .unwrap_or_default(),
+                        esc(&clip(e, 120))
+                    );
                 }
             }
             None => h.push_str("<span class=\"muted\">–</span>"),
