@@ -26,6 +26,10 @@ use crate::spool::now_ms;
 /// How long the spool check may take before `/healthz` says the spool hangs.
 pub const SPOOL_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A successful spool check is reused for this long: a busy status page or monitoring does
+/// not add an fsync per request to the spool's disk.
+pub const SPOOL_PROBE_REUSE: Duration = Duration::from_secs(5);
+
 /// How long open HTTP connections get to finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
@@ -162,10 +166,7 @@ async fn healthz(State(state): State<AppState>) -> Response {
 async fn status_page(State(state): State<AppState>) -> Response {
     let c = &state.control;
     let status = c.status().await;
-    let oldest = c.queue_list().await.map(|mut l| {
-        l.truncate(page::OLDEST_MAX);
-        l
-    });
+    let oldest = c.queue_oldest(page::OLDEST_MAX).await;
     let model = PageModel {
         now_ms: now_ms(),
         health: health(&state).await,
@@ -193,8 +194,8 @@ struct SpoolProbe {
     root: PathBuf,
     /// A probe is still running (possibly hung in the kernel).
     running: Arc<AtomicBool>,
-    /// One probe at a time.
-    one: tokio::sync::Mutex<()>,
+    /// One probe at a time; when the last one succeeded.
+    one: tokio::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 impl SpoolProbe {
@@ -202,12 +203,15 @@ impl SpoolProbe {
         SpoolProbe {
             root,
             running: Arc::new(AtomicBool::new(false)),
-            one: tokio::sync::Mutex::new(()),
+            one: tokio::sync::Mutex::new(None),
         }
     }
 
     async fn check(&self) -> Result<(), String> {
-        let _one = self.one.lock().await;
+        let mut last_ok = self.one.lock().await;
+        if last_ok.is_some_and(|at| at.elapsed() < SPOOL_PROBE_REUSE) {
+            return Ok(());
+        }
         if self.running.load(Ordering::Acquire) {
             return Err(format!(
                 "the spool at {} does not answer: an earlier write and fsync has not returned (disk or network file system hanging?)",
@@ -222,8 +226,15 @@ impl SpoolProbe {
             running.store(false, Ordering::Release);
             r
         });
+        let started = tokio::time::Instant::now();
+        *last_ok = None;
         match tokio::time::timeout(SPOOL_PROBE_TIMEOUT, task).await {
-            Ok(Ok(r)) => r,
+            Ok(Ok(r)) => {
+                if r.is_ok() {
+                    *last_ok = Some(started);
+                }
+                r
+            }
             Ok(Err(e)) => Err(format!("the spool check failed: {e}")),
             Err(_) => Err(format!(
                 "the spool at {} did not complete a write and fsync within {} s (disk or network file system hanging?)",

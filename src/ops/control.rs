@@ -148,6 +148,25 @@ impl Control {
             .collect())
     }
 
+    /// The `n` oldest queued messages (the status page): only their files are read.
+    pub async fn queue_oldest(&self, n: usize) -> Result<Vec<QueueEntry>, String> {
+        let spool = self.spool.clone();
+        let loaded = blocking(move || {
+            let ids = spool.queue_ids()?;
+            Ok(ids
+                .into_iter()
+                .filter_map(|id| spool.peek(&id, false).ok())
+                .take(n)
+                .collect::<Vec<_>>())
+        })
+        .await?;
+        let paused = self.paused_upstreams();
+        Ok(loaded
+            .iter()
+            .map(|s| self.entry(s, &paused, false))
+            .collect())
+    }
+
     pub async fn queue_show(&self, id: &str) -> Result<QueueDetail, String> {
         check_id(id)?;
         let spool = self.spool.clone();
