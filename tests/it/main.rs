@@ -15,6 +15,7 @@ mod fakes;
 mod interop;
 mod interop_auth;
 mod interop_tls;
+mod ops_docs;
 mod session;
 mod systemd;
 mod tls;
