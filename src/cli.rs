@@ -49,11 +49,57 @@ pub enum Command {
         #[arg(long, value_name = "NAME")]
         upstream: Option<String>,
     },
+    /// Check the whole path step by step: configuration, spool, and for each Exchange Online
+    /// upstream the token, its claims, DNS, TCP, STARTTLS, EHLO and AUTH XOAUTH2, each with a
+    /// tick or a cross, the cause and the remedy. Safe beside a running daemon. Exit 0 only if
+    /// every step passed.
+    Doctor {
+        /// Configuration file (default: $MAILBRIDGE_CONFIG, else /etc/mailbridge/relay.yaml).
+        #[arg(short, long, value_name = "PATH")]
+        config: Option<PathBuf>,
+        /// Also send one real message from the mailbox to ADDRESS.
+        #[arg(long, value_name = "ADDRESS")]
+        send_test: Option<String>,
+        /// Check only this upstream (default: every `exchange-online` one).
+        #[arg(long, value_name = "NAME")]
+        upstream: Option<String>,
+        /// How long to wait for the running daemon to leave a connection of the mailbox free.
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+        slot_wait: std::time::Duration,
+    },
+    /// List, inspect and steer the running daemon's queue (through its admin socket).
+    Queue {
+        #[command(flatten)]
+        admin: crate::admin::cli::AdminArgs,
+        #[command(subcommand)]
+        cmd: crate::admin::cli::QueueCmd,
+    },
+    /// The running daemon's listeners, upstreams, queue, version and uptime. Exit 0 if all
+    /// is well, 1 if something needs attention.
+    Status {
+        #[command(flatten)]
+        admin: crate::admin::cli::AdminArgs,
+    },
+    /// Every client that sent through mailbridge: IP, AUTH user, HELO, TLS or plaintext,
+    /// the envelope senders used, message count, first and last seen.
+    Senders {
+        #[command(flatten)]
+        admin: crate::admin::cli::AdminArgs,
+    },
+    /// Make the running daemon re-read its configuration and certificates.
+    Reload {
+        #[command(flatten)]
+        admin: crate::admin::cli::AdminArgs,
+    },
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Queue { admin, cmd } => crate::admin::cli::queue(&admin, &cmd),
+        Command::Status { admin } => crate::admin::cli::status(&admin),
+        Command::Senders { admin } => crate::admin::cli::senders(&admin),
+        Command::Reload { admin } => crate::admin::cli::reload(&admin),
         Command::HashPassword => match hash_password() {
             Ok(hash) => {
                 println!("{hash}");
@@ -104,11 +150,24 @@ pub fn main() -> ExitCode {
             config: path,
             upstream,
         } => token_command(path, upstream),
+        Command::Doctor {
+            config,
+            send_test,
+            upstream,
+            slot_wait,
+        } => crate::doctor::run(crate::doctor::Options {
+            config,
+            send_test,
+            upstream,
+            slot_wait,
+        }),
         Command::Serve { config: path, demo } => {
+            let mut source = None;
             let cfg = if demo {
                 config::demo(std::path::Path::new("mailbridge-demo"))
             } else {
                 let path = config::resolve_path(path.as_deref());
+                source = Some(path.clone());
                 match config::load(&path) {
                     Ok(c) => c,
                     Err(e) => {
@@ -128,7 +187,7 @@ pub fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            let res = rt.block_on(crate::daemon::serve(cfg, demo));
+            let res = rt.block_on(crate::daemon::serve(cfg, demo, source));
             // Blocking file operations still running (a hung file system) must not keep the
             // process alive past the ordered shutdown.
             rt.shutdown_timeout(std::time::Duration::from_secs(2));

@@ -10,12 +10,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, UpstreamKind};
+use crate::config::Config;
 use crate::delivery::Delivery;
 use crate::inbound::{SessionCtx, listener};
 use crate::scheduler::Scheduler;
 use crate::spool::Spool;
-use crate::upstream::{Upstream, outbox::Outbox};
 
 /// How long sessions in DATA, and then delivery attempts, may go on after shutdown begins
 /// (each). Twice this stays under systemd's `TimeoutStopSec=60` in the shipped unit.
@@ -32,6 +31,8 @@ pub struct Daemon {
     listener_ended: CancellationToken,
     ops: Arc<crate::ops::Ops>,
     control: Arc<crate::ops::control::Control>,
+    /// The swappable parts and the live reload (issue 9 §5).
+    reloader: Arc<crate::reload::Reloader>,
 }
 
 impl Daemon {
@@ -63,19 +64,22 @@ impl Daemon {
         let (alert_tx, mut alert_rx) = tokio::sync::mpsc::unbounded_channel();
         // Cancelled when the queue stops: attempts waiting for a send slot end at once.
         let queue_stop = CancellationToken::new();
-        let upstreams = build_upstreams(&config, &background, &queue_stop, alert_tx)?;
-        let routing = config.clone();
-        let router: crate::delivery::Router = Arc::new(move |env: &crate::spool::Envelope| {
-            routing.route(&env.sender, env.auth_user.as_deref())
-        });
+        let upstream_deps = crate::reload::UpstreamDeps {
+            background: background.clone(),
+            draining: queue_stop.clone(),
+            alerts: alert_tx,
+        };
+        let upstreams = crate::reload::build_upstreams(&config, &[], &upstream_deps)
+            .map_err(|e| anyhow::anyhow!(e.join("\n")))?;
+        let routing = crate::reload::routing(&config, &upstreams);
         let ops = Arc::new(crate::ops::Ops::new(Some(config.state_dir.clone())));
         let delivery = Arc::new(
             Delivery::with_upstreams(
                 spool.clone(),
-                upstreams,
-                router,
-                config.queue.clone(),
-                &config.hostname,
+                routing.upstreams,
+                routing.router,
+                routing.queue,
+                &routing.hostname,
             )
             .with_ops(ops.clone()),
         );
@@ -144,6 +148,7 @@ impl Daemon {
         let counter = Arc::new(listener::ConnCounter::default());
         let mut addrs = Vec::new();
         let mut accept_loops = Vec::new();
+        let mut listener_ctxs = Vec::new();
         let listener_ended = CancellationToken::new();
         for (l, lcfg) in bound {
             let addr = l.local_addr()?;
@@ -175,7 +180,9 @@ impl Daemon {
                 stop: stop.clone(),
                 hard_stop: hard_stop.clone(),
             });
-            let accept = listener::serve(l, ctx, counter.clone(), sessions.clone());
+            let ctx = Arc::new(arc_swap::ArcSwap::new(ctx));
+            listener_ctxs.push(ctx.clone());
+            let accept = listener::serve_swappable(l, ctx, counter.clone(), sessions.clone());
             // Dropped when the loop ends, even by a panic: the watchdog sees it.
             let ended = listener_ended.clone().drop_guard();
             accept_loops.push(tokio::spawn(async move {
@@ -183,6 +190,13 @@ impl Daemon {
                 accept.await
             }));
         }
+        let reloader = Arc::new(crate::reload::Reloader::new(
+            config.clone(),
+            upstreams,
+            delivery.clone(),
+            listener_ctxs,
+            upstream_deps,
+        ));
         let scheduler_ended = CancellationToken::new();
         let control = Arc::new(crate::ops::control::Control {
             ops: ops.clone(),
@@ -212,6 +226,22 @@ impl Daemon {
                 listener_ended.clone(),
             ),
         });
+        // The admin socket, once the listeners are bound; it outlives the ordered shutdown
+        // (status stays readable meanwhile) and its file is removed at the end.
+        let admin_stop = CancellationToken::new();
+        let admin_task = config.admin.socket.as_ref().and_then(|path| {
+            let l = crate::admin::socket::bind(path)?;
+            Some(tokio::spawn(crate::admin::socket::serve(
+                l,
+                path.clone(),
+                control.clone(),
+                admin_stop.clone(),
+            )))
+        });
+        let senders_task = tokio::spawn(crate::ops::senders::run_flusher(
+            ops.clone(),
+            admin_stop.clone(),
+        ));
         let sched_task = {
             let ended = scheduler_ended.clone().drop_guard();
             let run = scheduler.run(queue_stop.clone(), workers.clone());
@@ -256,6 +286,11 @@ impl Daemon {
             // Let the reapers close idle upstream connections and save counters.
             tokio::time::sleep(Duration::from_millis(200)).await;
             drop(spool);
+            admin_stop.cancel();
+            let _ = senders_task.await;
+            if let Some(t) = admin_task {
+                let _ = t.await;
+            }
             tracing::info!("stopped");
         });
         Ok(Daemon {
@@ -266,7 +301,25 @@ impl Daemon {
             listener_ended,
             ops,
             control,
+            reloader,
         })
+    }
+
+    /// Turns on live reload from `path` (the file the daemon was started with): SIGHUP in
+    /// [`serve`] and `Control::reload` (`mailbridge reload`) re-read it. Without this (the
+    /// demo), a reload is refused.
+    pub fn enable_reload(&self, path: std::path::PathBuf) {
+        let r = self.reloader.clone();
+        self.ops.set_reload(Arc::new(move || {
+            let r = r.clone();
+            let path = path.clone();
+            Box::pin(async move { r.reload_notify(&path).await })
+        }));
+    }
+
+    /// The swappable parts (for tests: the configuration in force).
+    pub fn reloader(&self) -> &Arc<crate::reload::Reloader> {
+        &self.reloader
     }
 
     /// Metrics, sender inventory, recent outcomes.
@@ -315,113 +368,32 @@ fn health_fn(
     })
 }
 
-/// One [`Upstream`] per configured upstream; Exchange upstreams share one token refresher per
-/// distinct (token URL, client id, scope).
-fn build_upstreams(
-    config: &Config,
-    background: &CancellationToken,
-    draining: &CancellationToken,
-    alerts: tokio::sync::mpsc::UnboundedSender<crate::upstream::exchange::Alert>,
-) -> anyhow::Result<Vec<Arc<dyn Upstream>>> {
-    let mut out: Vec<Arc<dyn Upstream>> = Vec::new();
-    let mut refreshers: Vec<((String, String, String), crate::token::TokenHandle)> = Vec::new();
-    type MailboxKey = (String, u16, String);
-    let mut mailboxes: Vec<(MailboxKey, Arc<crate::upstream::exchange::Mailbox>, String)> =
-        Vec::new();
-    for up in &config.upstreams {
-        match &up.kind {
-            UpstreamKind::Outbox { path } => {
-                out.push(Arc::new(Outbox::new(&up.name, path).with_context(
-                    || {
-                        format!(
-                            "upstream {}: cannot create outbox directory {}",
-                            up.name,
-                            path.display()
-                        )
-                    },
-                )?));
-            }
-            UpstreamKind::ExchangeOnline(x) => {
-                let c = &x.credentials;
-                let key = (c.token_url.clone(), c.client_id.clone(), c.scope.clone());
-                let tokens = match refreshers.iter().find(|(k, _)| *k == key) {
-                    Some((_, h)) => h.clone(),
-                    None => {
-                        let ca = match &x.ca_file {
-                            Some(f) => Some(std::fs::read(f).with_context(|| {
-                                format!("upstream {}: cannot read ca_file {}", up.name, f.display())
-                            })?),
-                            None => None,
-                        };
-                        let http = crate::token::http_client_with_roots(ca.as_deref())
-                            .map_err(|e| anyhow::anyhow!("upstream {}: {e}", up.name))?;
-                        let h = crate::token::Refresher::spawn(http, c.clone(), background.clone());
-                        refreshers.push((key, h.clone()));
-                        h
-                    }
-                };
-                // Exchange limits connections, rate and recipients per mailbox: upstreams that
-                // send as the same mailbox on the same server share them (the first one's
-                // `limits` and counter file apply).
-                let mb_key = (
-                    x.host.to_ascii_lowercase(),
-                    x.port,
-                    x.mailbox.to_ascii_lowercase(),
-                );
-                let mailbox = match mailboxes.iter().find(|(k, _, _)| *k == mb_key) {
-                    Some((_, mb, first)) => {
-                        tracing::info!(upstream = %up.name, shares_with = %first, mailbox = %x.mailbox, "upstream sends as the same mailbox as another one: they share its connection and rate limits");
-                        mb.clone()
-                    }
-                    None => {
-                        let counter = config
-                            .state_dir
-                            .join("upstreams")
-                            .join(format!("{}.recipients.json", up.name));
-                        let mb = crate::upstream::exchange::Mailbox::new(&x.limits, counter);
-                        mailboxes.push((mb_key, mb.clone(), up.name.clone()));
-                        mb
-                    }
-                };
-                let ex = crate::upstream::exchange::Exchange::start(
-                    &up.name,
-                    (**x).clone(),
-                    tokens,
-                    mailbox,
-                    config.queue.retry.clone(),
-                    Some(alerts.clone()),
-                    background.clone(),
-                    draining.clone(),
-                )
-                .map_err(|e| anyhow::anyhow!("upstream {}: {e}", up.name))?;
-                tracing::info!(
-                    upstream = %up.name,
-                    host = %x.host,
-                    port = x.port,
-                    mailbox = %x.mailbox,
-                    client_id = %c.client_id,
-                    credential = %x.credential_source,
-                    connections = x.limits.connections,
-                    messages_per_minute = x.limits.messages_per_minute,
-                    recipients_per_day = x.limits.recipients_per_day,
-                    "Exchange Online upstream ready"
-                );
-                out.push(ex);
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// `mailbridge serve`: runs until SIGTERM or SIGINT.
-pub async fn serve(config: Config, demo_hint: bool) -> anyhow::Result<()> {
+/// `mailbridge serve`: runs until SIGTERM or SIGINT; SIGHUP reloads the configuration from
+/// `config_path` (`None`: the demo, which has no file and cannot reload).
+pub async fn serve(
+    config: Config,
+    demo_hint: bool,
+    config_path: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
     // Installed before the listeners open, so a SIGTERM at any moment is an ordered stop.
-    let signals = Signals::install()?;
+    let mut signals = Signals::install()?;
     let daemon = Daemon::start(config).await?;
     // Type=notify: start-up is over only now, with the spool recovered and every listener
     // bound and accepting (sd_notify(3)).
     let listening: Vec<String> = daemon.addrs.iter().map(|a| a.to_string()).collect();
-    crate::systemd::ready(&format!("listening on {}", listening.join(", ")));
+    let status = format!("listening on {}", listening.join(", "));
+    daemon.reloader().set_status(status.clone());
+    match &config_path {
+        Some(p) => daemon.enable_reload(p.clone()),
+        None => daemon.ops().set_reload(Arc::new(|| {
+            Box::pin(async {
+                Err(vec![
+                    "the demo (serve --demo) has no configuration file to re-read: restart it, or run serve -c PATH".to_string(),
+                ])
+            })
+        })),
+    }
+    crate::systemd::ready(&status);
     let watchdog = crate::systemd::watchdog_interval()
         .map(|every| tokio::spawn(crate::systemd::run_watchdog(every, daemon.health())));
     if demo_hint {
@@ -430,7 +402,15 @@ pub async fn serve(config: Config, demo_hint: bool) -> anyhow::Result<()> {
             "mailbridge demo: listening on {addr}; send a test message with `swaks --server {addr} --from printer@example.com --to you@example.com` and find it in ./mailbridge-demo/outbox/ (Ctrl-C stops)"
         );
     }
-    signals.wait().await;
+    while signals.next().await == Signal::Reload {
+        // A reload logs its own outcome (and returns it to `mailbridge reload`); the demo's
+        // refusal is logged here.
+        if let Err(e) = daemon.control().reload().await
+            && config_path.is_none()
+        {
+            tracing::warn!("SIGHUP ignored: {}", e.join("; "));
+        }
+    }
     // systemd stops the watchdog with STOPPING=1; the grace periods run under TimeoutStopSec.
     crate::systemd::stopping();
     if let Some(w) = watchdog {
@@ -443,6 +423,13 @@ pub async fn serve(config: Config, demo_hint: bool) -> anyhow::Result<()> {
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Signal {
+    Stop,
+    Reload,
 }
 
 impl Signals {
@@ -451,13 +438,15 @@ impl Signals {
         Ok(Signals {
             term: signal(SignalKind::terminate()).context("install SIGTERM handler")?,
             int: signal(SignalKind::interrupt()).context("install SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("install SIGHUP handler")?,
         })
     }
 
-    async fn wait(mut self) {
+    async fn next(&mut self) -> Signal {
         tokio::select! {
-            _ = self.term.recv() => {},
-            _ = self.int.recv() => {},
+            _ = self.term.recv() => Signal::Stop,
+            _ = self.int.recv() => Signal::Stop,
+            _ = self.hup.recv() => Signal::Reload,
         }
     }
 }

@@ -19,12 +19,19 @@ use crate::upstream::{Attempt, Upstream};
 /// Picks the upstream (index) for a message: routes, the user's upstream, else the first.
 pub type Router = Arc<dyn Fn(&Envelope) -> usize + Send + Sync>;
 
+/// What a configuration reload swaps in one piece: the upstreams, the router over them, the
+/// queue settings and the host name. An attempt takes one snapshot when it starts and keeps
+/// it to the end; the next attempt sees the new one.
+pub struct Routing {
+    pub upstreams: Vec<Arc<dyn Upstream>>,
+    pub router: Router,
+    pub queue: QueueConfig,
+    pub hostname: String,
+}
+
 pub struct Delivery {
     spool: Spool,
-    upstreams: Vec<Arc<dyn Upstream>>,
-    router: Router,
-    queue: QueueConfig,
-    hostname: String,
+    routing: arc_swap::ArcSwap<Routing>,
     scheduler: OnceLock<SchedulerHandle>,
     ops: Arc<crate::ops::Ops>,
 }
@@ -57,10 +64,12 @@ impl Delivery {
         assert!(!upstreams.is_empty(), "at least one upstream");
         Delivery {
             spool,
-            upstreams,
-            router,
-            queue,
-            hostname: hostname.to_string(),
+            routing: arc_swap::ArcSwap::from_pointee(Routing {
+                upstreams,
+                router,
+                queue,
+                hostname: hostname.to_string(),
+            }),
             scheduler: OnceLock::new(),
             ops: Arc::new(crate::ops::Ops::default()),
         }
@@ -76,9 +85,21 @@ impl Delivery {
         &self.ops
     }
 
-    /// The upstreams, in configuration order.
-    pub fn upstreams(&self) -> &[Arc<dyn Upstream>] {
-        &self.upstreams
+    /// The upstreams, in configuration order (of the current configuration).
+    pub fn upstreams(&self) -> Vec<Arc<dyn Upstream>> {
+        self.routing.load().upstreams.clone()
+    }
+
+    /// The current routing snapshot.
+    pub fn routing(&self) -> Arc<Routing> {
+        self.routing.load_full()
+    }
+
+    /// Swaps in a reloaded configuration's upstreams, routes and queue settings. Attempts
+    /// already running finish with the snapshot they started with.
+    pub fn set_routing(&self, routing: Routing) {
+        assert!(!routing.upstreams.is_empty(), "at least one upstream");
+        self.routing.store(Arc::new(routing));
     }
 
     /// Where reports (DSNs, alerts) are announced once queued.
@@ -86,19 +107,24 @@ impl Delivery {
         let _ = self.scheduler.set(handle);
     }
 
-    fn upstream_for(&self, env: &Envelope) -> &Arc<dyn Upstream> {
-        if let Some(name) = &env.upstream
-            && let Some(u) = self.upstreams.iter().find(|u| u.name() == name)
-        {
-            return u;
+    /// The upstream for `env`: the one it is pinned to (reports), else the router's choice.
+    /// A message pinned to an upstream that a reload removed is not lost: it goes through
+    /// the router (routes, the user's upstream, else the first upstream), with a warning.
+    fn upstream_for<'r>(r: &'r Routing, env: &Envelope) -> &'r Arc<dyn Upstream> {
+        if let Some(name) = &env.upstream {
+            if let Some(u) = r.upstreams.iter().find(|u| u.name() == name) {
+                return u;
+            }
+            tracing::warn!(queue_id = %env.id, upstream = %name, "the message is pinned to an upstream that is no longer configured (removed by a reload): sending it through the routes instead");
         }
-        let i = (self.router)(env);
-        &self.upstreams[i.min(self.upstreams.len() - 1)]
+        let i = (r.router)(env);
+        &r.upstreams[i.min(r.upstreams.len() - 1)]
     }
 
     /// One attempt for message `id`. Returns when the next attempt is due, or `None` when the
     /// message left the queue (delivered, failed or unreadable).
     pub async fn attempt(&self, id: &str) -> Option<u64> {
+        let r = self.routing.load_full();
         let spool = self.spool.clone();
         let owned_id = id.to_string();
         let mut stored = match blocking(move || spool.load(&owned_id)).await {
@@ -115,7 +141,7 @@ impl Delivery {
             }
             Err(e) => {
                 tracing::error!(queue_id = %id, error = %e, "cannot read queued message; retrying later");
-                return Some(now_ms() + self.queue.retry_after(1).as_millis() as u64);
+                return Some(now_ms() + r.queue.retry_after(1).as_millis() as u64);
             }
         };
         let pending: Vec<usize> = stored.state.pending().collect();
@@ -125,8 +151,11 @@ impl Delivery {
         }
 
         let now = now_ms();
-        let age_ms = now.saturating_sub(stored.envelope.arrival_ms);
-        if age_ms > self.queue.max_age.as_millis() as u64 {
+        // A message requeued by an operator gets a new `queue.max_age` from then.
+        let age_ms = now.saturating_sub(
+            (stored.envelope.arrival_ms).max(stored.state.requeued_ms.unwrap_or(0)),
+        );
+        if age_ms > r.queue.max_age.as_millis() as u64 {
             let last = stored.state.last_error.clone().unwrap_or_default();
             let reason = format!(
                 "4.4.7 delivery time expired after {} in the queue ({} attempts); last error: {last}",
@@ -162,7 +191,7 @@ impl Delivery {
 
         // Record the next attempt before trying (no hot loop after a crash).
         stored.state.attempts += 1;
-        let next = now + self.queue.retry_after(stored.state.attempts).as_millis() as u64;
+        let next = now + r.queue.retry_after(stored.state.attempts).as_millis() as u64;
         stored.state.next_attempt_ms = next;
         stored.state.in_flight = true;
         let spool = self.spool.clone();
@@ -173,7 +202,7 @@ impl Delivery {
         }
 
         let stored = Arc::new(stored);
-        let upstream = self.upstream_for(&stored.envelope).clone();
+        let upstream = Self::upstream_for(&r, &stored.envelope).clone();
         let report = upstream
             .deliver(Attempt {
                 spool: self.spool.clone(),
@@ -287,10 +316,11 @@ impl Delivery {
     /// the schedule's interval for its attempt count, so a message that always crashes
     /// backs off like any other instead of looping. `None` if it left the queue.
     pub async fn after_crash(&self, id: &str) -> Option<u64> {
+        let r = self.routing.load_full();
         let spool = self.spool.clone();
         let owned_id = id.to_string();
         let earliest =
-            |attempts: u32| now_ms() + self.queue.retry_after(attempts.max(1)).as_millis() as u64;
+            |attempts: u32| now_ms() + r.queue.retry_after(attempts.max(1)).as_millis() as u64;
         match blocking(move || spool.load(&owned_id)).await {
             Ok(stored) => Some(
                 stored
@@ -342,12 +372,13 @@ impl Delivery {
     /// Queues a DSN for the failed recipients of `stored` (still in `queue/`): to the
     /// envelope sender, or to `queue.postmaster` for a null sender; never for a report.
     async fn bounce(&self, stored: &Stored) {
+        let r = self.routing.load_full();
         let env = &stored.envelope;
-        if !self.queue.bounce || env.report {
+        if !r.queue.bounce || env.report {
             return;
         }
         let to = if env.sender.is_empty() {
-            match &self.queue.postmaster {
+            match &r.queue.postmaster {
                 Some(p) => p.clone(),
                 None => {
                     tracing::warn!(queue_id = %env.id, "failed message had a null sender and queue.postmaster is not set: no report sent");
@@ -357,11 +388,11 @@ impl Delivery {
         } else {
             env.sender.clone()
         };
-        let upstream = self.upstream_for(env).clone();
+        let upstream = Self::upstream_for(&r, env).clone();
         let from = upstream
             .sender_address()
             .map(str::to_string)
-            .unwrap_or_else(|| format!("MAILER-DAEMON@{}", self.hostname));
+            .unwrap_or_else(|| format!("MAILER-DAEMON@{}", r.hostname));
         let recipients: Vec<(crate::dsn::DsnRecipient, Option<Diagnosis>)> = env
             .recipients
             .iter()
@@ -398,9 +429,9 @@ impl Delivery {
         .ok()
         .and_then(Result::ok)
         .unwrap_or_default();
-        let message_id = format!("<{}.dsn@{}>", new_id(), self.hostname);
+        let message_id = format!("<{}.dsn@{}>", new_id(), r.hostname);
         let content = crate::dsn::build(&crate::dsn::Dsn {
-            reporting_mta: &self.hostname,
+            reporting_mta: &r.hostname,
             from: &from,
             to: &to,
             queue_id: &env.id,
@@ -426,25 +457,26 @@ impl Delivery {
     /// Queues an alert for `queue.postmaster` (plain text), through `via` if that upstream
     /// is not the one the alert is about, else through the first other upstream.
     pub async fn alert(&self, about: &str, subject: &str, body: &str) {
-        let Some(to) = self.queue.postmaster.clone() else {
+        let r = self.routing.load_full();
+        let Some(to) = r.queue.postmaster.clone() else {
             return;
         };
-        let via = self
+        let via = r
             .upstreams
             .iter()
             .find(|u| u.name() != about)
-            .unwrap_or(&self.upstreams[0])
+            .unwrap_or(&r.upstreams[0])
             .clone();
         let from = via
             .sender_address()
             .map(str::to_string)
-            .unwrap_or_else(|| format!("MAILER-DAEMON@{}", self.hostname));
+            .unwrap_or_else(|| format!("MAILER-DAEMON@{}", r.hostname));
         let date = crate::smtp::headers::rfc5322_date(std::time::SystemTime::now());
         let subject: String = subject.chars().filter(|c| !c.is_control()).collect();
         let mut content = format!(
             "From: mailbridge <{from}>\r\nTo: <{to}>\r\nSubject: {subject}\r\nDate: {date}\r\nMessage-ID: <{}.alert@{}>\r\nAuto-Submitted: auto-generated\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n",
             new_id(),
-            self.hostname
+            r.hostname
         );
         for line in body.lines() {
             let line = line.trim_end_matches('\r');
@@ -467,6 +499,7 @@ impl Delivery {
         upstream: &str,
         content: &[u8],
     ) -> Result<String, SpoolError> {
+        let hostname = self.routing.load().hostname.clone();
         let env = Envelope {
             id: new_id(),
             sender: String::new(),
@@ -474,7 +507,7 @@ impl Delivery {
                 address: to.to_string(),
             }],
             client_ip: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
-            helo: self.hostname.clone(),
+            helo: hostname,
             auth_user: None,
             arrival_ms: now_ms(),
             body: Some("8BITMIME".into()),
@@ -1031,5 +1064,58 @@ mod tests {
         assert_eq!(retries.len(), 2, "{retries:?}");
         assert!((10_000..11_500).contains(&retries[0]), "{retries:?}");
         assert!((40_000..42_000).contains(&retries[1]), "{retries:?}");
+    }
+
+    /// A reload's routing applies from the next attempt on; a message pinned to an
+    /// upstream the reload removed (a report) is not lost: it goes through the router.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn new_routing_applies_to_the_next_attempt_and_pinned_to_removed_is_routed() {
+        use crate::upstream::outbox::Outbox;
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("spool")).unwrap();
+        let outbox = |name: &str| -> Arc<dyn Upstream> {
+            Arc::new(Outbox::new(name, &dir.path().join(name)).unwrap())
+        };
+        let d = Delivery::new(
+            spool.clone(),
+            outbox("a"),
+            queue_cfg(&[60], Duration::from_secs(3600), 1),
+        );
+        let q = enqueue(&spool, &["x@y"], now_ms()).await;
+        assert_eq!(d.attempt(&q.id).await, None);
+        assert!(dir.path().join(format!("a/{}.eml", q.id)).exists());
+
+        // Reload: "a" is gone; routes send everything to the second upstream, "c".
+        d.set_routing(Routing {
+            upstreams: vec![outbox("b"), outbox("c")],
+            router: Arc::new(|_| 1),
+            queue: queue_cfg(&[60], Duration::from_secs(3600), 1),
+            hostname: "relay.test".into(),
+        });
+        assert_eq!(d.upstreams().len(), 2);
+        let q = enqueue(&spool, &["x@y"], now_ms()).await;
+        assert_eq!(d.attempt(&q.id).await, None);
+        assert!(dir.path().join(format!("c/{}.eml", q.id)).exists());
+
+        let env = Envelope {
+            id: new_id(),
+            sender: String::new(),
+            recipients: vec![Recipient {
+                address: "postmaster@y".into(),
+            }],
+            client_ip: "127.0.0.1".parse().unwrap(),
+            helo: "t".into(),
+            auth_user: None,
+            arrival_ms: now_ms(),
+            body: None,
+            smtputf8: false,
+            upstream: Some("a".into()),
+            report: true,
+        };
+        let mut inc = spool.begin(&env);
+        inc.write(b"Subject: report\r\n\r\nx\r\n").await;
+        let q = inc.commit().await.unwrap();
+        assert_eq!(d.attempt(&q.id).await, None, "delivered, not stuck");
+        assert!(dir.path().join(format!("c/{}.eml", q.id)).exists());
     }
 }

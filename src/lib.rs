@@ -26,18 +26,20 @@
 //! - [`token`]: OAuth client-credentials tokens for Exchange Online (not wired in yet).
 //! - [`secret`]: the redacting type every password, hash and token lives in.
 //! - [`daemon`]: wiring, signals, ordered shutdown. [`systemd`]: READY/STOPPING/WATCHDOG.
-//!   [`cli`]: commands and exit codes.
+//!   [`cli`]: commands and exit codes. [`doctor`]: `mailbridge doctor`, the step-by-step check.
 
 pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod delivery;
+pub mod doctor;
 pub mod dsn;
 pub mod inbound;
 pub mod logging;
 pub mod ops;
 pub mod outcome;
+pub mod reload;
 pub mod scheduler;
 pub mod secret;
 pub mod smtp;

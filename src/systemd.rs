@@ -1,5 +1,5 @@
 //! The systemd service protocol (sd_notify(3)) for `Type=notify`: READY=1, STOPPING=1, the
-//! WATCHDOG=1 keep-alive, and the RELOADING=1 hook for the reload to come. Outbound only, to
+//! WATCHDOG=1 keep-alive, and RELOADING=1 around a configuration reload. Outbound only, to
 //! the socket systemd names in `NOTIFY_SOCKET`; without it every call is a no-op. Messages
 //! carry listener addresses and counts, never a secret (principle 3).
 
@@ -32,10 +32,11 @@ pub fn stopping() {
     ]);
 }
 
-/// RELOADING=1, for the SIGHUP / `mailbridge reload` of issue 9 §5 (not built yet). A reload
+/// RELOADING=1, for SIGHUP (`ExecReload=`) and `mailbridge reload` (issue 9 §5). A reload
 /// calls this before it re-reads the configuration and [`ready`] once the new snapshot is live
-/// or rejected. For `Type=notify-reload` (systemd 253+) RELOADING=1 must come with
-/// MONOTONIC_USEC, which this sends. Until the reload exists, the unit has no ExecReload.
+/// or rejected (`crate::reload::Reloader::reload_notify`). For `Type=notify-reload`
+/// (systemd 253+) RELOADING=1 must come with MONOTONIC_USEC, which this sends; under
+/// `Type=notify` systemd ignores it, and READY=1 ends the reload either way.
 pub fn reloading() {
     match NotifyState::monotonic_usec_now() {
         Ok(now) => send(&[NotifyState::Reloading, now]),

@@ -3,6 +3,7 @@
 //! its key path, so `mailbridge check-config` shows the whole list in one run.
 
 pub mod credentials;
+pub mod diff;
 pub mod exchange;
 pub mod raw;
 

@@ -109,10 +109,28 @@ pub async fn serve(
     counter: Arc<ConnCounter>,
     sessions: TaskTracker,
 ) {
-    let limits = &ctx.config.limits;
+    serve_swappable(
+        listener,
+        Arc::new(arc_swap::ArcSwap::new(ctx)),
+        counter,
+        sessions,
+    )
+    .await
+}
+
+/// [`serve`] with a context a configuration reload can replace: each connection takes the
+/// current one (access, limits, users, TLS) when it is accepted, and its session keeps that
+/// snapshot to the end. The stop tokens are the same in every snapshot.
+pub async fn serve_swappable(
+    listener: TcpListener,
+    current: Arc<arc_swap::ArcSwap<SessionCtx>>,
+    counter: Arc<ConnCounter>,
+    sessions: TaskTracker,
+) {
+    let stop = current.load().stop.clone();
     loop {
         let (stream, peer) = tokio::select! {
-            _ = ctx.stop.cancelled() => break,
+            _ = stop.cancelled() => break,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -124,6 +142,8 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
+        let ctx = current.load_full();
+        let limits = &ctx.config.limits;
         let ip = canonical_ip(peer.ip());
         // Outsiders are refused first, so they never take a slot that a printer needs.
         if !ctx.config.access.may_connect(ip) {
@@ -150,7 +170,6 @@ pub async fn serve(
                 continue;
             }
         };
-        let ctx = ctx.clone();
         sessions.spawn(async move {
             let local = stream.local_addr().ok();
             super::session::run(stream, SocketAddr::new(ip, peer.port()), local, ctx).await;

@@ -80,10 +80,13 @@ pub struct Session<S> {
     /// Commands without progress since the session began or the last accepted message
     /// (`limits.max_junk_commands`); carried across STARTTLS.
     junk: u32,
+    /// The negotiated TLS version and cipher (sender inventory).
+    tls_info: Option<(&'static str, String)>,
 }
 
 struct AuthedUser {
     username: String,
+    mechanism: &'static str,
     allowed_senders: Vec<crate::config::SenderPattern>,
 }
 
@@ -102,7 +105,9 @@ where
         (TlsMode::Implicit, Some(acceptor)) => {
             // RFC 8314: TLS from the first byte, the greeting comes inside it.
             if let Some(tls) = handshake(&acceptor, stream, ip).await {
-                Session::new(tls, ip, ctx, true).serve(true).await;
+                let mut s = Session::new(tls, ip, ctx, true);
+                s.tls_info = tls_info(&s.stream);
+                s.serve(true).await;
             }
         }
         (_, acceptor) => {
@@ -116,6 +121,7 @@ where
                     // RFC 3207 §4.2: everything learnt before TLS is forgotten; the client
                     // starts again with EHLO, and no new greeting is sent.
                     let mut s = Session::new(tls, ip, ctx, true);
+                    s.tls_info = tls_info(&s.stream);
                     s.errors = errors;
                     (s.started, s.junk) = (started, junk);
                     s.serve(false).await;
@@ -124,6 +130,17 @@ where
         }
     }
     tracing::debug!(client = %ip, "disconnected");
+}
+
+/// The TLS version and cipher of an established session (sender inventory).
+fn tls_info<S>(tls: &super::tls::TlsStream<S>) -> Option<(&'static str, String)> {
+    let ssl = tls.ssl();
+    Some((
+        ssl.version_str(),
+        ssl.current_cipher()
+            .map(|c| c.name().to_string())
+            .unwrap_or_default(),
+    ))
 }
 
 async fn handshake<S>(
@@ -167,6 +184,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             auth: None,
             started: Instant::now(),
             junk: 0,
+            tls_info: None,
         }
     }
 
@@ -641,6 +659,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             tracing::info!(client = %self.client_ip, user = %headers::clean_token(&name), mechanism = mechanism.name(), "authenticated");
                             self.auth = Some(AuthedUser {
                                 username: name,
+                                mechanism: mechanism.name(),
                                 allowed_senders,
                             });
                             self.reply(&reply::AUTH_OK);
@@ -928,6 +947,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
 
+        let dot_seen = Instant::now();
         let flags = decoder.flags;
         let refusal = if flags.oversize {
             Some(reply::SIZE_EXCEEDED)
@@ -960,6 +980,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.ctx.scheduler.queued(queued);
                 self.junk = 0;
                 self.reply(&reply::queued(&id));
+                self.ctx.ops.message_accepted(
+                    &crate::ops::ClientInfo {
+                        ip: self.client_ip,
+                        helo: &envelope.helo,
+                        auth_user: self.auth.as_ref().map(|a| a.username.as_str()),
+                        auth_mechanism: self.auth.as_ref().map(|a| a.mechanism),
+                        tls: self.tls_info.as_ref().map(|(v, c)| (*v, c.as_str())),
+                        sender: &envelope.sender,
+                    },
+                    dot_seen.elapsed(),
+                );
             }
             Err(e) => {
                 tracing::error!(client = %self.client_ip, error = %e, "cannot write the message to the spool: refusing with 452");

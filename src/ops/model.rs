@@ -85,7 +85,8 @@ pub struct QueueEntry {
     pub sender: String,
     pub recipients_total: u64,
     pub recipients_pending: u64,
-    /// `queued`, `deferred`, `held`, `paused` (its upstream is paused) or `failed`.
+    /// `queued` (never tried), `deferred`, `held` (by an operator), `paused` (its upstream is
+    /// paused or held), `sending` (an attempt runs now) or `failed` (in failed/).
     pub state: String,
     pub attempts: u32,
     pub next_attempt_ms: Option<u64>,

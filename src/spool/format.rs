@@ -149,6 +149,13 @@ pub struct State {
     /// and the message may reach the upstream twice.
     #[serde(default)]
     pub in_flight: bool,
+    /// Held by an operator (`mailbridge queue hold`): never attempted until released.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub held: bool,
+    /// When an operator last moved it from `failed/` back into the queue
+    /// (`mailbridge queue requeue`): `queue.max_age` counts from then, not from arrival.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requeued_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     /// The distinct typed outcomes the fields below refer to (see the module comment).
@@ -171,6 +178,8 @@ impl State {
             attempts: 0,
             next_attempt_ms: envelope.arrival_ms,
             in_flight: false,
+            held: false,
+            requeued_ms: None,
             last_error: None,
             outcomes: Vec::new(),
             last_outcome: None,
@@ -360,11 +369,62 @@ pub type QueueFile = (Envelope, Option<Slot>, std::ops::Range<u64>);
 /// range. `Err` says what is wrong, for the log line that moves the file to `corrupt/`.
 pub fn read_queue_file<R: Read + Seek>(mut r: R) -> Result<QueueFile, ReadError> {
     let io = ReadError::Io;
+    let head = read_head(&mut r)?;
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(QUEUE_MAGIC);
+    hasher.update(&head.envelope_line);
+    let (content_start, clen, crc, tpos) = (head.content_start, head.clen, head.crc, head.tpos);
+    r.seek(SeekFrom::Start(content_start)).map_err(io)?;
+    let mut content = (&mut r).take(clen);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut seen = 0u64;
+    loop {
+        let n = content.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        seen += n as u64;
+    }
+    if seen != clen {
+        return Err("file shorter than its end record".into());
+    }
+    if hasher.finalize() != crc {
+        return Err("checksum mismatch".into());
+    }
+    if head.envelope.recipients.is_empty() {
+        return Err("envelope has no recipients".into());
+    }
+    Ok((head.envelope, head.slot, content_start..tpos))
+}
+
+/// Like [`read_queue_file`] without reading the content: the envelope, the slot and the
+/// content's range from the end record, for listings (`mailbridge queue list`). The checksum
+/// is not verified.
+pub fn read_queue_head<R: Read + Seek>(mut r: R) -> Result<QueueFile, ReadError> {
+    let head = read_head(&mut r)?;
+    Ok((head.envelope, head.slot, head.content_start..head.tpos))
+}
+
+struct Head {
+    envelope: Envelope,
+    slot: Option<Slot>,
+    /// The envelope line as stored, newline included (it is covered by the checksum).
+    envelope_line: Vec<u8>,
+    content_start: u64,
+    /// Content length and checksum from the end record, and where the end record starts.
+    clen: u64,
+    crc: u32,
+    tpos: u64,
+}
+
+/// The version header, slot, envelope and end record of a queue file.
+fn read_head<R: Read + Seek>(r: &mut R) -> Result<Head, ReadError> {
+    let io = ReadError::Io;
     let len = r.seek(SeekFrom::End(0)).map_err(io)?;
     r.seek(SeekFrom::Start(0)).map_err(io)?;
-    let mut hasher = crc32fast::Hasher::new();
-    let (envelope, slot, content_start) = {
-        let mut br = BufReader::new(&mut r);
+    let (envelope, slot, line, content_start) = {
+        let mut br = BufReader::new(&mut *r);
         let mut magic = vec![0u8; QUEUE_MAGIC.len()];
         br.read_exact(&mut magic)
             .map_err(|_| "missing or unknown version header")?;
@@ -383,17 +443,19 @@ pub fn read_queue_file<R: Read + Seek>(mut r: R) -> Result<QueueFile, ReadError>
         if line.last() != Some(&b'\n') {
             return Err("envelope line not terminated".into());
         }
-        hasher.update(&magic);
-        hasher.update(&line);
         let envelope: Envelope = serde_json::from_slice(&line[..line.len() - 1])
             .map_err(|e| format!("bad envelope: {e}"))?;
-        (envelope, slot, (magic.len() + SLOT_LEN + line.len()) as u64)
+        let start = (magic.len() + SLOT_LEN + line.len()) as u64;
+        (envelope, slot, line, start)
     };
     // The end record is in the last few dozen bytes.
     let tail_len = (len - content_start).min(96);
     r.seek(SeekFrom::Start(len - tail_len)).map_err(io)?;
     let mut tail = Vec::new();
-    (&mut r).take(tail_len).read_to_end(&mut tail).map_err(io)?;
+    (&mut *r)
+        .take(tail_len)
+        .read_to_end(&mut tail)
+        .map_err(io)?;
     let pos = tail
         .windows(TRAILER_TAG.len())
         .rposition(|w| w == TRAILER_TAG)
@@ -413,28 +475,15 @@ pub fn read_queue_file<R: Read + Seek>(mut r: R) -> Result<QueueFile, ReadError>
             tpos - content_start
         )));
     }
-    r.seek(SeekFrom::Start(content_start)).map_err(io)?;
-    let mut content = (&mut r).take(clen);
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut seen = 0u64;
-    loop {
-        let n = content.read(&mut buf).map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        seen += n as u64;
-    }
-    if seen != clen {
-        return Err("file shorter than its end record".into());
-    }
-    if hasher.finalize() != crc {
-        return Err("checksum mismatch".into());
-    }
-    if envelope.recipients.is_empty() {
-        return Err("envelope has no recipients".into());
-    }
-    Ok((envelope, slot, content_start..tpos))
+    Ok(Head {
+        envelope,
+        slot,
+        envelope_line: line,
+        content_start,
+        clen,
+        crc,
+        tpos,
+    })
 }
 
 pub fn encode_state(state: &State) -> Vec<u8> {

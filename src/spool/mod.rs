@@ -13,6 +13,7 @@
 //! writes its own file, and one thread syncs and renames the files of every session that
 //! finished DATA meanwhile, so the cost of a sync is shared (see `commit.rs`).
 
+mod admin;
 mod commit;
 pub mod format;
 
@@ -23,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+pub use admin::valid_id;
 pub use format::{Envelope, RcptState, RcptStatus, Recipient, State};
 
 /// Content up to this size stays in memory until commit; beyond it is written to `tmp/` as it
@@ -82,6 +84,10 @@ pub struct Queued {
     pub id: String,
     pub arrival_ms: u64,
     pub next_attempt_ms: u64,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// Held by an operator: not attempted until released.
+    pub held: bool,
 }
 
 /// A message loaded for delivery.
@@ -215,6 +221,8 @@ impl Spool {
                 id: envelope.id.clone(),
                 arrival_ms: envelope.arrival_ms,
                 next_attempt_ms: envelope.arrival_ms,
+                attempts: 0,
+                held: false,
             },
             error: None,
             committed: false,
@@ -289,6 +297,8 @@ impl Spool {
                         id,
                         arrival_ms: stored.envelope.arrival_ms,
                         next_attempt_ms: stored.state.next_attempt_ms,
+                        attempts: stored.state.attempts,
+                        held: stored.state.held,
                     });
                 }
                 // Out of file descriptors or memory: a problem of the process, not of this

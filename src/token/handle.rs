@@ -33,6 +33,18 @@ struct Inner {
     next_generation: AtomicU64,
     /// Wakes the refresher when someone else stored a new token.
     stored: Notify,
+    /// The last failed fetch (explained) and when, for `mailbridge status`; cleared by a
+    /// success.
+    last_error: std::sync::Mutex<Option<(u64, String)>>,
+}
+
+/// What `mailbridge status` shows about a token (never the token).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenFacts {
+    /// When the token in hand expires, milliseconds since the Unix epoch.
+    pub expires_ms: Option<u64>,
+    pub last_error: Option<String>,
+    pub last_error_ms: Option<u64>,
 }
 
 #[derive(Default)]
@@ -65,6 +77,7 @@ impl TokenHandle {
                 flight: Mutex::new(Flight::default()),
                 next_generation: AtomicU64::new(1),
                 stored: Notify::new(),
+                last_error: std::sync::Mutex::new(None),
             }),
         }
     }
@@ -76,6 +89,27 @@ impl TokenHandle {
     /// The current token, if there is one and it has not expired. Never waits.
     pub fn current(&self) -> Option<Arc<Token>> {
         self.inner.slot.load_full().filter(|t| !t.is_expired())
+    }
+
+    /// Expiry of the token in hand and the last fetch error, for `mailbridge status`.
+    pub fn facts(&self) -> TokenFacts {
+        let expires_ms = self
+            .inner
+            .slot
+            .load()
+            .as_ref()
+            .map(|t| crate::spool::now_ms() + t.expires_in().as_millis() as u64);
+        let last = self
+            .inner
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        TokenFacts {
+            expires_ms,
+            last_error_ms: last.as_ref().map(|(at, _)| *at),
+            last_error: last.map(|(_, e)| e),
+        }
     }
 
     /// The current token, or a freshly fetched one if there is none (single flight).
@@ -133,6 +167,11 @@ impl TokenHandle {
                 self.inner.slot.store(Some(token.clone()));
                 self.inner.stored.notify_one();
                 flight.last_failure = None;
+                *self
+                    .inner
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = None;
                 if flight.logged_failure.take().is_some() {
                     tracing::info!(
                         token_url = %creds.token_url,
@@ -154,6 +193,14 @@ impl TokenHandle {
                 let error = Arc::new(error);
                 let generation = self.inner.slot.load().as_ref().map_or(0, |t| t.generation);
                 flight.last_failure = Some((generation, Instant::now(), error.clone()));
+                *self
+                    .inner
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some((
+                    crate::spool::now_ms(),
+                    format!("{error}: {}; fix: {}", error.meaning(), error.remedy()),
+                ));
                 let key = (error.status(), error.aadsts());
                 if flight.logged_failure != Some(key) {
                     flight.logged_failure = Some(key);

@@ -28,7 +28,7 @@ use crate::secret::Secret;
 
 pub use assertion::{ASSERTION_TYPE, CertificateCredential};
 pub use error::TokenError;
-pub use handle::{RefreshPolicy, Refresher, TokenHandle};
+pub use handle::{RefreshPolicy, Refresher, TokenFacts, TokenHandle};
 
 /// The largest token response body read; Entra's are about 2-3 KiB.
 const MAX_BODY: usize = 256 * 1024;

@@ -1021,3 +1021,36 @@ fn aadsts700016_points_at_the_ids_not_at_consent() {
     assert!(!remedy.contains("grant"), "{remedy}");
     assert!(remedy.contains("not a consent problem"), "{remedy}");
 }
+
+#[tokio::test]
+async fn facts_show_expiry_and_the_last_error_until_a_success() {
+    let endpoint = FakeEndpoint::start(
+        vec![Reply::Aadsts {
+            status: 401,
+            code: 7000215,
+        }],
+        3599,
+        Duration::ZERO,
+    )
+    .await;
+    let handle = TokenHandle::new(client(), endpoint.creds());
+    assert_eq!(handle.facts(), super::TokenFacts::default());
+    assert!(handle.get().await.is_err());
+    let facts = handle.facts();
+    assert_eq!(facts.expires_ms, None);
+    let error = facts.last_error.unwrap();
+    assert!(
+        error.contains("AADSTS7000215") && error.contains("invalid client secret"),
+        "{error}"
+    );
+    assert!(error.contains("fix: "), "{error}");
+    assert!(!error.contains(SECRET), "{error}");
+    assert!(facts.last_error_ms.is_some());
+    // A failure is handed out again for a second (FAILURE_REUSE): wait past it.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    handle.get().await.unwrap();
+    let facts = handle.facts();
+    assert_eq!(facts.last_error, None);
+    let left = facts.expires_ms.unwrap() - crate::spool::now_ms();
+    assert!((3_000_000..=3_599_000).contains(&left), "{left}");
+}

@@ -48,7 +48,13 @@ pub struct Pacer {
     next_free: Mutex<Option<Instant>>,
     /// Zero = unlimited.
     interval: Duration,
+    /// The slots given out in the last minute (for `mailbridge status`), at most
+    /// [`RECENT_MAX`].
+    recent: Mutex<std::collections::VecDeque<Instant>>,
 }
+
+/// The most slots [`Pacer::this_minute`] counts.
+const RECENT_MAX: usize = 100_000;
 
 impl Pacer {
     /// `per_minute` = 0 means unlimited.
@@ -61,7 +67,29 @@ impl Pacer {
         Pacer {
             next_free: Mutex::new(None),
             interval,
+            recent: Mutex::new(std::collections::VecDeque::new()),
         }
+    }
+
+    /// Slots given out in the last 60 s (messages this minute).
+    pub fn this_minute(&self) -> u64 {
+        let mut recent = lock(&self.recent);
+        let now = Instant::now();
+        while recent
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= Duration::from_secs(60))
+        {
+            recent.pop_front();
+        }
+        recent.len() as u64
+    }
+
+    fn note(&self, slot: Instant) {
+        let mut recent = lock(&self.recent);
+        if recent.len() >= RECENT_MAX {
+            recent.pop_front();
+        }
+        recent.push_back(slot);
     }
 
     /// Reserves the next send slot and returns how long to wait for it (`ZERO` if free now).
@@ -76,6 +104,7 @@ impl Pacer {
     /// reserved.
     pub fn try_reserve(&self, max_wait: Duration) -> Result<Duration, Duration> {
         if self.interval.is_zero() {
+            self.note(Instant::now());
             return Ok(Duration::ZERO);
         }
         let now = Instant::now();
@@ -89,6 +118,8 @@ impl Pacer {
             return Err(wait);
         }
         *next_free = Some(slot + self.interval);
+        drop(next_free);
+        self.note(slot);
         Ok(wait)
     }
 
@@ -563,6 +594,24 @@ mod tests {
         for k in 0..times.len() - 30 {
             assert!(times[k + 30] - times[k] >= Duration::from_secs(60));
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pacer_counts_the_sends_of_the_last_minute() {
+        let p = Pacer::new(6000);
+        assert_eq!(p.this_minute(), 0);
+        for _ in 0..3 {
+            p.acquire().await;
+        }
+        assert_eq!(p.this_minute(), 3);
+        tokio::time::advance(Duration::from_secs(59)).await;
+        p.acquire().await;
+        assert_eq!(p.this_minute(), 4);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(p.this_minute(), 1, "the first three are over a minute old");
+        let unlimited = Pacer::new(0);
+        unlimited.acquire().await;
+        assert_eq!(unlimited.this_minute(), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -348,6 +348,13 @@ impl Relay {
         }
     }
 
+    /// `kill -HUP`: reload the configuration (issue 9 §5).
+    pub fn sighup(&self) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("a child pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::HUP)
+            .unwrap_or_else(|e| panic!("kill -HUP: {e}"));
+    }
+
     pub fn sigterm(&self) {
         let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("a child pid");
         rustix::process::kill_process(pid, rustix::process::Signal::TERM)

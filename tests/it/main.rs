@@ -1,10 +1,12 @@
 //! The one integration test binary (ripgrep's habit): a module per area.
 
+mod admin_cli;
 mod auth;
 mod auth_cli;
 mod common;
 mod daemon;
 mod docs;
+mod doctor;
 mod durability;
 mod exchange;
 #[path = "../support/fake_exchange.rs"]
@@ -16,6 +18,8 @@ mod interop;
 mod interop_auth;
 mod interop_tls;
 mod ops_docs;
+mod reload;
+mod senders;
 mod session;
 mod systemd;
 mod tls;

@@ -175,6 +175,53 @@ fn notify_watchdog_pings_when_watchdog_usec_is_set() {
     notify.wait_for("STOPPING=1", SHORT, &mut child.0);
 }
 
+fn sighup(child: &Child) {
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("a child pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP).expect("kill -HUP");
+}
+
+/// SIGHUP (what `ExecReload=` sends) gives RELOADING=1 with MONOTONIC_USEC (as
+/// `Type=notify-reload` requires), then READY=1 once the new configuration is live, and
+/// READY=1 also when the file is invalid and the old configuration stays. The daemon keeps
+/// serving throughout.
+#[test]
+fn notify_reloading_then_ready_around_a_sighup_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = RelayConfig::new(dir.path());
+    let mut notify = NotifySocket::bind(dir.path());
+    let mut child = Reap(spawn(&cfg, &[("NOTIFY_SOCKET", notify.path.as_os_str())]));
+    notify.wait_for("READY=1", SHORT, &mut child.0);
+
+    for valid in [true, false] {
+        cfg.extra = if valid {
+            "limits:\n  max_recipients: 5\n".into()
+        } else {
+            "limits:\n  max_recipients: many\n".into()
+        };
+        cfg.write();
+        sighup(&child.0);
+        let reloading = notify.wait_for("RELOADING=1", SHORT, &mut child.0);
+        let usec: u64 = reloading
+            .lines()
+            .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+            .unwrap_or_else(|| panic!("RELOADING=1 without MONOTONIC_USEC: {reloading:?}"))
+            .parse()
+            .expect("MONOTONIC_USEC is a number");
+        assert!(usec > 0);
+        let ready = notify.wait_for("READY=1", SHORT, &mut child.0);
+        assert!(
+            ready.lines().any(|l| l.starts_with("STATUS=listening on ")),
+            "{ready:?}"
+        );
+    }
+    let stdout = std::fs::read_to_string(dir.path().join("serve.stdout")).unwrap();
+    assert!(stdout.contains("configuration reloaded"), "{stdout}");
+    assert!(stdout.contains("reload failed: 1 errors"), "{stdout}");
+
+    sigterm(&child.0);
+    notify.wait_for("STOPPING=1", SHORT, &mut child.0);
+}
+
 /// A credentials directory as `LoadCredential=` makes it: files mode 0440 (systemd with ACLs:
 /// root-owned, the group bits showing the ACL mask) or 0400 (owned by the service user).
 fn credentials_dir(dir: &Path) -> std::path::PathBuf {

@@ -198,6 +198,10 @@ struct Inner {
     tls_failed_conns: Vec<u64>,
     /// Sessions that reached a `hang` rule (after flushing every reply before it).
     hung: usize,
+    /// `STARTTLS` in the EHLO reply before TLS (default true; the command works either way).
+    offer_starttls: bool,
+    /// The AUTH line of the EHLO reply after TLS (default `AUTH LOGIN XOAUTH2`).
+    auth_offer: String,
 }
 
 struct Shared {
@@ -305,6 +309,8 @@ impl FakeExchange {
                 injected_conns: Vec::new(),
                 tls_failed_conns: Vec::new(),
                 hung: 0,
+                offer_starttls: true,
+                auth_offer: "AUTH LOGIN XOAUTH2".into(),
             }),
         });
         let accept_shared = shared.clone();
@@ -456,6 +462,17 @@ impl FakeExchange {
     /// was flushed: from then on that session sends nothing.
     pub fn hung_connections(&self) -> usize {
         self.shared.lock().hung
+    }
+
+    /// `false`: the EHLO reply before TLS does not list STARTTLS (a server that is not
+    /// Exchange, or a firewall stripping it).
+    pub fn set_offer_starttls(&self, on: bool) {
+        self.shared.lock().offer_starttls = on;
+    }
+
+    /// The AUTH line of the EHLO reply after TLS, e.g. `"AUTH LOGIN"` (no XOAUTH2).
+    pub fn set_auth_offer(&self, line: &str) {
+        self.shared.lock().auth_offer = line.to_string();
     }
 
     /// Benchmarks: keep only counts and byte totals, not the messages.
@@ -929,9 +946,13 @@ impl Session {
                         "250-DSN".into(),
                         "250-ENHANCEDSTATUSCODES".into(),
                     ];
+                    let (starttls, auth) = {
+                        let inner = self.shared.lock();
+                        (inner.offer_starttls, inner.auth_offer.clone())
+                    };
                     if self.tls {
-                        lines.push("250-AUTH LOGIN XOAUTH2".into());
-                    } else {
+                        lines.push(format!("250-{auth}"));
+                    } else if starttls {
                         lines.push("250-STARTTLS".into());
                     }
                     lines.extend([

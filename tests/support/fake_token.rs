@@ -118,6 +118,7 @@ struct State {
     secret: Option<String>,
     client_id: Option<String>,
     roles: Vec<String>,
+    audience: String,
     forms: Vec<Vec<(String, String)>>,
     delay: Duration,
 }
@@ -161,6 +162,7 @@ impl FakeToken {
                 secret: None,
                 client_id: None,
                 roles: vec!["SMTP.SendAsApp".to_string()],
+                audience: AUDIENCE.to_string(),
                 forms: Vec::new(),
                 delay: Duration::ZERO,
             }),
@@ -247,6 +249,11 @@ impl FakeToken {
     /// The `roles` claim of tokens issued from now on (default `["SMTP.SendAsApp"]`).
     pub fn set_roles(&self, roles: Vec<String>) {
         self.state().roles = roles;
+    }
+
+    /// The `aud` claim of tokens issued from now on (default [`AUDIENCE`]).
+    pub fn set_audience(&self, aud: &str) {
+        self.state().audience = aud.to_string();
     }
 
     /// Delay before every response (for client timeout tests).
@@ -618,7 +625,7 @@ fn decide(
         }
     }
     let lifetime = state.lifetime;
-    let token = make_token(client_id, &state.roles, lifetime);
+    let token = make_token(client_id, &state.roles, &state.audience, lifetime);
     shared.issued.insert(
         &token,
         IssuedToken {
@@ -669,7 +676,7 @@ fn verify_assertion(state: &State, jwt: &str, url: &str, client_id: &str) -> Res
         .map_err(|e| format!("{:?}", e.kind()))
 }
 
-fn make_token(client_id: &str, roles: &[String], lifetime: Duration) -> String {
+fn make_token(client_id: &str, roles: &[String], audience: &str, lifetime: Duration) -> String {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -690,7 +697,7 @@ fn make_token(client_id: &str, roles: &[String], lifetime: Duration) -> String {
         .map(char::from)
         .collect();
     let payload = serde_json::json!({
-        "aud": AUDIENCE,
+        "aud": audience,
         "iss": format!("https://sts.windows.net/{TENANT_ID}/"),
         "iat": now,
         "nbf": now,

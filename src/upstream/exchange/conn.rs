@@ -18,8 +18,8 @@
 
 use std::io::Read;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -105,6 +105,81 @@ pub struct Guarded {
     plain: Option<Plain>,
     /// Set when bytes followed the reply to STARTTLS.
     injected: Arc<AtomicBool>,
+    /// The first bytes the server sent once the TLS handshake started (its ServerHello),
+    /// until [`TlsInfo`] could be read from them; then emptied for good.
+    hello: Option<Vec<u8>>,
+    /// The negotiated TLS version and cipher suite, for `mailbridge doctor`.
+    tls_info: Arc<OnceLock<TlsInfo>>,
+}
+
+/// What the server chose in its ServerHello (sent in clear in TLS 1.2 and 1.3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsInfo {
+    /// `TLS 1.3`, `TLS 1.2`, ...
+    pub version: &'static str,
+    /// The IANA name of the cipher suite, e.g. `TLS13_AES_256_GCM_SHA384`.
+    pub cipher: String,
+}
+
+/// The most handshake bytes kept to find the ServerHello in.
+const MAX_HELLO: usize = 4096;
+
+/// Reads the ServerHello at the start of `buf` (a TLS record stream). `Ok(None)`: not all of
+/// it arrived yet; `Err(())`: it is not a ServerHello (nothing more to learn).
+fn parse_server_hello(buf: &[u8]) -> Result<Option<TlsInfo>, ()> {
+    // Record header: type 22 (handshake), version, length; then the handshake message:
+    // type 2 (ServerHello), 24-bit length, legacy_version, random[32], session id, cipher
+    // suite, compression method, extensions (supported_versions = 43 names TLS 1.3).
+    if buf.len() < 5 {
+        return Ok(None);
+    }
+    if buf[0] != 22 {
+        return Err(());
+    }
+    let record_len = usize::from(u16::from_be_bytes([buf[3], buf[4]]));
+    let Some(rec) = buf.get(5..5 + record_len) else {
+        return Ok(None);
+    };
+    let (&kind, rest) = rec.split_first().ok_or(())?;
+    if kind != 2 || rest.len() < 3 {
+        return Err(());
+    }
+    let len = (usize::from(rest[0]) << 16) | (usize::from(rest[1]) << 8) | usize::from(rest[2]);
+    // A ServerHello split over two records is not followed; it is small and never is.
+    let body = rest.get(3..3 + len).ok_or(())?;
+    let u16_at = |i: usize| -> Result<u16, ()> {
+        Ok(u16::from_be_bytes([
+            *body.get(i).ok_or(())?,
+            *body.get(i + 1).ok_or(())?,
+        ]))
+    };
+    let mut version = u16_at(0)?;
+    let sid_len = usize::from(*body.get(34).ok_or(())?);
+    let mut i = 35 + sid_len;
+    let cipher = u16_at(i)?;
+    i += 3;
+    if body.len() >= i + 2 {
+        let ext_end = (i + 2 + usize::from(u16_at(i)?)).min(body.len());
+        i += 2;
+        while i + 4 <= ext_end {
+            let (ty, n) = (u16_at(i)?, usize::from(u16_at(i + 2)?));
+            if ty == 43 && n == 2 {
+                version = u16_at(i + 4)?;
+            }
+            i += 4 + n;
+        }
+    }
+    let version = match version {
+        0x0304 => "TLS 1.3",
+        0x0303 => "TLS 1.2",
+        0x0302 => "TLS 1.1",
+        0x0301 => "TLS 1.0",
+        _ => "TLS (unknown version)",
+    };
+    Ok(Some(TlsInfo {
+        version,
+        cipher: format!("{:?}", rustls::CipherSuite::from(cipher)),
+    }))
 }
 
 /// The most plaintext kept (greeting, EHLO and STARTTLS replies; lettre allows 4 KiB of
@@ -171,12 +246,26 @@ impl AsyncRead for Guarded {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let res = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let (Poll::Ready(Ok(())), Some(p)) = (&res, self.plain.as_mut()) {
+        if let Poll::Ready(Ok(())) = &res {
+            let this = &mut *self;
             let new = &buf.filled()[before..];
-            if p.read.len() + new.len() > MAX_PLAIN {
-                p.overflow = true;
-            } else {
-                p.read.extend_from_slice(new);
+            if let Some(p) = this.plain.as_mut() {
+                if p.read.len() + new.len() > MAX_PLAIN {
+                    p.overflow = true;
+                } else {
+                    p.read.extend_from_slice(new);
+                }
+            } else if let Some(h) = this.hello.as_mut() {
+                let room = MAX_HELLO.saturating_sub(h.len());
+                h.extend_from_slice(&new[..new.len().min(room)]);
+                match parse_server_hello(h) {
+                    Ok(None) if h.len() < MAX_HELLO && !new.is_empty() => {}
+                    Ok(Some(info)) => {
+                        let _ = this.tls_info.set(info);
+                        this.hello = None;
+                    }
+                    _ => this.hello = None,
+                }
             }
         }
         res
@@ -340,6 +429,7 @@ impl Endpoint {
 pub struct Session {
     conn: AsyncSmtpConnection,
     poisoned: Arc<AtomicBool>,
+    tls_info: Arc<OnceLock<TlsInfo>>,
     timeouts: Timeouts,
     pub eight_bit: bool,
     pub smtputf8: bool,
@@ -381,11 +471,14 @@ pub async fn open(ep: &Endpoint) -> Result<Session, StepError> {
     let _ = tcp.set_nodelay(true);
     let poisoned = Arc::new(AtomicBool::new(false));
     let injected = Arc::new(AtomicBool::new(false));
+    let tls_info = Arc::new(OnceLock::new());
     let stream = Box::new(Guarded {
         inner: tcp,
         poisoned: poisoned.clone(),
         plain: Some(Plain::default()),
         injected: injected.clone(),
+        hello: Some(Vec::new()),
+        tls_info: tls_info.clone(),
     });
     let helo = ClientId::Domain(ep.helo.clone());
     // lettre reads the greeting and sends EHLO in one call.
@@ -435,6 +528,7 @@ pub async fn open(ep: &Endpoint) -> Result<Session, StepError> {
     Ok(Session {
         conn,
         poisoned,
+        tls_info,
         timeouts: t.clone(),
         eight_bit,
         smtputf8,
@@ -443,6 +537,24 @@ pub async fn open(ep: &Endpoint) -> Result<Session, StepError> {
 }
 
 impl Session {
+    /// The TLS version and cipher suite the server chose (`None` if its ServerHello could not
+    /// be read).
+    pub fn tls_info(&self) -> Option<&TlsInfo> {
+        self.tls_info.get()
+    }
+
+    /// What the server said in its EHLO reply after STARTTLS.
+    pub fn server_info(&self) -> &lettre::transport::smtp::extension::ServerInfo {
+        self.conn.server_info()
+    }
+
+    /// Whether the EHLO reply after STARTTLS offers `AUTH XOAUTH2`.
+    pub fn offers_xoauth2(&self) -> bool {
+        self.conn
+            .server_info()
+            .supports_auth_mechanism(lettre::transport::smtp::authentication::Mechanism::Xoauth2)
+    }
+
     /// `AUTH XOAUTH2` alone, then the base64 string after `334` (RFC 4954 §4: a token makes
     /// the inline form longer than 512 octets). The token is only ever in this buffer.
     pub async fn auth_xoauth2(&mut self, user: &str, token: &Secret) -> Result<(), StepError> {
@@ -682,6 +794,44 @@ mod tests {
         let mut p = plain(&format!("{GREETING}{EHLO}220 go\r\n"), WROTE);
         p.overflow = true;
         assert_eq!(p.unconsumed(), None);
+    }
+
+    /// A ServerHello record: `version` in the header, `ext` its extensions (if any).
+    fn server_hello(cipher: u16, ext: Option<&[u8]>) -> Vec<u8> {
+        let mut body = vec![0x03, 0x03];
+        body.extend_from_slice(&[7; 32]);
+        body.push(32);
+        body.extend_from_slice(&[9; 32]);
+        body.extend_from_slice(&cipher.to_be_bytes());
+        body.push(0);
+        if let Some(e) = ext {
+            body.extend_from_slice(&(e.len() as u16).to_be_bytes());
+            body.extend_from_slice(e);
+        }
+        let mut msg = vec![2, 0, (body.len() >> 8) as u8, body.len() as u8];
+        msg.extend_from_slice(&body);
+        let mut rec = vec![22, 3, 3, (msg.len() >> 8) as u8, msg.len() as u8];
+        rec.extend_from_slice(&msg);
+        rec
+    }
+
+    #[test]
+    fn the_server_hello_names_version_and_cipher() {
+        // TLS 1.3: supported_versions (43) says 0x0304; key_share (51) before it is skipped.
+        let ext13 = [0, 51, 0, 2, 0, 29, 0, 43, 0, 2, 3, 4];
+        let hello = server_hello(0x1302, Some(&ext13));
+        let info = parse_server_hello(&hello).unwrap().unwrap();
+        assert_eq!(info.version, "TLS 1.3");
+        assert_eq!(info.cipher, "TLS13_AES_256_GCM_SHA384");
+        // TLS 1.2 without extensions.
+        let info = parse_server_hello(&server_hello(0xc02f, None))
+            .unwrap()
+            .unwrap();
+        assert_eq!(info.version, "TLS 1.2");
+        assert_eq!(info.cipher, "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256");
+        // Not all there yet; not a handshake at all.
+        assert_eq!(parse_server_hello(&hello[..20]), Ok(None));
+        assert!(parse_server_hello(b"220 hello\r\n").is_err());
     }
 
     #[test]

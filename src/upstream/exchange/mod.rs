@@ -89,6 +89,12 @@ pub struct Status {
     pub problem: Option<String>,
     pub meaning: Option<String>,
     pub remedy: Option<String>,
+    /// When the pause or hold began, milliseconds since the Unix epoch.
+    pub since_ms: Option<u64>,
+    /// What the upstream said that caused it.
+    pub reply: Option<String>,
+    /// Paused: when the next probe may run; held: when sending resumes.
+    pub next_ms: Option<u64>,
 }
 
 struct Idle {
@@ -154,6 +160,8 @@ pub struct Exchange {
     mb: Arc<Mailbox>,
     state: Mutex<State>,
     state_changed: Notify,
+    /// When the current pause or hold began and the reply behind it (`mailbridge status`).
+    since: Mutex<Option<(u64, String)>>,
     /// Problems already explained in the log (per key + detail), so a remedy is written once.
     noted: Mutex<Noted>,
     retry: Vec<Duration>,
@@ -217,6 +225,7 @@ impl Exchange {
             endpoint,
             state: Mutex::new(State::Ok),
             state_changed: Notify::new(),
+            since: Mutex::new(None),
             noted: Mutex::new(Noted::default()),
             retry: if retry.is_empty() {
                 vec![Duration::from_secs(60)]
@@ -279,25 +288,50 @@ impl Exchange {
 
     pub fn status(&self) -> Status {
         let st = lock(&self.state).clone();
+        let since = lock(&self.since).clone();
         let (m, c) = (&self.cfg.mailbox, &self.cfg.credentials.client_id);
+        let wall = |at: Instant| {
+            crate::spool::now_ms() + at.saturating_duration_since(Instant::now()).as_millis() as u64
+        };
+        let (since_ms, reply) = match since {
+            Some((ms, r)) => (Some(ms), Some(r)),
+            None => (None, None),
+        };
         match st {
             State::Ok => Status {
                 state: "ok",
                 problem: None,
                 meaning: None,
                 remedy: None,
+                since_ms: None,
+                reply: None,
+                next_ms: None,
             },
-            State::Paused { problem, .. } => Status {
+            State::Paused {
+                problem,
+                next_probe,
+                ..
+            } => Status {
                 state: "paused",
                 problem: Some(problem.key().into()),
                 meaning: Some(problem.meaning()),
                 remedy: Some(problem.remedy(m, c)),
+                since_ms,
+                reply,
+                next_ms: Some(wall(next_probe)),
             },
-            State::Held { reason, .. } => Status {
+            State::Held {
+                reason,
+                until,
+                problem,
+            } => Status {
                 state: "held",
-                problem: Some("held".into()),
+                problem: Some(problem.as_ref().map_or("held", |p| p.key()).into()),
                 meaning: Some(reason),
-                remedy: None,
+                remedy: problem.as_ref().map(|p| p.remedy(m, c)),
+                since_ms,
+                reply,
+                next_ms: Some(wall(until)),
             },
         }
     }
@@ -432,6 +466,7 @@ impl Exchange {
         let delay = self.probe_delay(&problem, backoff);
         let reason = format!("{} ({detail})", problem.meaning());
         if changed {
+            *lock(&self.since) = Some((crate::spool::now_ms(), detail.to_string()));
             let remedy = problem.remedy(&self.cfg.mailbox, &self.cfg.credentials.client_id);
             tracing::error!(
                 upstream = %self.name,
@@ -489,6 +524,7 @@ impl Exchange {
         let mut st = lock(&self.state);
         let until = Instant::now() + for_;
         if !matches!(&*st, State::Held { .. }) {
+            *lock(&self.since) = Some((crate::spool::now_ms(), reason.clone()));
             tracing::warn!(
                 upstream = %self.name,
                 problem = problem.map_or("held", |p| p.key()),
@@ -1189,17 +1225,28 @@ impl Upstream for Exchange {
 
     fn status(&self) -> crate::ops::model::UpstreamStatus {
         let st = Exchange::status(self);
+        let token = self.tokens.facts();
         crate::ops::model::UpstreamStatus {
             name: self.name.clone(),
             kind: "exchange-online".into(),
             state: st.state.into(),
+            since_ms: st.since_ms,
             problem: st.problem,
             meaning: st.meaning,
             remedy: st.remedy,
+            reply: st.reply,
+            next_probe_ms: st.next_ms,
+            token: Some(crate::ops::model::TokenStatus {
+                expires_ms: token.expires_ms,
+                last_error: token.last_error,
+                last_error_ms: token.last_error_ms,
+            }),
+            connections_in_use: Some(self.mb.conns.active() as u64),
             connections_max: Some(self.cfg.limits.connections as u64),
+            messages_this_minute: Some(self.mb.pacer.this_minute()),
             messages_per_minute: Some(self.cfg.limits.messages_per_minute as u64),
+            recipients_day: Some(self.mb.daily.count(std::time::SystemTime::now())),
             recipients_per_day: Some(self.cfg.limits.recipients_per_day),
-            ..Default::default()
         }
     }
 }
