@@ -18,6 +18,7 @@ mod http;
 mod interop;
 mod interop_auth;
 mod interop_tls;
+mod ops_docs;
 mod reload;
 mod senders;
 mod session;
