@@ -201,15 +201,20 @@ pub(super) fn from_error_response(
     }
 }
 
-/// Removes the secret from text the endpoint sent back, shortens it, and keeps it on one line.
+/// Removes the secret from text the endpoint sent back (as is, and form-encoded as the
+/// request body carried it), and any JWT (an echoed client assertion or token), shortens it,
+/// and keeps it on one line.
 fn scrub(text: &str, creds: &ClientCredentials) -> String {
     let mut text = text.replace(['\r', '\n'], " ");
     match &creds.secret {
         ClientSecret::Secret(secret) if !secret.expose().is_empty() => {
-            text = text.replace(secret.expose(), "[redacted]");
+            let raw = secret.expose();
+            text = replace_ignoring_case_if(&text, raw, false, "[redacted]");
+            text = replace_ignoring_case_if(&text, &form_encode(raw), true, "[redacted]");
         }
         ClientSecret::Secret(_) | ClientSecret::Certificate(_) => {}
     }
+    text = redact_jwts(&text);
     if text.len() > MAX_DESCRIPTION {
         let mut end = MAX_DESCRIPTION;
         while !text.is_char_boundary(end) {
@@ -219,6 +224,59 @@ fn scrub(text: &str, creds: &ClientCredentials) -> String {
         text.push_str("...");
     }
     text
+}
+
+/// `application/x-www-form-urlencoded` as the request body encodes a value.
+fn form_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'*' | b'-' | b'.' | b'_' => {
+                out.push(b as char)
+            }
+            b' ' => out.push('+'),
+            b => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// Replaces `needle` in `text`; with `fold`, ASCII case is ignored (percent escapes may come
+/// back in either case).
+fn replace_ignoring_case_if(text: &str, needle: &str, fold: bool, with: &str) -> String {
+    if !fold {
+        return text.replace(needle, with);
+    }
+    let (lower, n) = (text.to_ascii_lowercase(), needle.to_ascii_lowercase());
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    while let Some(i) = lower[at..].find(&n) {
+        out.push_str(&text[at..at + i]);
+        out.push_str(with);
+        at += i + n.len();
+    }
+    out.push_str(&text[at..]);
+    out
+}
+
+/// Replaces every JWT-shaped word (`eyJ...` with two dots, base64url) with `[redacted]`.
+fn redact_jwts(text: &str) -> String {
+    let is_b64 = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.';
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("eyJ") {
+        out.push_str(&rest[..i]);
+        let word_len = rest[i..].find(|c| !is_b64(c)).unwrap_or(rest.len() - i);
+        let word = &rest[i..i + word_len];
+        if word.matches('.').count() >= 2 {
+            out.push_str("[redacted]");
+        } else {
+            out.push_str(word);
+        }
+        rest = &rest[i + word_len..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// `AADSTS7000215: Invalid client secret...` → 7000215.

@@ -352,6 +352,42 @@ async fn an_echoed_secret_is_scrubbed() {
 }
 
 #[tokio::test]
+async fn an_echoed_request_body_is_scrubbed() {
+    // A proxy or endpoint that quotes the request body sends the secret form-encoded.
+    let creds = ClientCredentials {
+        token_url: "http://unused".into(),
+        client_id: "c".into(),
+        scope: "s".into(),
+        secret: ClientSecret::Secret(Secret::new(SECRET)),
+    };
+    let encoded = "s3cr3t%7EValue_with%2Bspecial%26chars%3D";
+    let lower = "s3cr3t%7eValue_with%2bspecial%26chars%3d";
+    let jwt = "eyJhbGciOiJQUzI1NiJ9.eyJhdWQiOiJ4In0.c2lnbmF0dXJl-_x";
+    let body = format!(
+        r#"{{"error":"invalid_request","error_description":"AADSTS900144: body was grant_type=client_credentials&client_secret={encoded}&x={lower}","error_codes":[900144],"error_uri":"client_assertion={jwt}"}}"#
+    );
+    let error = error::from_error_response(400, None, body.as_bytes(), &creds);
+    let body = format!(
+        r#"{{"error":"client_assertion={jwt}","error_description":"AADSTS700027: assertion {jwt} rejected"}}"#
+    );
+    let cert_error = error::from_error_response(400, None, body.as_bytes(), &creds);
+    for text in [
+        error.to_string(),
+        format!("{error:?}"),
+        cert_error.to_string(),
+        format!("{cert_error:?}"),
+    ] {
+        assert!(
+            !text.contains(encoded) && !text.contains(lower) && !text.contains(jwt),
+            "{text}"
+        );
+        assert!(!text.contains("c2lnbmF0dXJl"), "{text}");
+        assert!(text.contains("[redacted]"), "{text}");
+    }
+    assert_eq!(cert_error.aadsts(), Some(700027));
+}
+
+#[tokio::test]
 async fn throttling_and_server_errors_are_temporary() {
     let endpoint = FakeEndpoint::start(
         vec![
