@@ -67,12 +67,38 @@ fn try_bind(path: &Path) -> io::Result<UnixListener> {
             Err(_) => std::fs::remove_file(path)?,
         }
     }
-    let listener = UnixListener::bind(path)?;
-    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)) {
-        let _ = std::fs::remove_file(path);
-        return Err(e);
+    // Bound in a private (0700) directory beside it, given mode 0660 there, then renamed into
+    // place: at `path` the socket never has the umask's mode (with umask 000 it would be
+    // world-connectable until the chmod, and a connection made then stays open).
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"))?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let private = parent.join(format!(".admin-sock-{}-{nanos}", std::process::id()));
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().mode(0o700).create(&private)?;
     }
-    Ok(listener)
+    let bound = private.join(name);
+    let result = (|| {
+        let listener = UnixListener::bind(&bound)?;
+        #[cfg(test)]
+        tests::after_bind(&bound);
+        std::fs::set_permissions(&bound, std::fs::Permissions::from_mode(0o660))?;
+        std::fs::rename(&bound, path)?;
+        Ok(listener)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&bound);
+    }
+    let _ = std::fs::remove_dir(&private);
+    result
 }
 
 /// Serves `listener` until `stop` is cancelled, then removes the socket file.
@@ -176,5 +202,61 @@ pub async fn dispatch(control: &Control, req: Request) -> Response {
             Ok(applied) => Response::ok(serde_json::json!({ "applied": applied })),
             Err(errors) => Response::error(errors.join("\n")),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    thread_local! {
+        /// What the test saw at the moment the socket was bound (listening) but not yet
+        /// given its mode: the mode bits of the directory it was bound in.
+        static SEEN: RefCell<Option<u32>> = const { RefCell::new(None) };
+    }
+
+    pub(super) fn after_bind(bound: &Path) {
+        let dir = bound.parent().unwrap();
+        let mode = std::fs::metadata(dir).unwrap().permissions().mode() & 0o777;
+        SEEN.with(|s| *s.borrow_mut() = Some(mode));
+    }
+
+    #[tokio::test]
+    async fn socket_is_never_reachable_with_the_umask_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        // A runtime directory others may enter (as /run/mailbridge with mode 0755).
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = dir.path().join("admin.sock");
+        let _listener = try_bind(&path).unwrap();
+        let seen = SEEN.with(|s| s.borrow_mut().take()).expect("bound");
+        assert_eq!(
+            seen & 0o077,
+            0,
+            "the socket was listening in a directory with mode {seen:o}, before its chmod"
+        );
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+        std::os::unix::net::UnixStream::connect(&path).expect("connectable at its path");
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("admin.sock")]);
+    }
+
+    #[tokio::test]
+    async fn a_symlink_or_file_in_the_way_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        let link = dir.path().join("admin.sock");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        assert!(try_bind(&link).is_err());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
+        assert!(try_bind(&victim).is_err());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
     }
 }
