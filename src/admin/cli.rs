@@ -390,7 +390,41 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// `out` with every control character but the newline replaced by U+FFFD: HELO names,
+/// envelope addresses and upstream replies come from outside, and an escape sequence in
+/// them must not reach the admin's terminal.
+fn terminal_safe(out: String) -> String {
+    if !out.chars().any(|c| c.is_control() && c != '\n') {
+        return out;
+    }
+    out.chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' {
+                '\u{FFFD}'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
 pub fn format_queue(list: &[QueueEntry], now: u64, empty: &str) -> String {
+    terminal_safe(format_queue_raw(list, now, empty))
+}
+
+pub fn format_detail(d: &QueueDetail, now: u64) -> String {
+    terminal_safe(format_detail_raw(d, now))
+}
+
+pub fn format_status(r: &StatusReport, now: u64) -> String {
+    terminal_safe(format_status_raw(r, now))
+}
+
+pub fn format_senders(list: &[SenderRecord], now: u64) -> String {
+    terminal_safe(format_senders_raw(list, now))
+}
+
+fn format_queue_raw(list: &[QueueEntry], now: u64, empty: &str) -> String {
     if list.is_empty() {
         return format!("{empty}\n");
     }
@@ -432,7 +466,7 @@ pub fn format_queue(list: &[QueueEntry], now: u64, empty: &str) -> String {
     out
 }
 
-pub fn format_detail(d: &QueueDetail, now: u64) -> String {
+fn format_detail_raw(d: &QueueDetail, now: u64) -> String {
     let e = &d.entry;
     let mut out = format!("Message {}\n", e.id);
     let next = match (e.state.as_str(), e.next_attempt_ms) {
@@ -599,7 +633,7 @@ fn upstream_lines(u: &UpstreamStatus, now: u64) -> String {
     out
 }
 
-pub fn format_status(r: &StatusReport, now: u64) -> String {
+fn format_status_raw(r: &StatusReport, now: u64) -> String {
     let mut out = format!(
         "mailbridge {}, up {} (since {})\n",
         r.version,
@@ -650,7 +684,7 @@ pub fn format_status(r: &StatusReport, now: u64) -> String {
     out
 }
 
-pub fn format_senders(list: &[SenderRecord], now: u64) -> String {
+fn format_senders_raw(list: &[SenderRecord], now: u64) -> String {
     if list.is_empty() {
         return "No client has sent a message yet\n".into();
     }
@@ -714,6 +748,49 @@ mod tests {
         assert_eq!(age(3 * 86_400_000), "3d");
         assert_eq!(when(10_000 + 300_000, 10_000), "in 5m");
         assert_eq!(when(10_000, 10_000), "now");
+    }
+
+    #[test]
+    fn outside_strings_cannot_drive_the_terminal() {
+        // A LAN client's EHLO and envelope sender, or an upstream's reply, reach the admin's
+        // terminal: escape sequences (ESC, 8-bit CSI, BEL) must not.
+        let evil = "a\u{1b}]0;owned\u{7}\u{1b}[2J\u{9b}31mb";
+        let senders = format_senders(
+            &[SenderRecord {
+                ip: "192.0.2.7".into(),
+                helo: evil.into(),
+                senders: vec![format!("\"{evil}\"@example.com")],
+                ..Default::default()
+            }],
+            0,
+        );
+        let status = format_status(
+            &StatusReport {
+                upstreams: vec![UpstreamStatus {
+                    name: "exo".into(),
+                    state: "paused".into(),
+                    reply: Some(format!("550 5.7.1 {evil}")),
+                    ..Default::default()
+                }],
+                attention: vec![evil.into()],
+                ..Default::default()
+            },
+            0,
+        );
+        let queue = format_queue(
+            &[QueueEntry {
+                id: "q1".into(),
+                sender: evil.into(),
+                last_problem: Some(evil.into()),
+                ..Default::default()
+            }],
+            0,
+            "empty",
+        );
+        for out in [senders, status, queue] {
+            assert!(!out.chars().any(|c| c.is_control() && c != '\n'), "{out:?}");
+            assert!(out.contains("owned"), "{out:?}");
+        }
     }
 
     #[test]
