@@ -462,7 +462,13 @@ pub fn render(m: &PageModel) -> String {
         let senders: Vec<String> = c
             .senders
             .iter()
-            .map(|s| if s.is_empty() { "<>".into() } else { esc(s) })
+            .map(|s| {
+                if s.is_empty() {
+                    "&lt;&gt;".into()
+                } else {
+                    esc(s)
+                }
+            })
             .collect();
         let _ = write!(
             h,
@@ -524,6 +530,21 @@ mod tests {
         assert!(!html.contains("<img"), "{html}");
         assert!(!html.contains("<script>"), "{html}");
         assert!(html.contains("data-tls=\"plaintext\""));
+    }
+
+    #[test]
+    fn the_null_sender_is_escaped_in_the_inventory() {
+        let model = PageModel {
+            senders: vec![SenderRecord {
+                ip: "192.0.2.7".into(),
+                senders: vec![String::new()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let html = render(&model);
+        assert!(!html.contains("<>"), "{html}");
+        assert!(html.contains("&lt;&gt;"), "{html}");
     }
 
     #[test]
