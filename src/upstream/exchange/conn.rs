@@ -587,7 +587,7 @@ impl Session {
             "user={user}\x01auth=Bearer {}\x01\x01",
             token.expose()
         ));
-        match within(Step::Auth, t, self.conn.command(Line(blob))).await {
+        match within(Step::Auth, t, self.conn.command(Line(blob.clone()))).await {
             Ok(_) => Ok(()),
             Err(StepError::Reply { step, code, .. }) if code == code::AUTH_CONTINUE => {
                 // An error challenge (JSON); RFC 7628 says answer with an empty line.
@@ -598,7 +598,7 @@ impl Session {
                     text: "5.7.3 Authentication unsuccessful (XOAUTH2 error challenge)".into(),
                 })
             }
-            Err(e) => Err(e),
+            Err(e) => Err(without_credential(e, &blob, token.expose())),
         }
     }
 
@@ -753,9 +753,61 @@ fn reply_text(r: &lettre::transport::smtp::response::Response) -> String {
     format!("{} {}", r.code(), lines.join(" "))
 }
 
+/// `e` with the XOAUTH2 response and the token removed from its text: a server that echoes
+/// the line it did not like must not put the token into the spool's attempt record, the log,
+/// `mailbridge status` or the status page.
+fn without_credential(e: StepError, blob: &str, token: &str) -> StepError {
+    let clean = |t: String| {
+        let mut t = t;
+        for secret in [blob, token] {
+            if !secret.is_empty() && t.contains(secret) {
+                t = t.replace(secret, "[redacted]");
+            }
+        }
+        t
+    };
+    match e {
+        StepError::Reply { step, code, text } => StepError::Reply {
+            step,
+            code,
+            text: clean(text),
+        },
+        StepError::Broken {
+            step,
+            what,
+            problem,
+        } => StepError::Broken {
+            step,
+            what: clean(what),
+            problem,
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_echoed_xoauth2_response_or_token_is_not_kept() {
+        let token = "eyJ0eXAiOiJKV1QifQ.eyJhdWQiOiJ4In0.sig";
+        let blob = "dXNlcj1yZWxheUBjb250b3NvLmNvbQFhdXRoPUJlYXJlciBleUo=";
+        let e = StepError::Reply {
+            step: Step::Auth,
+            code: 500,
+            text: format!("5.3.3 Unrecognized command '{blob}' (token {token})"),
+        };
+        let shown = without_credential(e, blob, token).to_string();
+        assert!(!shown.contains(blob) && !shown.contains(token), "{shown}");
+        assert!(shown.contains("5.3.3 Unrecognized command"), "{shown}");
+        let e = StepError::Broken {
+            step: Step::Auth,
+            what: format!("protocol error near {blob}"),
+            problem: None,
+        };
+        let shown = without_credential(e, blob, token).to_string();
+        assert!(!shown.contains(blob), "{shown}");
+    }
 
     fn plain(read: &str, wrote: &str) -> Plain {
         let mut p = Plain::default();
