@@ -41,6 +41,8 @@ struct AppState {
     control: Arc<Control>,
     allow: AllowFn,
     probe: Arc<SpoolProbe>,
+    /// Bound to a loopback address: only `Host` addresses and `localhost` are served.
+    loopback: bool,
 }
 
 /// A running endpoint.
@@ -66,6 +68,7 @@ impl HttpServer {
             probe: Arc::new(SpoolProbe::new(control.spool.root().to_path_buf())),
             control,
             allow,
+            loopback: addr.ip().is_loopback(),
         };
         let app = router(state);
         let graceful = stop.clone();
@@ -124,6 +127,15 @@ async fn guard(
         )
             .into_response();
     }
+    if state.loopback && !loopback_host(req.headers()) {
+        tracing::warn!(path = %req.uri().path(), "HTTP request with a Host name that is not loopback refused (a web page using DNS rebinding?)");
+        return (
+            StatusCode::FORBIDDEN,
+            [(header::CACHE_CONTROL, "no-store")],
+            "forbidden: this endpoint listens on loopback; open it as http://127.0.0.1:PORT/ or http://localhost:PORT/\n",
+        )
+            .into_response();
+    }
     let mut res = next.run(req).await;
     let h = res.headers_mut();
     h.insert(header::CACHE_CONTROL, "no-store".parse().expect("valid"));
@@ -132,6 +144,26 @@ async fn guard(
         "nosniff".parse().expect("valid"),
     );
     res
+}
+
+/// Whether the request's `Host` is an address (`127.0.0.1`, `[::1]`) or `localhost`, or is
+/// absent. A browser that reached a loopback endpoint under another name was sent there by
+/// DNS rebinding: a web page would read the status page through the admin's browser (or an
+/// SSH tunnel to this port).
+fn loopback_host(headers: &axum::http::HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST) else {
+        return true;
+    };
+    let Ok(host) = host.to_str() else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    // An address (a port forwarded to it) cannot be rebound; only names can.
+    name.parse::<IpAddr>().is_ok() || name == "localhost" || name.ends_with(".localhost")
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

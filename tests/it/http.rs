@@ -314,6 +314,61 @@ async fn peers_outside_the_allowed_networks_get_403() {
     daemon.shutdown().await;
 }
 
+/// DNS rebinding: a web page whose name now points to 127.0.0.1 must not read the page
+/// through the admin's browser (or an SSH tunnel to the port).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loopback_endpoint_refuses_foreign_host_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::common::config_yaml(
+        dir.path(),
+        &format!(
+            "listeners:\n  - address: 127.0.0.1:0\nadmin:\n  socket: {:?}\n",
+            dir.path().join("admin.sock").display().to_string()
+        ),
+    );
+    let daemon = mailbridge::daemon::Daemon::start(config).await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = mailbridge::admin::http::HttpServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        Arc::new(|_| true),
+        daemon.control().clone(),
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    let addr = server.local_addr();
+    let client = reqwest::Client::new();
+    let status = |host: String, path: &'static str| {
+        let req = client
+            .get(format!("http://{addr}{path}"))
+            .header(reqwest::header::HOST, host);
+        async move {
+            let r = req.send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    for path in ["/", "/metrics", "/healthz"] {
+        let (code, body) = status(format!("evil.example:{}", addr.port()), path).await;
+        assert_eq!(code, 403, "{path}: {body}");
+        assert!(
+            !body.contains("mailbridge_") && !body.contains("<html"),
+            "{body}"
+        );
+    }
+    for host in [
+        format!("127.0.0.1:{}", addr.port()),
+        format!("localhost:{}", addr.port()),
+        format!("[::1]:{}", addr.port()),
+        "localhost".to_string(),
+    ] {
+        let (code, body) = status(host.clone(), "/healthz").await;
+        assert_eq!(code, 200, "{host}: {body}");
+    }
+    stop.cancel();
+    tokio::time::timeout(SHORT, server.wait()).await.unwrap();
+    daemon.shutdown().await;
+}
+
 #[test]
 fn a_non_loopback_http_address_needs_http_allow_networks() {
     let dir = tempfile::tempdir().unwrap();
