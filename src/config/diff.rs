@@ -12,9 +12,9 @@ use super::{Config, TlsMode, UpstreamConfig, UpstreamKind};
 /// restart" so that an admin can grep for it.
 pub fn needs_restart(running: &Config, new: &Config) -> Vec<String> {
     let mut out = Vec::new();
-    let n = running.listeners.len().max(new.listeners.len());
-    for i in 0..n {
-        match (running.listeners.get(i), new.listeners.get(i)) {
+    let matched = match_listeners(running, new);
+    for (i, m) in matched.iter().enumerate() {
+        match (running.listeners.get(i), m.map(|j| &new.listeners[j])) {
             (Some(a), Some(b)) => {
                 if a.address != b.address {
                     out.push(format!(
@@ -34,11 +34,15 @@ pub fn needs_restart(running: &Config, new: &Config) -> Vec<String> {
                 "listeners[{i}] ({}) removed: needs a restart (it keeps listening until then)",
                 a.address
             )),
-            (None, Some(b)) => out.push(format!(
-                "listeners[{i}] ({}) added: needs a restart",
+            (None, _) => {}
+        }
+    }
+    for (j, b) in new.listeners.iter().enumerate() {
+        if !matched.contains(&Some(j)) {
+            out.push(format!(
+                "listeners[{j}] ({}) added: needs a restart",
                 b.address
-            )),
-            (None, None) => {}
+            ));
         }
     }
     if running.spool.path != new.spool.path {
@@ -78,16 +82,43 @@ fn mode(m: TlsMode) -> &'static str {
     }
 }
 
+/// For each running listener, the new file's listener whose settings it takes: the one with
+/// the same address, else the one at the same position unless that one's address is another
+/// running listener's (a reordered file must not move the settings of one address, such as
+/// `require_auth` or `allow_plaintext_auth`, to another).
+fn match_listeners(running: &Config, new: &Config) -> Vec<Option<usize>> {
+    let by_address: Vec<Option<usize>> = running
+        .listeners
+        .iter()
+        .map(|a| new.listeners.iter().position(|b| b.address == a.address))
+        .collect();
+    by_address
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            m.or_else(|| {
+                new.listeners
+                    .get(i)
+                    .filter(|b| !running.listeners.iter().any(|a| a.address == b.address))
+                    .filter(|_| !by_address.contains(&Some(i)))
+                    .map(|_| i)
+            })
+        })
+        .collect()
+}
+
 /// The configuration that runs after a reload: `new`, with what needs a restart kept as it
 /// runs (listener addresses, TLS modes and count, spool, `state_dir`, admin, workers, log).
 /// Per-listener settings that can change live (`require_auth`, `tls_profile`, ...) come
-/// from `new` for the listeners at the same position.
+/// from `new`'s listener with the same address, else the one at the same position (see
+/// [`match_listeners`]).
 pub fn effective(running: &Config, mut new: Config) -> Config {
+    let matched = match_listeners(running, &new);
     let listeners = running
         .listeners
         .iter()
         .enumerate()
-        .map(|(i, old)| match new.listeners.get(i) {
+        .map(|(i, old)| match matched[i].map(|j| &new.listeners[j]) {
             Some(l) => {
                 let mut l = l.clone();
                 l.address = old.address;
@@ -287,6 +318,30 @@ mod tests {
             s.contains(&"listeners[0] settings changed".to_string()),
             "{s:?}"
         );
+    }
+
+    #[test]
+    fn reordered_listeners_keep_their_own_settings() {
+        // Swapping two listeners in the file must not move one's settings (require_auth,
+        // plaintext AUTH, TLS profile) to the other's address.
+        let old = cfg(
+            "listeners:\n  - address: 127.0.0.1:2587\n    require_auth: true\n    allow_plaintext_auth: true\n  - address: 127.0.0.1:2525\n",
+        );
+        let new = cfg(
+            "listeners:\n  - address: 127.0.0.1:2525\n  - address: 127.0.0.1:2587\n    require_auth: true\n    allow_plaintext_auth: true\n",
+        );
+        assert!(
+            needs_restart(&old, &new).is_empty(),
+            "{:?}",
+            needs_restart(&old, &new)
+        );
+        let eff = effective(&old, new);
+        assert_eq!(eff.listeners[0].address.port(), 2587);
+        assert!(eff.listeners[0].require_auth && eff.listeners[0].allow_plaintext_auth);
+        assert_eq!(eff.listeners[1].address.port(), 2525);
+        assert!(!eff.listeners[1].require_auth && !eff.listeners[1].allow_plaintext_auth);
+        assert!(needs_restart(&old, &eff).is_empty());
+        assert!(summary(&old, &eff).is_empty(), "{:?}", summary(&old, &eff));
     }
 
     #[test]
