@@ -64,7 +64,9 @@ fn try_bind(path: &Path) -> io::Result<UnixListener> {
                 ));
             }
             // Nothing listens: a socket left by a daemon that was killed.
-            Err(_) => std::fs::remove_file(path)?,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(path)?,
+            // Not allowed to connect (another user's socket?): not ours to remove.
+            Err(e) => return Err(e),
         }
     }
     // Bound in a private (0700) directory beside it, given mode 0660 there, then renamed into
@@ -244,6 +246,18 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(left, vec![std::ffi::OsString::from("admin.sock")]);
+    }
+
+    #[tokio::test]
+    async fn a_stale_socket_is_replaced_and_a_live_one_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin.sock");
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let live = try_bind(&path).expect("stale socket replaced");
+        let e = try_bind(&path).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        drop(live);
+        assert!(std::fs::symlink_metadata(&path).is_ok());
     }
 
     #[tokio::test]
