@@ -345,6 +345,27 @@ mod tests {
     }
 
     #[test]
+    fn a_changed_client_secret_is_named_never_shown() {
+        let up = |secret: &str| {
+            cfg(&format!(
+                "  - name: exo\n    type: exchange-online\n    mailbox: relay@contoso.com\n    tenant_id: contoso.com\n    client_id: 11111111-1111-1111-1111-111111111111\n    client_secret: {secret}\n"
+            ))
+        };
+        let (old, new) = (up("Old~S3cret.Value"), up("New~S3cret.Value"));
+        let s = summary(&old, &new);
+        assert_eq!(s, vec!["upstream exo changed".to_string()]);
+        let r = needs_restart(&old, &new);
+        let eff = effective(&old, new);
+        for text in [
+            format!("{s:?}{r:?}"),
+            format!("{eff:?}"),
+            format!("{old:?}"),
+        ] {
+            assert!(!text.contains("S3cret"), "{text}");
+        }
+    }
+
+    #[test]
     fn unchanged_config_has_an_empty_summary() {
         let a = cfg("");
         let b = cfg("");
