@@ -198,7 +198,7 @@ impl Daemon {
             config.clone(),
             upstreams,
             delivery.clone(),
-            listener_ctxs,
+            listener_ctxs.clone(),
             upstream_deps,
         ));
         let scheduler_ended = CancellationToken::new();
@@ -207,23 +207,7 @@ impl Daemon {
             spool: spool.clone(),
             scheduler: handle.clone(),
             delivery: delivery.clone(),
-            listeners: config
-                .listeners
-                .iter()
-                .zip(&addrs)
-                .map(|(l, a)| crate::ops::model::ListenerStatus {
-                    address: a.to_string(),
-                    tls: match l.tls {
-                        crate::config::TlsMode::None => "none",
-                        crate::config::TlsMode::StartTls => "starttls",
-                        crate::config::TlsMode::Implicit => "implicit",
-                    }
-                    .into(),
-                    tls_profile: (l.tls != crate::config::TlsMode::None)
-                        .then(|| l.tls_profile.name().to_string()),
-                    require_auth: l.require_auth,
-                })
-                .collect(),
+            listeners: addrs.iter().copied().zip(listener_ctxs.clone()).collect(),
             health: health_fn(
                 stop.clone(),
                 scheduler_ended.clone(),

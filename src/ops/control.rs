@@ -52,8 +52,28 @@ pub struct Control {
     pub spool: Spool,
     pub scheduler: SchedulerHandle,
     pub delivery: Arc<Delivery>,
-    pub listeners: Vec<ListenerStatus>,
+    /// Each bound listener's address and its current session context (swapped by a reload).
+    pub listeners: Vec<(std::net::SocketAddr, ListenerCtx)>,
     pub health: HealthFn,
+}
+
+/// A listener's swappable session context.
+pub type ListenerCtx = Arc<arc_swap::ArcSwap<crate::inbound::SessionCtx>>;
+
+/// What `status` shows of a listener, from the settings in force now.
+fn listener_status(addr: std::net::SocketAddr, l: &crate::config::Listener) -> ListenerStatus {
+    use crate::config::TlsMode;
+    ListenerStatus {
+        address: addr.to_string(),
+        tls: match l.tls {
+            TlsMode::None => "none",
+            TlsMode::StartTls => "starttls",
+            TlsMode::Implicit => "implicit",
+        }
+        .into(),
+        tls_profile: (l.tls != TlsMode::None).then(|| l.tls_profile.name().to_string()),
+        require_auth: l.require_auth,
+    }
 }
 
 impl Control {
@@ -102,7 +122,11 @@ impl Control {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or_else(|_| now_ms()),
             uptime_s: self.ops.uptime().as_secs(),
-            listeners: self.listeners.clone(),
+            listeners: self
+                .listeners
+                .iter()
+                .map(|(addr, ctx)| listener_status(*addr, &ctx.load().listener))
+                .collect(),
             upstreams,
             queue,
             attention,

@@ -640,3 +640,32 @@ async fn reload_applies_new_upstream_credentials_and_keeps_an_unchanged_upstream
     let log = relay.transcript();
     assert!(!log.contains("new-secret-value") && !log.contains("old-secret-value"));
 }
+
+/// `status` shows the listener settings in force: a reload that changes a listener's TLS
+/// profile is seen there at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_the_listener_settings_after_a_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = RelayConfig::new(dir.path());
+    cfg.listener_tls = vec!["starttls"];
+    cfg.extra =
+        "access:\n  allow_networks: [\"127.0.0.0/8\"]\ntls:\n  tls_profile: compatible\n".into();
+    cfg.write();
+    let config = mailbridge::config::load(&cfg.path()).unwrap();
+    let daemon = mailbridge::daemon::Daemon::start(config).await.unwrap();
+    daemon.enable_reload(cfg.path());
+    let before = daemon.control().status().await;
+    assert_eq!(
+        before.listeners[0].tls_profile.as_deref(),
+        Some("compatible")
+    );
+
+    cfg.extra =
+        "access:\n  allow_networks: [\"127.0.0.0/8\"]\ntls:\n  tls_profile: modern\n".into();
+    cfg.write();
+    daemon.control().reload().await.unwrap();
+    let after = daemon.control().status().await;
+    assert_eq!(after.listeners[0].tls_profile.as_deref(), Some("modern"));
+    assert_eq!(after.listeners[0].address, before.listeners[0].address);
+    daemon.shutdown().await;
+}
