@@ -146,8 +146,7 @@ impl Delivery {
         };
         let pending: Vec<usize> = stored.state.pending().collect();
         if pending.is_empty() {
-            self.finish(stored).await;
-            return None;
+            return self.finish(stored).await;
         }
 
         let now = now_ms();
@@ -185,8 +184,7 @@ impl Delivery {
             stored.state.last_error = Some(reason);
             stored.state.set_last_outcome(expired.clone());
             stored.state.push_history(expired);
-            self.finish(stored).await;
-            return None;
+            return self.finish(stored).await;
         }
 
         // Record the next attempt before trying (no hot loop after a crash).
@@ -307,8 +305,7 @@ impl Delivery {
             }
             return Some(next);
         }
-        self.finish(stored).await;
-        None
+        self.finish(stored).await
     }
 
     /// After an attempt crashed (panicked): when to try the message again. The attempt
@@ -343,7 +340,10 @@ impl Delivery {
     }
 
     /// Every recipient is final: remove the message, or keep it in `failed/` if any failed.
-    async fn finish(&self, stored: Stored) {
+    /// `None` once it left the queue; if the spool could not be changed, the message is
+    /// still queued and must stay scheduled: when to try again (the report, if any, may
+    /// then be queued twice, a duplicate rather than a message stuck until a restart).
+    async fn finish(&self, stored: Stored) -> Option<u64> {
         let spool = self.spool.clone();
         let id = stored.envelope.id.clone();
         let any_failed = stored
@@ -364,8 +364,37 @@ impl Delivery {
         } else {
             blocking(move || spool.remove(&id)).await
         };
-        if let Err(e) = res {
-            tracing::error!(queue_id = %stored.envelope.id, error = %e, "cannot update the spool after delivery");
+        match res {
+            Ok(()) => None,
+            // Gone already (deleted meanwhile): nothing left to schedule.
+            Err(SpoolError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound
+                    && !self
+                        .spool
+                        .root()
+                        .join("queue")
+                        .join(format!("{}.msg", stored.envelope.id))
+                        .exists() =>
+            {
+                None
+            }
+            Err(e) => {
+                let retry = self
+                    .routing
+                    .load()
+                    .queue
+                    .retry_after(stored.state.attempts.max(1));
+                tracing::error!(queue_id = %stored.envelope.id, error = %e, "cannot update the spool after delivery; the message stays queued and this step is tried again");
+                // The final outcomes are kept with it, so the next try only finishes it
+                // instead of sending it again.
+                let mut stored = stored;
+                stored.state.next_attempt_ms = now_ms() + retry.as_millis() as u64;
+                stored.state.in_flight = false;
+                if let Err(e) = self.save(&stored).await {
+                    tracing::error!(queue_id = %stored.envelope.id, error = %e, "cannot record delivery outcomes; the attempt will be repeated");
+                }
+                Some(stored.state.next_attempt_ms)
+            }
         }
     }
 
@@ -917,6 +946,37 @@ mod tests {
                 .starts_with("4.4.7 delivery time expired")
         );
         assert_eq!(state.recipients[0].status, RcptStatus::Failed);
+    }
+
+    /// A message whose final move fails (failed/ unusable) stays queued and is tried
+    /// again: `None` would drop it from the scheduler's index, never attempted again
+    /// until a restart.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_message_that_cannot_leave_the_queue_is_tried_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let up = Scripted::new(vec![vec![RcptOutcome::bounced(
+            "550 5.1.1 no such user".into(),
+        )]]);
+        let d = Delivery::new(
+            spool.clone(),
+            up.clone(),
+            queue_cfg(&[60], Duration::from_secs(3600), 1),
+        );
+        let q = enqueue(&spool, &["a@x"], now_ms()).await;
+        std::fs::remove_dir(dir.path().join("failed")).unwrap();
+        std::fs::write(dir.path().join("failed"), b"").unwrap();
+        assert!(
+            d.attempt(&q.id).await.is_some(),
+            "still in queue/: must stay scheduled"
+        );
+        assert!(dir.path().join(format!("queue/{}.msg", q.id)).exists());
+        // failed/ usable again: the next attempt moves it.
+        std::fs::remove_file(dir.path().join("failed")).unwrap();
+        std::fs::create_dir(dir.path().join("failed")).unwrap();
+        assert_eq!(d.attempt(&q.id).await, None);
+        assert!(dir.path().join(format!("failed/{}.msg", q.id)).exists());
+        assert_eq!(up.calls.lock().unwrap().len(), 1, "not sent again");
     }
 
     #[test]
