@@ -505,7 +505,11 @@ impl Spool {
     pub fn move_to_failed(&self, id: &str, state: &State) -> Result<(), SpoolError> {
         let failed = &self.inner.failed;
         let st = failed.join(format!("{id}.state"));
-        write_new(&st, &format::encode_state(state)).map_err(io_err(&st))?;
+        // Synced before the message moves: a dead letter's state is what `queue requeue`
+        // goes by (which recipients were delivered already).
+        write_new(&st, &format::encode_state(state))
+            .and_then(|()| File::open(&st)?.sync_all())
+            .map_err(io_err(&st))?;
         let msg = self.queue_path(id, "msg");
         fs::rename(&msg, failed.join(format!("{id}.msg"))).map_err(io_err(&msg))?;
         let _ = fs::remove_file(self.queue_path(id, "state"));
