@@ -405,6 +405,33 @@ mod tests {
         assert!(spool.failed_ids().unwrap().is_empty());
     }
 
+    /// An id that is a path never reaches a file: a queued message named through
+    /// `../queue/` from failed/ (or the other way) stays where it is.
+    #[tokio::test]
+    async fn ids_that_are_paths_touch_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let id = queued(&spool).await;
+        let mut st = spool.load(&id).unwrap().state;
+        st.recipients[0].status = RcptStatus::Failed;
+        let dead = queued(&spool).await;
+        spool.move_to_failed(&dead, &st).unwrap();
+        let via_queue = format!("../queue/{id}");
+        let via_failed = format!("../failed/{dead}");
+        assert!(spool.requeue(&via_queue).is_err());
+        assert!(spool.delete_failed(&via_queue).is_err());
+        assert!(spool.delete(&via_failed).is_err());
+        assert!(spool.set_held(&via_failed, true, None).is_err());
+        assert!(spool.peek(&via_failed, false).is_err());
+        assert!(spool.load_failed(&via_queue).is_err());
+        assert!(spool.requeue(&"0".repeat(100_000)).is_err());
+        assert_eq!(spool.queue_ids().unwrap(), vec![id.clone()]);
+        assert_eq!(spool.failed_ids().unwrap(), vec![dead.clone()]);
+        assert!(!spool.load(&id).unwrap().state.held);
+        assert!(dir.path().join(format!("queue/{id}.msg")).exists());
+        assert!(dir.path().join(format!("failed/{dead}.state")).exists());
+    }
+
     #[tokio::test]
     async fn peek_moves_nothing_even_when_the_state_is_damaged() {
         let dir = tempfile::tempdir().unwrap();
