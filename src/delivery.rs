@@ -349,8 +349,8 @@ impl Delivery {
 
     /// Every recipient is final: remove the message, or keep it in `failed/` if any failed.
     /// `None` once it left the queue; if the spool could not be changed, the message is
-    /// still queued and must stay scheduled: when to try again (the report, if any, may
-    /// then be queued twice, a duplicate rather than a message stuck until a restart).
+    /// still queued and must stay scheduled: when to try again (its report is not queued
+    /// again, except after a restart: a duplicate rather than a message stuck).
     async fn finish(&self, stored: Stored) -> Option<u64> {
         let spool = self.spool.clone();
         let id = stored.envelope.id.clone();
