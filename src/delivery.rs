@@ -34,6 +34,9 @@ pub struct Delivery {
     routing: arc_swap::ArcSwap<Routing>,
     scheduler: OnceLock<SchedulerHandle>,
     ops: Arc<crate::ops::Ops>,
+    /// Messages whose report is queued but which could not leave the queue yet (see
+    /// `finish`): tried again without a second report (until a restart).
+    reported: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// Runs blocking spool work off the async threads.
@@ -72,6 +75,7 @@ impl Delivery {
             }),
             scheduler: OnceLock::new(),
             ops: Arc::new(crate::ops::Ops::default()),
+            reported: Default::default(),
         }
     }
 
@@ -146,8 +150,7 @@ impl Delivery {
         };
         let pending: Vec<usize> = stored.state.pending().collect();
         if pending.is_empty() {
-            self.finish(stored).await;
-            return None;
+            return self.finish(stored).await;
         }
 
         let now = now_ms();
@@ -185,8 +188,7 @@ impl Delivery {
             stored.state.last_error = Some(reason);
             stored.state.set_last_outcome(expired.clone());
             stored.state.push_history(expired);
-            self.finish(stored).await;
-            return None;
+            return self.finish(stored).await;
         }
 
         // Record the next attempt before trying (no hot loop after a crash).
@@ -307,8 +309,7 @@ impl Delivery {
             }
             return Some(next);
         }
-        self.finish(stored).await;
-        None
+        self.finish(stored).await
     }
 
     /// After an attempt crashed (panicked): when to try the message again. The attempt
@@ -342,8 +343,15 @@ impl Delivery {
         blocking(move || spool.save_state(&id, &state)).await
     }
 
+    fn reported(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.reported.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Every recipient is final: remove the message, or keep it in `failed/` if any failed.
-    async fn finish(&self, stored: Stored) {
+    /// `None` once it left the queue; if the spool could not be changed, the message is
+    /// still queued and must stay scheduled: when to try again (its report is not queued
+    /// again, except after a restart: a duplicate rather than a message stuck).
+    async fn finish(&self, stored: Stored) -> Option<u64> {
         let spool = self.spool.clone();
         let id = stored.envelope.id.clone();
         let any_failed = stored
@@ -353,9 +361,11 @@ impl Delivery {
             .any(|r| r.status == RcptStatus::Failed);
         // The report is queued before the message leaves the queue: a crash in between
         // repeats the report (a duplicate) rather than losing it.
-        if any_failed {
-            self.bounce(&stored).await;
-        }
+        let report_queued = if any_failed && !self.reported().contains(&stored.envelope.id) {
+            self.bounce(&stored).await
+        } else {
+            true
+        };
         let state = stored.state.clone();
         let res = if any_failed {
             let reason = state.last_error.clone().unwrap_or_default();
@@ -364,25 +374,60 @@ impl Delivery {
         } else {
             blocking(move || spool.remove(&id)).await
         };
-        if let Err(e) = res {
-            tracing::error!(queue_id = %stored.envelope.id, error = %e, "cannot update the spool after delivery");
+        if res.is_ok() {
+            self.reported().remove(&stored.envelope.id);
+        } else if any_failed && report_queued {
+            self.reported().insert(stored.envelope.id.clone());
+        }
+        match res {
+            Ok(()) => None,
+            // Gone already (deleted meanwhile): nothing left to schedule.
+            Err(SpoolError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound
+                    && !self
+                        .spool
+                        .root()
+                        .join("queue")
+                        .join(format!("{}.msg", stored.envelope.id))
+                        .exists() =>
+            {
+                None
+            }
+            Err(e) => {
+                let retry = self
+                    .routing
+                    .load()
+                    .queue
+                    .retry_after(stored.state.attempts.max(1));
+                tracing::error!(queue_id = %stored.envelope.id, error = %e, "cannot update the spool after delivery; the message stays queued and this step is tried again");
+                // The final outcomes are kept with it, so the next try only finishes it
+                // instead of sending it again.
+                let mut stored = stored;
+                stored.state.next_attempt_ms = now_ms() + retry.as_millis() as u64;
+                stored.state.in_flight = false;
+                if let Err(e) = self.save(&stored).await {
+                    tracing::error!(queue_id = %stored.envelope.id, error = %e, "cannot record delivery outcomes; the attempt will be repeated");
+                }
+                Some(stored.state.next_attempt_ms)
+            }
         }
     }
 
     /// Queues a DSN for the failed recipients of `stored` (still in `queue/`): to the
     /// envelope sender, or to `queue.postmaster` for a null sender; never for a report.
-    async fn bounce(&self, stored: &Stored) {
+    /// `false` only if a report was due and could not be queued.
+    async fn bounce(&self, stored: &Stored) -> bool {
         let r = self.routing.load_full();
         let env = &stored.envelope;
         if !r.queue.bounce || env.report {
-            return;
+            return true;
         }
         let to = if env.sender.is_empty() {
             match &r.queue.postmaster {
                 Some(p) => p.clone(),
                 None => {
                     tracing::warn!(queue_id = %env.id, "failed message had a null sender and queue.postmaster is not set: no report sent");
-                    return;
+                    return true;
                 }
             }
         } else {
@@ -446,10 +491,12 @@ impl Delivery {
         });
         match self.queue_report(&to, upstream.name(), &content).await {
             Ok(id) => {
-                tracing::info!(queue_id = %env.id, report_id = %id, to = %to, "delivery status notification queued")
+                tracing::info!(queue_id = %env.id, report_id = %id, to = %to, "delivery status notification queued");
+                true
             }
             Err(e) => {
-                tracing::error!(queue_id = %env.id, error = %e, "cannot queue the delivery status notification")
+                tracing::error!(queue_id = %env.id, error = %e, "cannot queue the delivery status notification");
+                false
             }
         }
     }
@@ -917,6 +964,43 @@ mod tests {
                 .starts_with("4.4.7 delivery time expired")
         );
         assert_eq!(state.recipients[0].status, RcptStatus::Failed);
+    }
+
+    /// A message whose final move fails (failed/ unusable) stays queued and is tried
+    /// again: `None` would drop it from the scheduler's index, never attempted again
+    /// until a restart.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_message_that_cannot_leave_the_queue_is_tried_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let up = Scripted::new(vec![vec![RcptOutcome::bounced(
+            "550 5.1.1 no such user".into(),
+        )]]);
+        let mut queue = queue_cfg(&[60], Duration::from_secs(3600), 1);
+        queue.bounce = true;
+        let d = Delivery::new(spool.clone(), up.clone(), queue);
+        let q = enqueue(&spool, &["a@x"], now_ms()).await;
+        std::fs::remove_dir(dir.path().join("failed")).unwrap();
+        std::fs::write(dir.path().join("failed"), b"").unwrap();
+        for _ in 0..2 {
+            assert!(
+                d.attempt(&q.id).await.is_some(),
+                "still in queue/: must stay scheduled"
+            );
+            assert!(dir.path().join(format!("queue/{}.msg", q.id)).exists());
+        }
+        // One report to the sender, not one per try.
+        assert_eq!(
+            queued_ids(dir.path()).len(),
+            2,
+            "the message and one report"
+        );
+        // failed/ usable again: the next attempt moves it.
+        std::fs::remove_file(dir.path().join("failed")).unwrap();
+        std::fs::create_dir(dir.path().join("failed")).unwrap();
+        assert_eq!(d.attempt(&q.id).await, None);
+        assert!(dir.path().join(format!("failed/{}.msg", q.id)).exists());
+        assert_eq!(up.calls.lock().unwrap().len(), 1, "not sent again");
     }
 
     #[test]

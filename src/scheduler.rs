@@ -48,6 +48,9 @@ pub struct Entry {
     pub claimed: bool,
     /// Which heap entry is current; older ones are skipped when they come up.
     generation: u64,
+    /// Announced again while an attempt ran (a requeue from failed/ racing the attempt's
+    /// end): kept in the index even if that attempt reports that it left the queue.
+    announced: bool,
 }
 
 /// Counts over the index, for the queue summary.
@@ -346,11 +349,13 @@ impl Scheduler {
                         in_flight: false,
                         claimed: false,
                         generation: 0,
+                        announced: false,
                     });
                     // Announced twice (an id never is, but be safe): the newest facts, and
                     // a running attempt stays the only one.
                     e.next_attempt_ms = q.next_attempt_ms;
                     e.held = q.held;
+                    e.announced = e.in_flight;
                 }
                 self.schedule(heap, &q.id);
             }
@@ -364,7 +369,16 @@ impl Scheduler {
                         Some(ms) => {
                             if let Some(e) = index.get_mut(&id) {
                                 e.in_flight = false;
+                                e.announced = false;
                                 e.next_attempt_ms = ms;
+                            }
+                        }
+                        // Announced again meanwhile (requeued): it is queued once more;
+                        // at worst an attempt finds nothing to load and ends.
+                        None if index.get(&id).is_some_and(|e| e.announced) => {
+                            if let Some(e) = index.get_mut(&id) {
+                                e.in_flight = false;
+                                e.announced = false;
                             }
                         }
                         None => {
@@ -566,6 +580,52 @@ mod tests {
         })
         .await
         .expect("condition within 20 s");
+    }
+
+    /// `queue requeue` can move a message back from failed/ after its attempt moved it
+    /// there but before the scheduler handled that attempt's end: the end ("left the
+    /// queue") must not drop the requeued message from the index (never attempted again
+    /// until a restart).
+    #[tokio::test]
+    async fn a_message_requeued_while_its_attempt_ends_stays_scheduled() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let queue = QueueConfig {
+            retry: vec![Duration::from_secs(3600)],
+            max_age: Duration::from_secs(86_400),
+            workers: 1,
+            bounce: false,
+            postmaster: None,
+        };
+        let delivery = Arc::new(Delivery::new(spool.clone(), Arc::new(Gate::new()), queue));
+        let (sched, handle) = Scheduler::new(delivery, 1, Duration::from_secs(3600));
+        let mut heap = Heap::new();
+        let a = enqueue(&spool).await;
+        sched.apply(&mut heap, Event::Queued(a.clone()));
+        let later = Instant::now() + Duration::from_secs(1);
+        assert_eq!(sched.take_due(&mut heap, later), Some(a.id.clone()));
+        // The attempt moved it to failed/; the operator requeues it (announced while the
+        // attempt's end is still on its way), then the end arrives.
+        sched.apply(&mut heap, Event::Queued(a.clone()));
+        sched.apply(
+            &mut heap,
+            Event::Done {
+                id: a.id.clone(),
+                next_attempt_ms: None,
+            },
+        );
+        let e = handle.entry(&a.id).expect("still in the index");
+        assert!(!e.in_flight);
+        assert_eq!(sched.take_due(&mut heap, later), Some(a.id.clone()));
+        // Its next end without a requeue removes it as before.
+        sched.apply(
+            &mut heap,
+            Event::Done {
+                id: a.id.clone(),
+                next_attempt_ms: None,
+            },
+        );
+        assert!(handle.entry(&a.id).is_none());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -154,12 +154,15 @@ impl Spool {
         })?;
         let state_path = self.inner.failed.join(format!("{id}.state"));
         let mut state = match fs::read(&state_path) {
-            Ok(b) => format::decode_state(&b, envelope.recipients.len()).map_err(|reason| {
-                SpoolError::Invalid {
-                    path: state_path.clone(),
-                    reason,
+            Ok(b) => match format::decode_state(&b, envelope.recipients.len()) {
+                Ok(s) => s,
+                // The message itself is intact: every recipient is pending again (a
+                // possible duplicate) rather than a dead letter nobody can requeue.
+                Err(reason) => {
+                    tracing::warn!(queue_id = %id, %reason, file = %state_path.display(), "state of a dead letter is invalid: every recipient counts as not delivered (possible duplicates if it is requeued)");
+                    State::initial(&envelope)
                 }
-            })?,
+            },
             Err(e) if e.kind() == io::ErrorKind::NotFound => State::initial(&envelope),
             Err(e) => return Err(io_err(&state_path)(e)),
         };
@@ -380,6 +383,53 @@ mod tests {
         assert!(spool.queue_ids().unwrap().is_empty());
         assert_eq!(fs::read_dir(dir.path().join("queue")).unwrap().count(), 0);
         assert!(spool.delete(&id).is_err());
+    }
+
+    /// A dead letter whose state file is damaged (move_to_failed's state write cut short
+    /// by a power cut) can still be requeued: every recipient is sent again (a possible
+    /// duplicate), rather than the operator being unable to send it at all.
+    #[tokio::test]
+    async fn a_dead_letter_with_a_damaged_state_can_be_requeued() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let id = queued(&spool).await;
+        let mut st = spool.load(&id).unwrap().state;
+        st.recipients[0].status = RcptStatus::Delivered;
+        st.recipients[1].status = RcptStatus::Failed;
+        spool.move_to_failed(&id, &st).unwrap();
+        fs::write(dir.path().join(format!("failed/{id}.state")), b"").unwrap();
+        assert_eq!(spool.peek(&id, true).unwrap().state.pending().count(), 2);
+        spool.requeue(&id).unwrap();
+        let back = spool.load(&id).unwrap().state;
+        assert_eq!(back.pending().count(), 2);
+        assert!(spool.failed_ids().unwrap().is_empty());
+    }
+
+    /// An id that is a path never reaches a file: a queued message named through
+    /// `../queue/` from failed/ (or the other way) stays where it is.
+    #[tokio::test]
+    async fn ids_that_are_paths_touch_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let id = queued(&spool).await;
+        let mut st = spool.load(&id).unwrap().state;
+        st.recipients[0].status = RcptStatus::Failed;
+        let dead = queued(&spool).await;
+        spool.move_to_failed(&dead, &st).unwrap();
+        let via_queue = format!("../queue/{id}");
+        let via_failed = format!("../failed/{dead}");
+        assert!(spool.requeue(&via_queue).is_err());
+        assert!(spool.delete_failed(&via_queue).is_err());
+        assert!(spool.delete(&via_failed).is_err());
+        assert!(spool.set_held(&via_failed, true, None).is_err());
+        assert!(spool.peek(&via_failed, false).is_err());
+        assert!(spool.load_failed(&via_queue).is_err());
+        assert!(spool.requeue(&"0".repeat(100_000)).is_err());
+        assert_eq!(spool.queue_ids().unwrap(), vec![id.clone()]);
+        assert_eq!(spool.failed_ids().unwrap(), vec![dead.clone()]);
+        assert!(!spool.load(&id).unwrap().state.held);
+        assert!(dir.path().join(format!("queue/{id}.msg")).exists());
+        assert!(dir.path().join(format!("failed/{dead}.state")).exists());
     }
 
     #[tokio::test]

@@ -242,8 +242,12 @@ impl Spool {
         let tmp = &self.inner.tmp;
         for entry in fs::read_dir(tmp).map_err(io_err(tmp))? {
             let entry = entry.map_err(io_err(tmp))?;
-            let spare = entry.file_name().to_string_lossy().starts_with("spare-");
-            if fs::remove_file(entry.path()).is_ok() && !spare {
+            // Only `<id>.msg` is a partial message; spares, state files being written and
+            // the health and doctor probes are not worth a word in the log.
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let partial = name.ends_with(".msg") && !name.starts_with("spare-");
+            if fs::remove_file(entry.path()).is_ok() && partial {
                 out.tmp_removed += 1;
             }
         }
@@ -505,7 +509,11 @@ impl Spool {
     pub fn move_to_failed(&self, id: &str, state: &State) -> Result<(), SpoolError> {
         let failed = &self.inner.failed;
         let st = failed.join(format!("{id}.state"));
-        write_new(&st, &format::encode_state(state)).map_err(io_err(&st))?;
+        // Synced before the message moves: a dead letter's state is what `queue requeue`
+        // goes by (which recipients were delivered already).
+        write_new(&st, &format::encode_state(state))
+            .and_then(|()| File::open(&st)?.sync_all())
+            .map_err(io_err(&st))?;
         let msg = self.queue_path(id, "msg");
         fs::rename(&msg, failed.join(format!("{id}.msg"))).map_err(io_err(&msg))?;
         let _ = fs::remove_file(self.queue_path(id, "state"));
@@ -790,13 +798,23 @@ mod tests {
             .set_len(len - 5)
             .unwrap();
         fs::write(dir.path().join("tmp/partial.msg"), b"MAILBRIDGE-QUEUE 1\n").unwrap();
+        // Not messages: the health and doctor probes, state files being written.
+        for other in [
+            "healthz-7.probe",
+            ".doctor-7-1.probe",
+            "admin-x.state",
+            "x.state",
+        ] {
+            fs::write(dir.path().join("tmp").join(other), b"x").unwrap();
+        }
 
         let spool = Spool::open(dir.path()).unwrap();
         let r = spool.recover().unwrap();
         assert_eq!(r.queued.len(), 1);
         assert_eq!(r.queued[0].id, good);
         assert_eq!(r.corrupt, 1);
-        assert_eq!(r.tmp_removed, 1);
+        assert_eq!(r.tmp_removed, 1, "only the partial message counts");
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
         assert!(dir.path().join("corrupt/bad.msg").exists());
     }
 
