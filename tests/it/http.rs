@@ -437,7 +437,7 @@ async fn status_page_in_chromium_shows_the_paused_upstream_and_the_queued_messag
     let yaml = format!(
         "hostname: relay.test\nstate_dir: {d:?}\nlisteners:\n  - address: 127.0.0.1:0\nspool:\n  path: {s:?}\n\
 upstreams:\n  - name: contoso\n    type: exchange-online\n    mailbox: {MAILBOX}\n    tenant_id: contoso.com\n    client_id: {CLIENT_ID}\n    client_secret_file: {secret:?}\n    host: localhost\n    port: {port}\n    token_url: {url:?}\n    ca_file: {ca:?}\n\
-queue:\n  retry: [1s, 2s]\n  postmaster: postmaster@contoso.com\n\
+queue:\n  retry: [1h]\n  postmaster: postmaster@contoso.com\n\
 admin:\n  socket: {sock:?}\n  http_address: 127.0.0.1:0\n",
         d = dir.path().join("state").display().to_string(),
         s = dir.path().join("spool").display().to_string(),
@@ -454,9 +454,14 @@ admin:\n  socket: {sock:?}\n  http_address: 127.0.0.1:0\n",
     assert_eq!(r.code, 250, "{:?}", r.lines);
     let id = r.queue_id().unwrap();
     let deadline = Instant::now() + LONG;
+    // Paused, and the attempt that paused it over (the message no longer `sending`); the
+    // next probe is an hour away (queue.retry), so nothing changes while the browser renders.
     loop {
         let s = daemon.control().status().await;
-        if s.upstreams[0].state == "paused" {
+        let list = daemon.control().queue_list().await.unwrap();
+        if s.upstreams[0].state == "paused"
+            && list.iter().any(|e| e.id == id && e.state == "paused")
+        {
             break;
         }
         assert!(Instant::now() < deadline, "the upstream did not pause");
