@@ -904,21 +904,7 @@ mod tests {
         assert!(queued_ids(dir.path()).is_empty());
 
         // 2. A null-sender message's failure goes to the postmaster.
-        let env = Envelope {
-            id: new_id(),
-            sender: String::new(),
-            recipients: vec![Recipient {
-                address: "a@x".into(),
-            }],
-            client_ip: "127.0.0.1".parse().unwrap(),
-            helo: "t".into(),
-            auth_user: None,
-            arrival_ms: now_ms(),
-            body: None,
-            smtputf8: false,
-            upstream: None,
-            report: false,
-        };
+        let env = Envelope::for_test(&new_id(), "", &["a@x"]);
         let mut inc = spool.begin(&env);
         inc.write(b"Subject: n\r\n\r\nx\r\n").await;
         let n = inc.commit().await.unwrap();
@@ -1182,19 +1168,9 @@ mod tests {
         assert!(dir.path().join(format!("c/{}.eml", q.id)).exists());
 
         let env = Envelope {
-            id: new_id(),
-            sender: String::new(),
-            recipients: vec![Recipient {
-                address: "postmaster@y".into(),
-            }],
-            client_ip: "127.0.0.1".parse().unwrap(),
-            helo: "t".into(),
-            auth_user: None,
-            arrival_ms: now_ms(),
-            body: None,
-            smtputf8: false,
             upstream: Some("a".into()),
             report: true,
+            ..Envelope::for_test(&new_id(), "", &["postmaster@y"])
         };
         let mut inc = spool.begin(&env);
         inc.write(b"Subject: report\r\n\r\nx\r\n").await;

@@ -493,7 +493,7 @@ mod tests {
 
     use super::*;
     use crate::config::QueueConfig;
-    use crate::spool::{Envelope, Recipient, Spool, new_id};
+    use crate::spool::{Envelope, Spool, new_id};
     use crate::upstream::{Attempt, BoxFuture, RcptOutcome, Report, Upstream};
 
     /// Holds every attempt until the test lets it go; notes any id attempted twice at once.
@@ -552,21 +552,7 @@ mod tests {
     }
 
     async fn enqueue(spool: &Spool) -> Queued {
-        let env = Envelope {
-            id: new_id(),
-            sender: "s@example.com".into(),
-            recipients: vec![Recipient {
-                address: "a@example.com".into(),
-            }],
-            client_ip: "127.0.0.1".parse().unwrap(),
-            helo: "t".into(),
-            auth_user: None,
-            arrival_ms: now_ms(),
-            body: None,
-            smtputf8: false,
-            upstream: None,
-            report: false,
-        };
+        let env = Envelope::for_test(&new_id(), "s@example.com", &["a@example.com"]);
         let mut inc = spool.begin(&env);
         inc.write(b"Subject: t\r\n\r\nhi\r\n").await;
         inc.commit().await.unwrap()

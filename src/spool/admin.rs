@@ -298,30 +298,11 @@ impl Spool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spool::{Envelope, Recipient, new_id};
+    use crate::spool::{Envelope, new_id};
 
     async fn queued(spool: &Spool) -> String {
         let id = new_id();
-        let env = Envelope {
-            id: id.clone(),
-            sender: "s@example.com".into(),
-            recipients: vec![
-                Recipient {
-                    address: "a@example.com".into(),
-                },
-                Recipient {
-                    address: "b@example.com".into(),
-                },
-            ],
-            client_ip: "127.0.0.1".parse().unwrap(),
-            helo: "printer".into(),
-            auth_user: None,
-            arrival_ms: now_ms(),
-            body: None,
-            smtputf8: false,
-            upstream: None,
-            report: false,
-        };
+        let env = Envelope::for_test(&id, "s@example.com", &["a@example.com", "b@example.com"]);
         let mut inc = spool.begin(&env);
         inc.write(b"Subject: t\r\n\r\nhi\r\n").await;
         inc.commit().await.unwrap();

@@ -515,6 +515,32 @@ pub fn decode_state(bytes: &[u8], recipients: usize) -> Result<State, String> {
 }
 
 #[cfg(test)]
+impl Envelope {
+    /// For unit tests: a message from `sender` to `recipients`, from 127.0.0.1 (HELO `t`),
+    /// arrived now.
+    pub fn for_test(id: &str, sender: &str, recipients: &[&str]) -> Envelope {
+        Envelope {
+            id: id.into(),
+            sender: sender.into(),
+            recipients: recipients
+                .iter()
+                .map(|a| Recipient {
+                    address: a.to_string(),
+                })
+                .collect(),
+            client_ip: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            helo: "t".into(),
+            auth_user: None,
+            arrival_ms: crate::spool::now_ms(),
+            body: None,
+            smtputf8: false,
+            upstream: None,
+            report: false,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

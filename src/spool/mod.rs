@@ -673,26 +673,7 @@ mod tests {
     use super::*;
 
     fn envelope(id: &str) -> Envelope {
-        Envelope {
-            id: id.into(),
-            sender: "s@example.com".into(),
-            recipients: vec![
-                Recipient {
-                    address: "a@example.com".into(),
-                },
-                Recipient {
-                    address: "b@example.com".into(),
-                },
-            ],
-            client_ip: "127.0.0.1".parse().unwrap(),
-            helo: "printer".into(),
-            auth_user: None,
-            arrival_ms: now_ms(),
-            body: None,
-            smtputf8: false,
-            upstream: None,
-            report: false,
-        }
+        Envelope::for_test(id, "s@example.com", &["a@example.com", "b@example.com"])
     }
 
     #[tokio::test]
