@@ -526,7 +526,7 @@ async fn a_refused_peer_is_logged_once_not_per_request_and_cannot_take_the_admin
         assert!(body.contains("admin.http_allow_networks"), "{body}");
     }
     // Silent refused peers fill their own slots; more are closed at once...
-    let _held: Vec<_> = futures_connect(addr, 2).await;
+    let _held: Vec<_> = connect_n(addr, 2).await;
     let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
     assert!(read_until_closed(&mut extra, SHORT).await.is_empty());
     // ...and the admin is still served.
@@ -556,7 +556,7 @@ async fn a_refused_peer_is_logged_once_not_per_request_and_cannot_take_the_admin
     assert!(log.contains("client=127.0.0.1"), "{log}");
 }
 
-async fn futures_connect(addr: SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
+async fn connect_n(addr: SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
     let mut v = Vec::new();
     for _ in 0..n {
         v.push(tokio::net::TcpStream::connect(addr).await.unwrap());
