@@ -1,10 +1,15 @@
 //! The HTTP endpoint on `admin.http_address` (off by default): `/metrics` (Prometheus),
 //! `/healthz` and the status page `/` ([`super::page`]). Served by axum; read-only.
 //!
-//! Peers outside loopback and `admin.http_allow_networks` get 403. Nothing here blocks the
-//! runtime: the spool check runs on a blocking thread under a timeout, and a check that hangs
+//! Peers outside loopback and `admin.http_allow_networks` are recognised when their connection
+//! is accepted: they get 403 and the connection closes (logged once a minute per peer). The
+//! connections are bounded ([`HttpLimits`]: a cap for allowed peers, a small separate one for
+//! refused peers, a header-read and keep-alive idle timeout), so the endpoint cannot use up
+//! the file descriptors the SMTP listeners need. Nothing here blocks the runtime: the spool check runs on a blocking thread under a timeout, and a check that hangs
 //! (a dead disk) is not started again until it has returned.
 
+use std::collections::HashMap;
+use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,12 +17,21 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::body::Body;
+use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::admin::page::{self, PageModel};
 use crate::ops::control::Control;
@@ -33,13 +47,46 @@ pub const SPOOL_PROBE_REUSE: Duration = Duration::from_secs(5);
 /// How long open HTTP connections get to finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
+/// The log line for connections from refused peers (at most one per peer per minute).
+pub const REFUSED_LOG: &str = "HTTP connection from a client outside loopback and admin.http_allow_networks refused with 403 (logged at most once a minute per client)";
+
+/// How often a refused peer, or the connection limit, is logged at most.
+const LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Refused peers remembered for the log's rate limit; beyond them, one line a minute counts
+/// the connections of all the others.
+const REFUSED_PEERS_TRACKED: usize = 256;
+
 /// Who may use the endpoint (loopback and `admin.http_allow_networks`).
 pub type AllowFn = Arc<dyn Fn(IpAddr) -> bool + Send + Sync>;
+
+/// Bounds on the endpoint's connections: the HTTP endpoint must never take the file
+/// descriptors the SMTP listeners need.
+#[derive(Clone, Debug)]
+pub struct HttpLimits {
+    /// Connections from allowed peers open at once; a new one beyond it is closed at once.
+    pub max_connections: usize,
+    /// Connections from refused peers open at once (each gets a 403, then is closed); a new
+    /// one beyond it is closed at once.
+    pub max_refused_connections: usize,
+    /// How long a connection may take to send a request's headers; also how long a
+    /// keep-alive connection may sit idle between requests.
+    pub header_read_timeout: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_connections: 32,
+            max_refused_connections: 4,
+            header_read_timeout: Duration::from_secs(10),
+        }
+    }
+}
 
 #[derive(Clone)]
 struct AppState {
     control: Arc<Control>,
-    allow: AllowFn,
     probe: Arc<SpoolProbe>,
     /// Bound to a loopback address: only `Host` addresses and `localhost` are served.
     loopback: bool,
@@ -59,6 +106,17 @@ impl HttpServer {
         control: Arc<Control>,
         stop: CancellationToken,
     ) -> anyhow::Result<HttpServer> {
+        Self::start_with_limits(addr, allow, control, stop, HttpLimits::default()).await
+    }
+
+    /// [`HttpServer::start`] with other connection limits (tests).
+    pub async fn start_with_limits(
+        addr: SocketAddr,
+        allow: AllowFn,
+        control: Arc<Control>,
+        stop: CancellationToken,
+        limits: HttpLimits,
+    ) -> anyhow::Result<HttpServer> {
         use anyhow::Context;
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
             format!("admin.http_address: cannot listen on {addr} (in use by another program?)")
@@ -67,28 +125,10 @@ impl HttpServer {
         let state = AppState {
             probe: Arc::new(SpoolProbe::new(control.spool.root().to_path_buf())),
             control,
-            allow,
             loopback: addr.ip().is_loopback(),
         };
         let app = router(state);
-        let graceful = stop.clone();
-        let task = tokio::spawn(async move {
-            let serve = axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move { graceful.cancelled().await });
-            // Keep-alive connections (a browser tab) may hold a graceful shutdown open.
-            let mut serve = std::pin::pin!(serve.into_future());
-            tokio::select! {
-                r = &mut serve => {
-                    if let Err(e) = r {
-                        tracing::error!(error = %e, "HTTP endpoint stopped");
-                    }
-                }
-                _ = async { stop.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {}
-            }
-        });
+        let task = tokio::spawn(accept_loop(listener, app, allow, limits, stop));
         tracing::info!(address = %addr, "HTTP endpoint listening (/metrics, /healthz, status page /)");
         Ok(HttpServer { addr, task })
     }
@@ -103,6 +143,210 @@ impl HttpServer {
     }
 }
 
+/// Accepts connections until `stop`; checks the peer at once. Allowed peers and refused
+/// ones each have their own cap, so refused peers cannot crowd out the admin.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    allow: AllowFn,
+    limits: HttpLimits,
+    stop: CancellationToken,
+) {
+    let conns = TaskTracker::new();
+    let allowed_slots = Arc::new(Semaphore::new(limits.max_connections));
+    let refused_slots = Arc::new(Semaphore::new(limits.max_refused_connections));
+    let mut refusals = RefusalLog::default();
+    let mut full_log = Every::default();
+    let mut accept_error_log = Every::default();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    // Out of file descriptors, most likely: wait rather than spin.
+                    if let Some(more) = accept_error_log.due(Instant::now()) {
+                        tracing::warn!(error = %e, more, "HTTP endpoint cannot accept connections");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            }
+        };
+        let now = Instant::now();
+        if allow(peer.ip()) {
+            let Ok(permit) = allowed_slots.clone().try_acquire_owned() else {
+                drop(stream);
+                if let Some(more) = full_log.due(now) {
+                    tracing::warn!(
+                        client = %peer.ip(),
+                        limit = limits.max_connections,
+                        more,
+                        "HTTP connection closed at once: the endpoint has its limit of connections open (logged at most once a minute)"
+                    );
+                }
+                continue;
+            };
+            let svc = TowerToHyperService::new(app.clone());
+            conns.spawn(serve_conn(
+                stream,
+                svc,
+                true,
+                limits.clone(),
+                stop.clone(),
+                permit,
+            ));
+        } else {
+            match refusals.note(peer.ip(), now) {
+                Note::Quiet => {}
+                Note::Peer { suppressed } => {
+                    tracing::warn!(client = %peer.ip(), suppressed, "{REFUSED_LOG}");
+                }
+                Note::Others { connections } => {
+                    tracing::warn!(
+                        connections,
+                        "HTTP connections from many more clients outside loopback and admin.http_allow_networks refused with 403 (logged at most once a minute)"
+                    );
+                }
+            }
+            let Ok(permit) = refused_slots.clone().try_acquire_owned() else {
+                drop(stream);
+                continue;
+            };
+            let svc = hyper::service::service_fn(|_req: hyper::Request<Incoming>| async {
+                Ok::<_, Infallible>(forbidden())
+            });
+            conns.spawn(serve_conn(
+                stream,
+                svc,
+                false,
+                limits.clone(),
+                stop.clone(),
+                permit,
+            ));
+        }
+    }
+    conns.close();
+    // Keep-alive connections (a browser tab) get a moment to finish.
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, conns.wait()).await;
+}
+
+/// Serves one connection (HTTP/1.1) under the header-read timeout, holding its slot.
+async fn serve_conn<S>(
+    stream: TcpStream,
+    svc: S,
+    keep_alive: bool,
+    limits: HttpLimits,
+    stop: CancellationToken,
+    _slot: OwnedSemaphorePermit,
+) where
+    S: hyper::service::Service<hyper::Request<Incoming>, Response = Response<Body>>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .keep_alive(keep_alive)
+        .serve_connection(TokioIo::new(stream), svc);
+    let mut conn = std::pin::pin!(conn);
+    let r = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            match tokio::time::timeout(SHUTDOWN_GRACE, conn.as_mut()).await {
+                Ok(r) => r,
+                Err(_) => return,
+            }
+        }
+    };
+    if let Err(e) = r {
+        // A client that sent nothing in time, or went away: nothing the admin must act on.
+        tracing::debug!(error = %e, "HTTP connection ended");
+    }
+}
+
+/// The answer to every request of a refused peer; the connection closes after it.
+fn forbidden() -> Response {
+    (
+        StatusCode::FORBIDDEN,
+        [
+            (header::CONNECTION, "close"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        "forbidden: this address is not in admin.http_allow_networks\n",
+    )
+        .into_response()
+}
+
+/// At most one event a minute; counts the ones in between.
+#[derive(Default)]
+struct Every {
+    last: Option<Instant>,
+    skipped: u64,
+}
+
+impl Every {
+    /// `Some(events skipped since the last one)` when this one is to be logged.
+    fn due(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(at) if now.saturating_duration_since(at) < LOG_EVERY => {
+                self.skipped += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.skipped))
+            }
+        }
+    }
+}
+
+/// What to log for a refused connection.
+#[derive(Debug, PartialEq, Eq)]
+enum Note {
+    Quiet,
+    /// A line for this peer; `suppressed` connections from it went unlogged since its last.
+    Peer {
+        suppressed: u64,
+    },
+    /// Too many peers to track: a line counting the others' connections since the last.
+    Others {
+        connections: u64,
+    },
+}
+
+/// The rate limit of the refused-peer log: one line per peer per minute, for a bounded
+/// number of peers; all others share one line a minute.
+#[derive(Default)]
+struct RefusalLog {
+    peers: HashMap<IpAddr, Every>,
+    others: Every,
+}
+
+impl RefusalLog {
+    fn note(&mut self, ip: IpAddr, now: Instant) -> Note {
+        if !self.peers.contains_key(&ip) && self.peers.len() >= REFUSED_PEERS_TRACKED {
+            // Peers not seen for a minute would be logged again anyway.
+            self.peers.retain(|_, e| {
+                e.last
+                    .is_some_and(|at| now.saturating_duration_since(at) < LOG_EVERY)
+            });
+        }
+        if !self.peers.contains_key(&ip) && self.peers.len() >= REFUSED_PEERS_TRACKED {
+            return match self.others.due(now) {
+                Some(skipped) => Note::Others {
+                    connections: skipped + 1,
+                },
+                None => Note::Quiet,
+            };
+        }
+        match self.peers.entry(ip).or_default().due(now) {
+            Some(suppressed) => Note::Peer { suppressed },
+            None => Note::Quiet,
+        }
+    }
+}
+
 fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(status_page))
@@ -112,21 +356,10 @@ fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// 403 for peers outside loopback and `admin.http_allow_networks`.
-async fn guard(
-    State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    req: Request,
-    next: Next,
-) -> Response {
-    if !(state.allow)(peer.ip()) {
-        tracing::warn!(client = %peer.ip(), path = %req.uri().path(), "HTTP request from a client outside loopback and admin.http_allow_networks refused");
-        return (
-            StatusCode::FORBIDDEN,
-            "forbidden: this address is not in admin.http_allow_networks\n",
-        )
-            .into_response();
-    }
+/// For a loopback endpoint, 403 to foreign `Host` names; security headers on every answer.
+/// (Peers outside loopback and `admin.http_allow_networks` never get here: they are
+/// answered 403 at accept time.)
+async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Response {
     if state.loopback && !loopback_host(req.headers()) {
         tracing::warn!(path = %req.uri().path(), "HTTP request with a Host name that is not loopback refused (a web page using DNS rebinding?)");
         return (
@@ -326,6 +559,56 @@ mod tests {
         std::fs::write(dir.path().join("tmp"), b"").unwrap();
         let e = probe(dir.path()).unwrap_err();
         assert!(e.contains("is not writable"), "{e}");
+    }
+
+    #[test]
+    fn a_refused_peer_is_logged_once_a_minute_with_the_count_in_between() {
+        let mut log = RefusalLog::default();
+        let t0 = Instant::now();
+        let a: IpAddr = "192.0.2.7".parse().unwrap();
+        let b: IpAddr = "192.0.2.8".parse().unwrap();
+        assert_eq!(log.note(a, t0), Note::Peer { suppressed: 0 });
+        for i in 1..=5 {
+            assert_eq!(log.note(a, t0 + Duration::from_secs(i)), Note::Quiet);
+        }
+        // Another peer has its own line.
+        assert_eq!(
+            log.note(b, t0 + Duration::from_secs(2)),
+            Note::Peer { suppressed: 0 }
+        );
+        assert_eq!(log.note(a, t0 + Duration::from_secs(59)), Note::Quiet);
+        assert_eq!(
+            log.note(a, t0 + Duration::from_secs(60)),
+            Note::Peer { suppressed: 6 }
+        );
+        assert_eq!(log.note(a, t0 + Duration::from_secs(61)), Note::Quiet);
+    }
+
+    #[test]
+    fn the_refused_peer_log_is_bounded_and_counts_the_others_in_one_line_a_minute() {
+        let mut log = RefusalLog::default();
+        let t0 = Instant::now();
+        let peer = |i: usize| IpAddr::from([10, 0, (i / 256) as u8, (i % 256) as u8]);
+        for i in 0..REFUSED_PEERS_TRACKED {
+            assert_eq!(log.note(peer(i), t0), Note::Peer { suppressed: 0 });
+        }
+        let extra = REFUSED_PEERS_TRACKED;
+        assert_eq!(log.note(peer(extra), t0), Note::Others { connections: 1 });
+        for i in 1..=100 {
+            assert_eq!(log.note(peer(extra + i), t0), Note::Quiet);
+        }
+        assert_eq!(log.peers.len(), REFUSED_PEERS_TRACKED);
+        // After a minute the old entries make room.
+        let later = t0 + LOG_EVERY;
+        assert_eq!(
+            log.note(peer(extra + 1), later),
+            Note::Peer { suppressed: 0 }
+        );
+        assert!(log.peers.len() <= REFUSED_PEERS_TRACKED);
+        assert_eq!(
+            log.note(peer(5), later + Duration::from_secs(1)),
+            Note::Peer { suppressed: 0 }
+        );
     }
 
     #[test]

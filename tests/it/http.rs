@@ -314,6 +314,256 @@ async fn peers_outside_the_allowed_networks_get_403() {
     daemon.shutdown().await;
 }
 
+// ---- connection limits ----
+
+/// A daemon (no HTTP endpoint of its own) and an endpoint on loopback with `limits`.
+async fn endpoint(
+    dir: &std::path::Path,
+    allow: mailbridge::admin::http::AllowFn,
+    limits: mailbridge::admin::http::HttpLimits,
+) -> (
+    mailbridge::daemon::Daemon,
+    mailbridge::admin::http::HttpServer,
+    tokio_util::sync::CancellationToken,
+) {
+    let config = crate::common::config_yaml(
+        dir,
+        &format!(
+            "listeners:\n  - address: 127.0.0.1:0\nadmin:\n  socket: {:?}\n",
+            dir.join("admin.sock").display().to_string()
+        ),
+    );
+    let daemon = mailbridge::daemon::Daemon::start(config).await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = mailbridge::admin::http::HttpServer::start_with_limits(
+        "127.0.0.1:0".parse().unwrap(),
+        allow,
+        daemon.control().clone(),
+        stop.clone(),
+        limits,
+    )
+    .await
+    .unwrap();
+    (daemon, server, stop)
+}
+
+/// Reads until the server closes the connection (EOF or reset); panics after `within`.
+async fn read_until_closed(c: &mut tokio::net::TcpStream, within: Duration) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let r = tokio::time::timeout(within, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match c.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(
+        r.is_ok(),
+        "the server kept the connection open; got {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    got
+}
+
+/// A GET on a new connection (no pooling): the status, or the error.
+async fn get_fresh(url: &str) -> Result<u16, reqwest::Error> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    Ok(client.get(url).send().await?.status().as_u16())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_cap_are_closed_at_once_and_a_freed_slot_serves_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = mailbridge::admin::http::HttpLimits {
+        max_connections: 2,
+        max_refused_connections: 1,
+        // Longer than the test: the idle connections stay until the test closes them.
+        header_read_timeout: LONG * 2,
+    };
+    let (daemon, server, stop) = endpoint(dir.path(), Arc::new(|_| true), limits).await;
+    let addr = server.local_addr();
+    let url = format!("http://{addr}/healthz");
+    assert_eq!(get_fresh(&url).await.unwrap(), 200);
+
+    // Two idle connections take both slots (accepted in order: the kernel's queue is FIFO).
+    let idle1 = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut idle2 = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // The third is closed at once, without an answer.
+    let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let got = read_until_closed(&mut extra, SHORT).await;
+    assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+    // So is a real request while both are held.
+    assert!(get_fresh(&url).await.is_err());
+
+    // One idle connection goes away: its slot serves again.
+    drop(idle1);
+    let deadline = Instant::now() + SHORT;
+    loop {
+        match get_fresh(&url).await {
+            Ok(status) => {
+                assert_eq!(status, 200);
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "no slot came free: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The other idle connection was not disturbed: it still gets an answer.
+    {
+        use tokio::io::AsyncWriteExt;
+        idle2
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let got = read_until_closed(&mut idle2, SHORT).await;
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    }
+    stop.cancel();
+    tokio::time::timeout(SHORT, server.wait()).await.unwrap();
+    daemon.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_sends_no_headers_or_idles_is_closed_after_the_header_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let limits = mailbridge::admin::http::HttpLimits {
+        header_read_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let (daemon, server, stop) = endpoint(dir.path(), Arc::new(|_| true), limits).await;
+    let addr = server.local_addr();
+
+    // Nothing at all.
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let started = Instant::now();
+    read_until_closed(&mut silent, SHORT).await;
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    // Half a request (slowloris).
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .await
+        .unwrap();
+    let got = read_until_closed(&mut slow, SHORT).await;
+    assert!(
+        !String::from_utf8_lossy(&got).contains("200 OK"),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    // A keep-alive connection is answered, then closed once idle.
+    let mut kept = tokio::net::TcpStream::connect(addr).await.unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    let got = read_until_closed(&mut kept, SHORT).await;
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(got.ends_with("ok\n"), "{got}");
+
+    stop.cancel();
+    tokio::time::timeout(SHORT, server.wait()).await.unwrap();
+    daemon.shutdown().await;
+}
+
+/// A `MakeWriter` target that keeps everything written.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A refused peer's requests are all answered 403 (connection closed after each) and logged
+/// once, not once per request; a silent refused peer holds only the refused peers' slots, so
+/// allowed peers are still served.
+#[tokio::test(flavor = "current_thread")]
+async fn a_refused_peer_is_logged_once_not_per_request_and_cannot_take_the_admins_slots() {
+    let log = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_writer({
+            let log = log.clone();
+            move || log.clone()
+        })
+        .finish();
+    let capture = tracing::Dispatch::new(subscriber);
+    // See auth.rs (c35): a second live dispatcher keeps callsites first reached on other
+    // tests' threads from being cached as "never".
+    let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::new());
+    let _guard = tracing::dispatcher::set_default(&capture);
+
+    let dir = tempfile::tempdir().unwrap();
+    let limits = mailbridge::admin::http::HttpLimits {
+        max_connections: 2,
+        max_refused_connections: 2,
+        header_read_timeout: LONG * 2,
+    };
+    // 127.0.0.1 is refused, 127.0.0.2 is the admin (both loopback: the test's own addresses).
+    let allow: mailbridge::admin::http::AllowFn =
+        Arc::new(|ip| ip == std::net::IpAddr::from([127, 0, 0, 2]));
+    let (daemon, server, stop) = endpoint(dir.path(), allow, limits).await;
+    let addr = server.local_addr();
+    for i in 0..6 {
+        let path = ["/", "/metrics", "/healthz"][i % 3];
+        let (status, _, body) = get(&format!("http://{addr}{path}")).await;
+        assert_eq!(status, 403, "{path}: {body}");
+        assert!(body.contains("admin.http_allow_networks"), "{body}");
+    }
+    // Silent refused peers fill their own slots; more are closed at once...
+    let _held: Vec<_> = connect_n(addr, 2).await;
+    let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert!(read_until_closed(&mut extra, SHORT).await.is_empty());
+    // ...and the admin is still served.
+    let admin = tokio::net::TcpSocket::new_v4().unwrap();
+    admin.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut admin = admin.connect(addr).await.unwrap();
+    {
+        use tokio::io::AsyncWriteExt;
+        admin
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+    }
+    let got = read_until_closed(&mut admin, SHORT).await;
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+
+    stop.cancel();
+    tokio::time::timeout(SHORT, server.wait()).await.unwrap();
+    daemon.shutdown().await;
+    let log = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains(mailbridge::admin::http::REFUSED_LOG))
+        .count();
+    assert_eq!(lines, 1, "{log}");
+    assert!(log.contains("client=127.0.0.1"), "{log}");
+}
+
+async fn connect_n(addr: SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        v.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    v
+}
+
 /// DNS rebinding: a web page whose name now points to 127.0.0.1 must not read the page
 /// through the admin's browser (or an SSH tunnel to the port).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
