@@ -221,11 +221,14 @@ fn links_between_the_docs_resolve() {
 fn registered_metrics() -> Vec<String> {
     use mailbridge::ops::metrics::Metrics;
     use mailbridge::ops::model::{StatusReport, TokenStatus, UpstreamStatus};
+    use mailbridge::outcome::{Outcome, UpstreamReply};
 
     let metrics = Metrics::new();
-    // Give every labelled family a series too (not needed for the `# TYPE` lines, but the
-    // encoding is then the one a busy relay serves).
+    // A labelled family without a series is not encoded at all: give each one a series.
     let _ = metrics.token_request_counters("contoso");
+    let mut delivered = Outcome::delivered(UpstreamReply::default());
+    delivered.upstream = "contoso".into();
+    metrics.delivery(&delivered);
     let status = StatusReport {
         upstreams: vec![UpstreamStatus {
             name: "contoso".into(),
