@@ -22,11 +22,20 @@
 //! - [`delivery`]: one attempt: spool → upstream → per-recipient outcomes → spool.
 //! - [`outcome`]: the typed outcome of an attempt (reply, step, verdict, problem), the one
 //!   upstream reply parser and the named upstream reply codes.
-//! - [`upstream`]: the `Upstream` trait and its implementations.
-//! - [`token`]: OAuth client-credentials tokens for Exchange Online (not wired in yet).
+//! - [`dsn`]: bounces (RFC 3464 delivery status notifications).
+//! - [`upstream`]: the `Upstream` trait and its implementations (outbox, Exchange Online).
+//! - [`token`]: OAuth client-credentials tokens for Exchange Online, renewed in the
+//!   background.
 //! - [`secret`]: the redacting type every password, hash and token lives in.
-//! - [`daemon`]: wiring, signals, ordered shutdown. [`systemd`]: READY/STOPPING/WATCHDOG.
-//!   [`cli`]: commands and exit codes. [`doctor`]: `mailbridge doctor`, the step-by-step check.
+//! - [`ops`]: what operators see: the hooks the data path calls, metrics, the sender
+//!   inventory, and [`ops::control`], the queue commands and status.
+//! - [`admin`]: the admin socket (`mailbridge queue|status|senders|reload`) and the HTTP
+//!   endpoint (metrics, health, the status page).
+//! - [`reload`]: live reload (SIGHUP, `mailbridge reload`), swapping snapshots through
+//!   arc-swap.
+//! - [`daemon`]: wiring, signals, ordered shutdown. [`systemd`]: READY/RELOADING/STOPPING/
+//!   WATCHDOG. [`logging`]: text or JSON log lines. [`cli`]: commands and exit codes.
+//!   [`doctor`]: `mailbridge doctor`, the step-by-step check.
 
 pub mod admin;
 pub mod cli;

@@ -70,6 +70,23 @@ fn relay_example_is_safe_as_installed() {
     }
     // The machine itself can still send a test message.
     assert!(cfg.access.allows("127.0.0.1".parse().unwrap()));
+
+    // Metrics and the status page: off, or on loopback only; nobody else may read them.
+    if let Some(addr) = cfg.admin.http_address {
+        assert!(
+            addr.ip().is_loopback(),
+            "relay.example.yaml serves the status page on {addr}"
+        );
+    }
+    assert!(
+        cfg.admin.http_allow_networks.is_empty(),
+        "relay.example.yaml: admin.http_allow_networks is not empty"
+    );
+    assert!(!cfg.admin.http_allows("192.168.10.20".parse().unwrap()));
+    assert_eq!(
+        cfg.admin.socket.as_deref(),
+        Some(Path::new(mailbridge::config::DEFAULT_ADMIN_SOCKET))
+    );
 }
 
 /// install.sh overwrites /etc/systemd/system/mailbridge.service on every run, so a capability

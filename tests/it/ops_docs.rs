@@ -212,3 +212,97 @@ fn links_between_the_docs_resolve() {
     }
     assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
 }
+
+/// Every metric family the daemon registers, with the names a scrape shows: counters with
+/// their `_total`. Read from a real encoding of [`Metrics::new`], so a metric added in
+/// src/ops/metrics.rs shows up here without a list to keep in step.
+///
+/// [`Metrics::new`]: mailbridge::ops::metrics::Metrics::new
+fn registered_metrics() -> Vec<String> {
+    use mailbridge::ops::metrics::Metrics;
+    use mailbridge::ops::model::{StatusReport, TokenStatus, UpstreamStatus};
+    use mailbridge::outcome::{Outcome, UpstreamReply};
+
+    let metrics = Metrics::new();
+    // A labelled family without a series is not encoded at all: give each one a series.
+    let _ = metrics.token_request_counters("contoso");
+    let mut delivered = Outcome::delivered(UpstreamReply::default());
+    delivered.upstream = "contoso".into();
+    metrics.delivery(&delivered);
+    let status = StatusReport {
+        upstreams: vec![UpstreamStatus {
+            name: "contoso".into(),
+            state: "ok".into(),
+            recipients_day: Some(1),
+            token: Some(TokenStatus {
+                expires_ms: Some(3_600_000),
+                ..TokenStatus::default()
+            }),
+            ..UpstreamStatus::default()
+        }],
+        ..StatusReport::default()
+    };
+    let text = metrics.render(&status, 0);
+    let mut names = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let mut words = rest.split_whitespace();
+        let (Some(name), Some(kind)) = (words.next(), words.next()) else {
+            panic!("malformed TYPE line: {line}");
+        };
+        names.push(if kind == "counter" && !name.ends_with("_total") {
+            format!("{name}_total")
+        } else {
+            name.to_string()
+        });
+    }
+    names
+}
+
+/// docs/operations.md names every metric a scrape shows and every `reason` of
+/// `mailbridge_messages_rejected_total`, so that the page cannot fall behind the code.
+#[test]
+fn operations_doc_names_every_metric_and_reject_reason() {
+    let doc = read(&repo_file("docs/operations.md"));
+    let names = registered_metrics();
+    // The encoding was read right: the metrics are among them.
+    for expected in [
+        "mailbridge_sessions_total",
+        "mailbridge_messages_accepted_total",
+        "mailbridge_messages_rejected_total",
+        "mailbridge_deliveries_total",
+        "mailbridge_token_requests_total",
+        "mailbridge_queue_messages",
+        "mailbridge_queue_oldest_age_seconds",
+        "mailbridge_token_expiry_seconds",
+        "mailbridge_upstream_paused",
+        "mailbridge_upstream_recipients_day",
+        "mailbridge_accept_duration_seconds",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} not found in the encoding: {names:?}"
+        );
+    }
+    let missing: Vec<&String> = names
+        .iter()
+        .filter(|n| !doc.contains(&format!("`{n}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/operations.md does not name these metrics (in backticks): {missing:?}"
+    );
+
+    let reasons = mailbridge::ops::metrics::REJECT_REASONS;
+    assert!(!reasons.is_empty());
+    let missing: Vec<&&str> = reasons
+        .iter()
+        .filter(|r| !doc.contains(&format!("`{r}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/operations.md does not name these rejection reasons of mailbridge_messages_rejected_total (in backticks): {missing:?}"
+    );
+}
