@@ -15,9 +15,9 @@ export MSGS=${MSGS:-20000} SKIP_BIG=1
 cargo build --release --locked --quiet
 THIS=target/release/mailbridge
 declare -A RATES CPUS
-run() { # kind bin metrics
+run() { # kind bin metrics [no_admin]
     local out rate cpu
-    out=$(BIN=$2 METRICS=$3 scripts/bench.sh)
+    out=$(BIN=$2 METRICS=$3 NO_ADMIN=${4:-0} scripts/bench.sh)
     rate=$(awk '/^accepted:/ {print $2}' <<<"$out")
     cpu=$(awk '/^relay CPU:/ {gsub(/\(/, "", $5); print $5}' <<<"$out")
     echo "round $i $1: $rate msg/s, $cpu us/msg"
@@ -26,7 +26,8 @@ run() { # kind bin metrics
 }
 median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 for i in $(seq "$ROUNDS"); do
-    [ -n "${BASE_BIN:-}" ] && run base "$BASE_BIN" 0
+    # BASE_BIN may predate the `admin:` section (BASE_NO_ADMIN=1 leaves it out).
+    [ -n "${BASE_BIN:-}" ] && run base "$BASE_BIN" 0 "${BASE_NO_ADMIN:-0}"
     run off "$THIS" 0
     run on "$THIS" 1
 done

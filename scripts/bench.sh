@@ -6,6 +6,7 @@
 #   MSGS=2000 scripts/bench.sh       # a quicker run
 #   METRICS=1 scripts/bench.sh       # with admin.http_address on, /metrics and the status
 #                                    # page scraped every 0.5 s during the run
+#                                    # (SCRAPE_EVERY=5 for every 5 s)
 #   BIN=path/to/mailbridge SKIP_BIG=1 scripts/bench.sh   # a given binary, no 100 MB part
 #
 # Prints: accepted msg/s (until smtp-source got its last 250), end-to-end msg/s (until the
@@ -62,7 +63,10 @@ start_daemon() { # $1 = max_message_size
     rm -rf "$WORK/spool" "$OUTBOX"; mkdir -p "$OUTBOX"
     ADMIN="admin:
   socket: $WORK/admin.sock"
-    if [ "$METRICS" = 1 ]; then
+    # NO_ADMIN=1: for a build from before the admin section existed (bench-metrics.sh's base).
+    if [ "${NO_ADMIN:-0}" = 1 ]; then
+        ADMIN=""
+    elif [ "$METRICS" = 1 ]; then
         ADMIN="$ADMIN
   http_address: 127.0.0.1:$HTTP_PORT"
     fi
@@ -106,7 +110,7 @@ if [ "$METRICS" = 1 ]; then
     (while :; do
         curl -fsS -o /dev/null "http://127.0.0.1:$HTTP_PORT/metrics"
         curl -fsS -o /dev/null "http://127.0.0.1:$HTTP_PORT/"
-        sleep 0.5
+        sleep "${SCRAPE_EVERY:-0.5}"
     done) &
     SCRAPER=$!
 fi
