@@ -675,3 +675,48 @@ fn the_admin_socket_refuses_junk_overlong_requests_and_too_many_clients() {
     drop(idle);
     assert!(wait_until(SHORT, || ask(b"{\"cmd\":\"status\"}\n")["ok"] == true));
 }
+
+/// `mailbridge reload` through the admin socket: a valid change is applied and listed (exit
+/// 0); an invalid file is refused with every error on stderr (exit 1) and the running
+/// configuration stays.
+#[test]
+fn reload_command_applies_a_change_and_lists_every_error_of_a_bad_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rc = admin_config(dir.path());
+    rc.write();
+    let relay = start(&rc);
+
+    rc.extra = format!(
+        "{}limits:\n  max_recipients: 3\n",
+        admin_config(dir.path()).extra
+    );
+    rc.write();
+    let f = cli(dir.path(), &["reload"]);
+    assert_eq!(code(&f), 0, "{}\n{}", f.stdout, f.stderr);
+    assert!(f.stdout.contains("configuration reloaded"), "{}", f.stdout);
+    assert!(f.stdout.contains("limits changed"), "{}", f.stdout);
+    // The new limit is in force for a new session: the 4th recipient gets 452.
+    fourth_recipient_refused(&relay);
+
+    rc.extra = format!(
+        "{}limits:\n  max_recipients: 0\n  max_message_size: lots\n",
+        admin_config(dir.path()).extra
+    );
+    rc.write();
+    let f = cli(dir.path(), &["reload"]);
+    assert_eq!(code(&f), 1, "{}\n{}", f.stdout, f.stderr);
+    assert!(f.stderr.contains("limits.max_recipients"), "{}", f.stderr);
+    assert!(f.stderr.contains("limits.max_message_size"), "{}", f.stderr);
+    // Still the reloaded limit of 3, not the bad file's.
+    fourth_recipient_refused(&relay);
+}
+
+/// A new session to `relay` can name three recipients, and the fourth gets 452.
+fn fourth_recipient_refused(relay: &Relay) {
+    let mut s = Smtp::greet_ehlo(relay.addr()).unwrap();
+    s.expect("MAIL FROM:<a@example.com>", 250).unwrap();
+    for to in ["x@example.com", "y@example.com", "z@example.com"] {
+        s.expect(&format!("RCPT TO:<{to}>"), 250).unwrap();
+    }
+    s.expect("RCPT TO:<w@example.com>", 452).unwrap();
+}
