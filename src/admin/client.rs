@@ -50,11 +50,15 @@ pub fn call(
     stream.set_write_timeout(Some(timeout)).map_err(io)?;
     let mut line = serde_json::to_vec(req).map_err(|e| io(e.into()))?;
     line.push(b'\n');
-    (&stream).write_all(&line).map_err(io)?;
+    // A daemon with no free slot answers "busy" and closes without reading: the write may
+    // then fail (EPIPE) while the answer waits to be read.
+    let written = (&stream).write_all(&line);
     let mut reader = BufReader::new(&stream).take(MAX_LINE as u64);
     let mut buf = Vec::new();
-    reader.read_until(b'\n', &mut buf).map_err(io)?;
+    let read = reader.read_until(b'\n', &mut buf);
     if buf.is_empty() {
+        written.map_err(io)?;
+        read.map_err(io)?;
         return Err(ClientError::Io {
             path,
             reason: "the daemon closed the connection without answering".into(),
