@@ -249,6 +249,19 @@ fn build_one(
                     first: up.name.clone(),
                     ..m.clone()
                 }
+            } else if let Some(m) = previous
+                .iter()
+                .filter_map(|e| e.mailbox.as_ref())
+                .find(|m| m.key == key)
+            {
+                // Same mailbox, new limits: new caps, but the same rolling recipient count
+                // (one counter and one file, also while attempts finish on the old one).
+                SharedMailbox {
+                    key,
+                    limits,
+                    mailbox: Mailbox::with_counter_of(&x.limits, &m.mailbox),
+                    first: up.name.clone(),
+                }
             } else {
                 let counter = config
                     .state_dir

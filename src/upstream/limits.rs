@@ -409,14 +409,21 @@ impl DailyRecipients {
     /// until enough old buckets expire for `n` to fit (nothing is counted). See the type's
     /// docs for `n > limit`.
     pub fn reserve(&self, n: u64, now: SystemTime) -> Result<(), Duration> {
+        self.reserve_within(n, self.limit, now)
+    }
+
+    /// [`DailyRecipients::reserve`] against `limit` instead of the limit it was opened with:
+    /// after a reload changes `recipients_per_day`, the new mailbox keeps counting in the
+    /// same counter (one file, one count) with its own limit.
+    pub fn reserve_within(&self, n: u64, limit: u64, now: SystemTime) -> Result<(), Duration> {
         let now_d = since_epoch(now);
         let now_min = now_d.as_secs() / 60;
         {
             let mut st = lock(&self.state);
             st.prune(now_min);
-            if n > 0 && self.limit > 0 {
+            if n > 0 && limit > 0 {
                 // Fits iff total + n <= limit; n > limit fits only an empty window.
-                let allowed = self.limit.saturating_sub(n);
+                let allowed = limit.saturating_sub(n);
                 let mut total = st.total();
                 if total > allowed {
                     let mut wait = Duration::ZERO;

@@ -131,7 +131,11 @@ pub struct Mailbox {
     pool: Mutex<Vec<Idle>>,
     pool_returned: Notify,
     pacer: Pacer,
-    daily: DailyRecipients,
+    /// Shared with the mailbox this one replaced in a reload (same server and mailbox), so
+    /// that the rolling count and its file have one owner.
+    daily: Arc<DailyRecipients>,
+    /// `limits.recipients_per_day` of this mailbox (the counter may be older).
+    recipients_per_day: u64,
 }
 
 impl Mailbox {
@@ -145,8 +149,33 @@ impl Mailbox {
             pool: Mutex::new(Vec::new()),
             pool_returned: Notify::new(),
             pacer: Pacer::new(limits.messages_per_minute),
-            daily: DailyRecipients::open(counter_path, limits.recipients_per_day),
+            daily: Arc::new(DailyRecipients::open(
+                counter_path,
+                limits.recipients_per_day,
+            )),
+            recipients_per_day: limits.recipients_per_day,
         })
+    }
+
+    /// A mailbox with new `limits` that goes on counting recipients in `previous`'s rolling
+    /// counter (a reload changed the limits of the same mailbox on the same server).
+    pub fn with_counter_of(
+        limits: &crate::config::exchange::ExchangeLimits,
+        previous: &Mailbox,
+    ) -> Arc<Mailbox> {
+        Arc::new(Mailbox {
+            conns: ConnLimit::new(limits.connections),
+            pool: Mutex::new(Vec::new()),
+            pool_returned: Notify::new(),
+            pacer: Pacer::new(limits.messages_per_minute),
+            daily: previous.daily.clone(),
+            recipients_per_day: limits.recipients_per_day,
+        })
+    }
+
+    /// Recipients counted in the rolling day (shared with a mailbox it replaced).
+    pub fn recipients_day(&self) -> u64 {
+        self.daily.count(SystemTime::now())
     }
 }
 
@@ -835,7 +864,11 @@ impl Exchange {
             r.stop = Some(o);
         };
         let count = chunk.len() as u64;
-        if let Err(wait) = self.mb.daily.reserve(count, SystemTime::now()) {
+        if let Err(wait) =
+            self.mb
+                .daily
+                .reserve_within(count, self.mb.recipients_per_day, SystemTime::now())
+        {
             let why = format!(
                 "limits.recipients_per_day ({}) reached for mailbox {} in the last 24 hours; holding mail for {} instead of sending into a 554 5.2.0 rejection",
                 self.cfg.limits.recipients_per_day,
@@ -1254,6 +1287,43 @@ impl Upstream for Exchange {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reload that changes a mailbox's limits: the new mailbox counts in the old one's
+    /// rolling counter (one count, one file), each against its own limit.
+    #[test]
+    fn a_mailbox_with_new_limits_shares_the_old_ones_recipient_count() {
+        use crate::config::exchange::ExchangeLimits;
+        let dir = tempfile::tempdir().unwrap();
+        let limits = |per_day| ExchangeLimits {
+            connections: 3,
+            messages_per_minute: 30,
+            recipients_per_day: per_day,
+            recipients_per_message: 500,
+        };
+        let old = Mailbox::new(&limits(100), dir.path().join("counter.json"));
+        let now = SystemTime::now();
+        old.daily
+            .reserve_within(5, old.recipients_per_day, now)
+            .unwrap();
+        let new = Mailbox::with_counter_of(&limits(6), &old);
+        assert!(Arc::ptr_eq(&old.daily, &new.daily));
+        assert_eq!(new.recipients_day(), 5);
+        // The new limit applies to the new mailbox: 5 + 2 > 6.
+        assert!(
+            new.daily
+                .reserve_within(2, new.recipients_per_day, now)
+                .is_err()
+        );
+        new.daily
+            .reserve_within(1, new.recipients_per_day, now)
+            .unwrap();
+        // An attempt still finishing on the old mailbox counts in the same place.
+        old.daily
+            .reserve_within(1, old.recipients_per_day, now)
+            .unwrap();
+        assert_eq!(new.recipients_day(), 7);
+        assert_eq!(old.recipients_day(), 7);
+    }
 
     /// An upstream pointing at nothing (nothing here connects).
     fn idle_upstream(dir: &std::path::Path) -> Arc<Exchange> {
