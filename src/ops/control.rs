@@ -156,38 +156,38 @@ impl Control {
 
     /// Queued messages, oldest first.
     pub async fn queue_list(&self) -> Result<Vec<QueueEntry>, String> {
-        let spool = self.spool.clone();
-        let loaded = blocking(move || {
-            let ids = spool.queue_ids()?;
-            Ok(ids
-                .into_iter()
-                .filter_map(|id| spool.peek(&id, false).ok())
-                .collect::<Vec<_>>())
-        })
-        .await?;
-        let paused = self.paused_upstreams();
-        Ok(loaded
-            .iter()
-            .map(|s| self.entry(s, &paused, false))
-            .collect())
+        self.entries(false, usize::MAX).await
     }
 
     /// The `n` oldest queued messages (the status page): only their files are read.
     pub async fn queue_oldest(&self, n: usize) -> Result<Vec<QueueEntry>, String> {
+        self.entries(false, n).await
+    }
+
+    /// Up to `n` list lines of queue/ (or failed/), oldest first (ids sort by arrival).
+    async fn entries(&self, failed: bool, n: usize) -> Result<Vec<QueueEntry>, String> {
         let spool = self.spool.clone();
         let loaded = blocking(move || {
-            let ids = spool.queue_ids()?;
+            let ids = if failed {
+                spool.failed_ids()?
+            } else {
+                spool.queue_ids()?
+            };
             Ok(ids
                 .into_iter()
-                .filter_map(|id| spool.peek(&id, false).ok())
+                .filter_map(|id| spool.peek(&id, failed).ok())
                 .take(n)
                 .collect::<Vec<_>>())
         })
         .await?;
-        let paused = self.paused_upstreams();
+        let paused = if failed {
+            Vec::new()
+        } else {
+            self.paused_upstreams()
+        };
         Ok(loaded
             .iter()
-            .map(|s| self.entry(s, &paused, false))
+            .map(|s| self.entry(s, &paused, failed))
             .collect())
     }
 
@@ -262,16 +262,7 @@ impl Control {
 
     /// The dead letters in failed/, oldest first.
     pub async fn queue_failed(&self) -> Result<Vec<QueueEntry>, String> {
-        let spool = self.spool.clone();
-        let loaded = blocking(move || {
-            let ids = spool.failed_ids()?;
-            Ok(ids
-                .into_iter()
-                .filter_map(|id| spool.peek(&id, true).ok())
-                .collect::<Vec<_>>())
-        })
-        .await?;
-        Ok(loaded.iter().map(|s| self.entry(s, &[], true)).collect())
+        self.entries(true, usize::MAX).await
     }
 
     /// Makes `id` (or every queued message that is not held) due now; returns how many.

@@ -11,7 +11,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 use super::format::{self, RcptStatus, State};
-use super::{Queued, Spool, SpoolError, Stored, io_err, now_ms, sync_dir};
+use super::{Queued, Spool, SpoolError, Stored, io_err, now_ms, read_err, sync_dir};
 
 /// Whether `id` may name a spool file: what [`super::new_id`] makes (and test ids), never a
 /// path.
@@ -106,16 +106,7 @@ impl Spool {
             return Err(not_found(&path));
         }
         let file = File::open(&path).map_err(io_err(&path))?;
-        let (envelope, slot, range) = format::read_queue_head(file).map_err(|e| match e {
-            format::ReadError::Io(source) => SpoolError::Io {
-                path: path.clone(),
-                source,
-            },
-            format::ReadError::Invalid(reason) => SpoolError::Invalid {
-                path: path.clone(),
-                reason,
-            },
-        })?;
+        let (envelope, slot, range) = format::read_queue_head(file).map_err(read_err(&path))?;
         let mut state = fs::read(dir.join(format!("{id}.state")))
             .ok()
             .and_then(|b| format::decode_state(&b, envelope.recipients.len()).ok())
@@ -142,16 +133,7 @@ impl Spool {
         }
         let path = self.inner.failed.join(format!("{id}.msg"));
         let file = File::open(&path).map_err(io_err(&path))?;
-        let (envelope, slot, range) = format::read_queue_file(file).map_err(|e| match e {
-            format::ReadError::Io(source) => SpoolError::Io {
-                path: path.clone(),
-                source,
-            },
-            format::ReadError::Invalid(reason) => SpoolError::Invalid {
-                path: path.clone(),
-                reason,
-            },
-        })?;
+        let (envelope, slot, range) = format::read_queue_file(file).map_err(read_err(&path))?;
         let state_path = self.inner.failed.join(format!("{id}.state"));
         let mut state = match fs::read(&state_path) {
             Ok(b) => match format::decode_state(&b, envelope.recipients.len()) {

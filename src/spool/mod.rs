@@ -55,6 +55,20 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
     }
 }
 
+/// A queue file that could not be read or did not validate, as a spool error about `path`.
+fn read_err(path: &Path) -> impl FnOnce(format::ReadError) -> SpoolError + '_ {
+    move |e| match e {
+        format::ReadError::Io(source) => SpoolError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+        format::ReadError::Invalid(reason) => SpoolError::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        },
+    }
+}
+
 /// True for errors that say nothing about one file: the process ran out of descriptors or
 /// memory.
 fn process_wide(e: &io::Error) -> bool {
@@ -375,16 +389,7 @@ impl Spool {
     pub fn load(&self, id: &str) -> Result<Stored, SpoolError> {
         let path = self.queue_path(id, "msg");
         let file = File::open(&path).map_err(io_err(&path))?;
-        let (envelope, slot, range) = format::read_queue_file(file).map_err(|e| match e {
-            format::ReadError::Io(source) => SpoolError::Io {
-                path: path.clone(),
-                source,
-            },
-            format::ReadError::Invalid(reason) => SpoolError::Invalid {
-                path: path.clone(),
-                reason,
-            },
-        })?;
+        let (envelope, slot, range) = format::read_queue_file(file).map_err(read_err(&path))?;
         if envelope.id != id {
             return Err(SpoolError::Invalid {
                 path,
